@@ -1,0 +1,46 @@
+"""AoA, the Attack on Attention (Chen et al., "Universal Adversarial Attack on Attention and the Resulting
+Dataset DAmageNet", TPAMI 2020): move the surrogate's SGLRP attention away from the true class.
+
+Loss (minimised): ``log||h(x, y)||_1 - log||h(x, y2(x))||_1 - lam * CE(x, y)`` with ``y2`` the current top other
+class, recomputed every step; L1-normalised steps (no sign); SI on by default (x, x/2, x/4, x/8). The RMSD budget,
+L-inf projection and records come from :class:`attacks.base.Attack`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attacks.base import Attack, AttackConfig, runner_up
+from attacks.registry import register_attack
+from attacks.sglrp import SGLRP
+
+
+@register_attack("aoa")
+class AoA(Attack):
+    step_rule = "l1"
+
+    def __init__(self, model, config=None, lam: float = 1.0, explicit: bool = True, **overrides):
+        """``lam`` weighs the cross-entropy term (1 in the authors' code); ``explicit=False`` takes the reference
+        (double-backward) gradient path instead of the explicit relevance pass."""
+        super().__init__(model, config, **overrides)
+        if self.sglrp is None:
+            SGLRP(model)  # re-raise the UnsupportedLayerError that names the layer
+        self.lam, self.explicit = lam, explicit
+
+    @classmethod
+    def default_config(cls) -> AttackConfig:
+        return AttackConfig(si=4)
+
+    @property
+    def config_hash(self) -> str:
+        return self.config.digest(self.name, {"lam": self.lam})
+
+    def objective(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.sglrp(x)
+        h = self.sglrp.heatmaps(logits, [labels, runner_up(logits, labels)], explicit=self.explicit)
+        norms = h.flatten(2).sum(2).float().clamp(min=1e-12).log()
+        loss = norms[0] - norms[1] - self.lam * F.cross_entropy(logits.float(), labels, reduction="none")
+        return -loss

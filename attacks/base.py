@@ -1,0 +1,211 @@
+"""The one attack interface: budgets, input diversity, the step rule and per-image records live here.
+
+Every attack is an iterative, transfer-oriented attack on a surrogate. A subclass only defines the per-image
+objective it *increases* (:meth:`Attack.objective`); this base owns the rest, identically for every attack, so a
+transfer comparison at one budget is fair:
+
+- inputs and outputs are [0,1] NCHW images on the uint8 grid (normalisation is inside the model wrapper);
+- gradient tricks: SI (scale copies x/2^i), DI (random resize 0.9-1 and pad, with probability ``di``), TI (Gaussian
+  smoothing of the gradient), MI (momentum on L1-normalised gradients);
+- the step: ``x <- clip(x + alpha * d, 0, 1)`` then projection into the L-inf ball ``eps``, with ``d`` the sign of the
+  gradient (FGSM family) or the gradient scaled to unit mean absolute value (AoA: L1 normalisation, no sign);
+- the budget: iterate until the RMSD from the original would exceed ``eta``; that last step is shortened (by
+  bisection on its length) so that after rounding to uint8 the RMSD is at most ``eta``: the budget is a hard bound
+  and is used up. ``max_steps`` caps the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from attacks.sglrp import SGLRP, UnsupportedLayerError
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Budgets on the [0,1] scale (DAmageNet, on 0-255: eta=7, eps=25.5, alpha=2)."""
+
+    eta: float = 7 / 255  # RMSD budget (hard, after uint8 rounding)
+    eps: float = 25.5 / 255  # L-inf bound
+    alpha: float = 2 / 255  # step size
+    max_steps: int = 100
+    si: int = 1  # number of scale copies x/2^i (1 = off; SI uses 4 or 5)
+    di: float = 0.0  # probability of the DI resize-and-pad transform
+    ti: int = 0  # TI Gaussian kernel size (0 = off; 15 at 224 px)
+    mi: float = 0.0  # MI momentum decay (0 = off; MI-FGSM uses 1.0)
+    bf16: bool = False  # bf16 autocast for the objective's forward/backward (CUDA only)
+    seed: int = 0
+
+    def digest(self, name: str, extra: dict | None = None) -> str:
+        """Short hash of the attack's name and full config (provenance in every record)."""
+        blob = json.dumps({"attack": name, **asdict(self), **(extra or {})}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rmsd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square difference per image, on the 0-255 scale."""
+    return (a - b).flatten(1).pow(2).mean(1).sqrt() * 255
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round to the uint8 grid (the authors truncate; rounding halves the error)."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def quantize_within(x: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """Round ``x`` to the uint8 grid, keeping it within ``eps`` of the on-grid ``x0`` (rounding may not add to L-inf)."""
+    levels = math.floor(eps * 255 + 1e-6)
+    base = torch.round(x0 * 255)
+    return (base + (torch.round(x.clamp(0, 1) * 255) - base).clamp(-levels, levels)) / 255
+
+
+def gaussian_kernel(size: int, nsig: float = 3.0) -> torch.Tensor:
+    """TI kernel: a ``size x size`` Gaussian spanning ``nsig`` standard deviations each side (as the TI code)."""
+    t = torch.linspace(-nsig, nsig, size)
+    g = torch.exp(-0.5 * t**2)
+    k = torch.outer(g, g)
+    return k / k.sum()
+
+
+def runner_up(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The top class other than the true one (y2 in AoA)."""
+    return logits.detach().scatter(1, labels[:, None], float("-inf")).argmax(1)
+
+
+class Attack:
+    """Base class. Subclasses set ``name``, ``step_rule`` (``"sign"`` or ``"l1"``) and implement :meth:`objective`."""
+
+    name = "attack"
+    step_rule = "sign"
+
+    def __init__(self, model: torch.nn.Module, config: AttackConfig | None = None, **overrides):
+        self.model = model
+        self.config = replace(config or self.default_config(), **overrides)
+        try:  # attention is recorded for every attack whose surrogate SGLRP can explain
+            self.sglrp = SGLRP(model)
+        except UnsupportedLayerError:
+            self.sglrp = None
+
+    @classmethod
+    def default_config(cls) -> AttackConfig:
+        return AttackConfig()
+
+    @property
+    def config_hash(self) -> str:
+        return self.config.digest(self.name)
+
+    def objective(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-image value the attack increases, for (transformed) [0,1] images ``x``."""
+        raise NotImplementedError
+
+    def describe(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image surrogate state recorded before and after the attack."""
+        with torch.no_grad():
+            if self.sglrp is None:
+                logits = self.model(x)
+            else:
+                logits = self.sglrp(x)
+                h = self.sglrp.heatmaps(logits, [labels, runner_up(logits, labels)]).flatten(2).sum(2)
+            p = logits.float().softmax(1)
+        out = {"pred": p.argmax(1), "p_true": p.gather(1, labels[:, None]).squeeze(1)}
+        if self.sglrp is not None:  # attention ratio ||h(x,y)||_1 / ||h(x,y2)||_1: AoA drives it down
+            out["attention_ratio"] = h[0] / h[1].clamp(min=1e-12)
+        return out
+
+    # ---- shared mechanics ---------------------------------------------------------------------------------
+
+    def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """DI: with probability ``di`` resize to a random 90-100% size and zero-pad back at a random place."""
+        if self.config.di <= 0:
+            return x
+        n, _, h, w = x.shape
+        size = int(torch.randint(int(h * 0.9), h + 1, (1,), generator=gen))
+        if size == h or torch.rand(1, generator=gen).item() > self.config.di:
+            return x
+        top, left = (int(v) for v in torch.randint(0, h - size + 1, (2,), generator=gen))
+        small = F.interpolate(x, size=(size, size), mode="nearest")
+        return F.pad(small, (left, w - size - left, top, h - size - top))
+
+    def gradient(self, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Objective gradient with SI/DI/TI applied: each scale copy's gradient L1-normalised, then averaged."""
+        m = self.config.si
+        copies = torch.cat([x / 2**i for i in range(m)]).detach().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16 and x.is_cuda):
+            value = self.objective(self._diverse(copies, gen), labels.repeat(m)).float().sum()
+        (g,) = torch.autograd.grad(value, copies)
+        g = g.float()
+        if self.config.ti:
+            k = gaussian_kernel(self.config.ti).to(g)
+            g = F.conv2d(g, k.expand(g.shape[1], 1, -1, -1), padding=self.config.ti // 2, groups=g.shape[1])
+        g = g / g.abs().flatten(1).mean(1).clamp(min=1e-12).view(-1, 1, 1, 1)
+        return g.view(m, *x.shape).mean(0)
+
+    def _direction(self, g: torch.Tensor) -> torch.Tensor:
+        if self.step_rule == "sign":
+            return g.sign()
+        return g / g.abs().flatten(1).mean(1).clamp(min=1e-12).view(-1, 1, 1, 1)  # d = g * N / ||g||_1
+
+    def _fit_budget(self, x0: torch.Tensor, x_prev: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        """The furthest point on the segment x_prev -> x_new whose rounded RMSD is within ``eta`` (bisection)."""
+        eta = self.config.eta * 255
+        lo = torch.zeros(len(x0), device=x0.device)
+        hi = torch.ones(len(x0), device=x0.device)
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            ok = rmsd(quantize_within(x_prev + mid.view(-1, 1, 1, 1) * (x_new - x_prev), x0, self.config.eps), x0) <= eta
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+        # lo=0 (x_prev, already within budget) is always feasible
+        return quantize_within(x_prev + lo.view(-1, 1, 1, 1) * (x_new - x_prev), x0, self.config.eps)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None):
+        """Attack a batch of [0,1] images; returns (uint8-grid adversarial images, list of per-image records)."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+        x0 = quantize(images.detach())
+        x = x0.clone()
+        active = torch.ones(len(x0), dtype=torch.bool, device=x0.device)
+        steps = torch.zeros(len(x0), dtype=torch.long)
+        momentum = torch.zeros_like(x0)
+        before = self.describe(x0, labels)
+        for _ in range(cfg.max_steps):
+            idx = active.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            g = self.gradient(x[idx], labels[idx], gen)
+            if cfg.mi:
+                momentum[idx] = cfg.mi * momentum[idx] + g
+                g = momentum[idx]
+            x_new = (x[idx] + cfg.alpha * self._direction(g)).clamp(0, 1)
+            x_new = x0[idx] + (x_new - x0[idx]).clamp(-cfg.eps, cfg.eps)
+            over = rmsd(quantize_within(x_new, x0[idx], cfg.eps), x0[idx]) > cfg.eta * 255
+            if over.any():
+                o = idx[over]
+                x_new[over] = self._fit_budget(x0[o], x[o], x_new[over])
+                active[o] = False
+            x[idx] = x_new.detach()
+            steps[idx.cpu()] += 1
+        x = quantize_within(x, x0, cfg.eps)
+        after = self.describe(x, labels)
+        dist = rmsd(x, x0)
+        linf = (x - x0).flatten(1).abs().amax(1) * 255
+        records = []
+        for i in range(len(x)):
+            rec = {
+                "attack": self.name,
+                "config_hash": self.config_hash,
+                "steps": int(steps[i]),
+                "rmsd": round(float(dist[i]), 4),
+                "linf": round(float(linf[i]), 4),
+            }
+            for when, d in (("before", before), ("after", after)):
+                for k, v in d.items():
+                    val = v[i].item()
+                    rec[f"{k}_{when}"] = round(val, 6) if isinstance(val, float) and math.isfinite(val) else val
+            records.append(rec)
+        return x, records

@@ -1,0 +1,33 @@
+"""Attacks by name: ``create_attack("aoa", model, eta=7/255)``; ``list_attacks()``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+_ATTACKS: dict[str, Callable[..., Any]] = {}
+
+
+def register_attack(name: str, **preset):
+    """Register a class (or a preset of it: fixed config overrides) under ``name``."""
+
+    def wrap(cls):
+        def build(model, config=None, **overrides):
+            attack = cls(model, config, **{**preset, **overrides})
+            attack.name = name
+            return attack
+
+        build.cls, build.preset = cls, preset
+        _ATTACKS[name] = build
+        return cls
+
+    return wrap
+
+
+def list_attacks() -> list[str]:
+    return sorted(_ATTACKS)
+
+
+def create_attack(name: str, model, config=None, **overrides):
+    if name not in _ATTACKS:
+        raise KeyError(f"unknown attack {name!r}; known attacks: {', '.join(list_attacks())}")
+    return _ATTACKS[name](model, config, **overrides)

@@ -1,0 +1,116 @@
+"""The model zoo: one place that turns a model spec into a ready classifier on [0,1] RGB batches.
+
+A spec names a timm architecture, where its weights come from and (optionally) data-config overrides. Weights are
+one of: ``null`` (random init, for benchmarks), a path to a ``.safetensors``/``.pth`` file (trained here or
+elsewhere), or ``hf-hub`` (the timm pretrained tag, read from the local Hugging Face cache, offline). Everything
+that can fail cheaply (unknown architecture, missing file, weights absent from the cache) fails before any model
+is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time; must be set before timm imports the hub
+
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from timm.data import resolve_model_data_config  # noqa: E402
+
+from model_zoo import architectures  # noqa: E402,F401  (registers the demo architectures with timm)
+
+
+class ZooError(ValueError):
+    """A model spec that cannot be turned into a model; the message names what was looked for."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # zoo name: how reports and files refer to the model
+    arch: str  # timm architecture name, optionally with a pretrained tag (``vgg19.tv_in1k``)
+    weights: str | None = None  # None | path | "hf-hub"
+    num_classes: int = 1000
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
+    data: dict[str, Any] = field(default_factory=dict)  # data-config overrides (input_size, mean, std, ...)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        d = dict(d)
+        d.pop("role", None)
+        d.pop("recipe", None)
+        return cls(**d)
+
+
+class ImageClassifier(nn.Module):
+    """A timm model that takes [0,1] RGB batches: normalisation lives here, so attack budgets are in pixels."""
+
+    def __init__(self, model: nn.Module, data_config: dict[str, Any], name: str = ""):
+        super().__init__()
+        self.model, self.data_config, self.name = model, dict(data_config), name
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, -1, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def input_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel bounds of the normalised input (the images of 0 and 1), for LRP's z^B rule."""
+        return self.normalize(torch.zeros_like(self.mean)), self.normalize(torch.ones_like(self.mean))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
+
+
+def _check_spec(spec: ModelSpec) -> None:
+    arch = spec.arch.split(".")[0]
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ZooError(f"model {spec.name!r}: unknown timm architecture {arch!r}" + (f" (similar: {close})" if close else ""))
+    if spec.weights in (None, "hf-hub"):
+        return
+    if not Path(spec.weights).is_file():
+        raise ZooError(f"model {spec.name!r}: weights file {spec.weights} not found (train it with the zoo stage or fix the path)")
+
+
+def _hub_weights_file(spec: ModelSpec) -> Path:
+    """The cached file of a timm pretrained tag, or a clear error (we never download)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(spec.arch)
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    if not hub_id:
+        raise ZooError(f"model {spec.name!r}: {spec.arch!r} has no Hugging Face hub weights; give a local weights file")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    raise ZooError(
+        f"model {spec.name!r}: pretrained weights {hub_id} are not in the local Hugging Face cache "
+        f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); fetch them once on a connected machine "
+        f"with `huggingface-cli download {hub_id}` or point `weights` at a local file"
+    )
+
+
+def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "cpu") -> ImageClassifier:
+    """Build a zoo model in eval mode on ``device``."""
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    _check_spec(spec)
+    weights_file = _hub_weights_file(spec) if spec.weights == "hf-hub" else spec.weights
+    overlay = dict(spec.data, num_classes=spec.num_classes)
+    if weights_file is not None:
+        overlay["file"] = str(weights_file)
+    model = timm.create_model(
+        spec.arch,
+        pretrained=weights_file is not None,
+        num_classes=spec.num_classes,
+        pretrained_cfg_overlay=overlay,
+        **spec.kwargs,
+    )
+    data_config = resolve_model_data_config(model)
+    return ImageClassifier(model, data_config, spec.name).to(device).eval()

@@ -1,0 +1,220 @@
+"""Reading source images: index a source, then load each image as an RGB centre crop.
+
+Three source kinds share this code: an ImageNet-style class-folder tree (WordNet-id folders map to the standard
+0-999 indices; any other folder names map to their sorted order, as torchvision's ImageFolder does), a flat folder
+with a label file of ``name index`` lines (the layout of the official DAmageNet ``val.txt``), and the demo world
+(a class-folder tree).
+
+Bad input never stops a run by default: the sample is skipped and ``(file, reason)`` goes to a :class:`Rejects`
+list that the stage writes next to its outputs and counts in its metrics. ``strict=True`` raises
+:class:`BadSourceError` at the first bad sample instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class BadSourceError(ValueError):
+    """A source file or label line that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@dataclass
+class Rejects:
+    """Bad samples seen so far. ``strict`` turns the first one into an exception."""
+
+    strict: bool = False
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: Path | str, reason: str) -> None:
+        if self.strict:
+            raise BadSourceError(path, reason)
+        self.items.append((str(path), reason))
+
+    def write(self, path: Path | str) -> None:
+        Path(path).write_text("".join(f"{p}\t{r}\n" for p, r in self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    key: str  # unique, no dots (webdataset splits keys at dots)
+    path: Path
+    label: int
+    wnid: str  # WordNet id for ImageNet sources, the folder name otherwise
+
+
+def sample_key(path: Path) -> str:
+    return path.stem.replace(".", "_")
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in standard index order (shipped with timm, no download)."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def _is_image(path: Path) -> bool:
+    # no is_file(): a dangling link or unreadable entry must reach the reader and be rejected with its reason
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _unique(samples: list[SourceSample], rejects: Rejects) -> list[SourceSample]:
+    seen: set[str] = set()
+    kept = []
+    for s in samples:
+        if s.key in seen:
+            rejects.add(s.path, f"duplicate key {s.key!r}: another file already has this name")
+            continue
+        seen.add(s.key)
+        kept.append(s)
+    return kept
+
+
+def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[SourceSample], list[str]]:
+    """Index ``root/<class>/<image>``; returns samples (sorted by class then name) and the class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadSourceError(root, "source folder does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise BadSourceError(root, "no class folders found")
+    synsets = imagenet_synsets()
+    if all(f.name in set(synsets) for f in folders):
+        index = {wnid: i for i, wnid in enumerate(synsets)}
+        class_names = synsets
+    else:
+        index = {f.name: i for i, f in enumerate(folders)}
+        class_names = [f.name for f in folders]
+    samples = []
+    for folder in folders:
+        images = sorted(p for p in folder.iterdir() if _is_image(p))
+        if not images:
+            rejects.add(folder, "empty class folder: no image files")
+        samples += [SourceSample(sample_key(p), p, index[folder.name], folder.name) for p in images]
+    return _unique(samples, rejects), class_names
+
+
+def label_file_source(
+    folder: Path | str, label_file: Path | str, rejects: Rejects, num_classes: int = 1000
+) -> list[SourceSample]:
+    """Index a flat folder from ``name index`` lines (official DAmageNet ``val.txt`` layout)."""
+    folder, label_file = Path(folder), Path(label_file)
+    if not label_file.is_file():
+        raise BadSourceError(label_file, "label file does not exist")
+    synsets = imagenet_synsets() if num_classes == 1000 else None
+    samples = []
+    for lineno, line in enumerate(label_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        where = f"{label_file}:{lineno}"
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            rejects.add(where, f"malformed line {line!r}: expected 'name index'")
+            continue
+        name, label = parts[0], int(parts[1])
+        path = folder / name
+        if not (0 <= label < num_classes):
+            rejects.add(where, f"class index {label} out of range 0..{num_classes - 1} for {name}")
+        elif not path.is_file():
+            rejects.add(path, f"missing image named in {where}")
+        else:
+            samples.append(SourceSample(sample_key(path), path, label, synsets[label] if synsets else str(label)))
+    return _unique(samples, rejects)
+
+
+def file_sha256(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited over white, 16-bit scaled, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.round(arr / peak * 255).clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("LA", "PA", "RGBA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def load_crop(
+    path: Path | str, size: int, crop_pct: float = 0.875, filter: str = "bicubic", min_side: int = 16
+) -> np.ndarray:
+    """Load one image as uint8 ``size x size x 3``: resize the short side to ``floor(size / crop_pct)``
+    (antialiased), then centre-crop ``size`` (timm's eval transform). Raises :class:`BadSourceError`."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: treat both as the bomb they may be.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now: truncated data fails here, not later
+                img = _to_rgb(img)
+    except FileNotFoundError:
+        raise BadSourceError(path, "file not found") from None
+    except PermissionError:
+        raise BadSourceError(path, "file is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise BadSourceError(path, "is a directory, not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSourceError(path, f"decompression bomb refused ({e})") from None
+    except UnidentifiedImageError:
+        kind = "empty file (0 bytes)" if path.stat().st_size == 0 else "not an image Pillow can identify"
+        raise BadSourceError(path, kind) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSourceError(path, f"cannot decode image ({e})") from None
+    if min(img.size) < min_side:
+        raise BadSourceError(path, f"image too small ({img.width}x{img.height}; need a side of at least {min_side})")
+    if filter not in FILTERS:
+        raise ValueError(f"unknown resize filter {filter!r}; choose from {sorted(FILTERS)}")
+    scale = math.floor(size / crop_pct)
+    w, h = img.size
+    # same integer arithmetic as torchvision's Resize(int) and CenterCrop, so crops equal timm's eval transform
+    new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
+    img = img.resize(new, FILTERS[filter])
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def load_images(
+    samples: list[SourceSample], size: int, rejects: Rejects, crop_pct: float = 1.0, filter: str = "bicubic",
+    min_side: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, list[SourceSample]]:
+    """Load samples into uint8 NCHW images and int64 labels, skipping (and recording) bad files."""
+    images, kept = [], []
+    for s in tqdm(samples, desc="load images", unit="img", mininterval=2):
+        try:
+            images.append(load_crop(s.path, size, crop_pct, filter, min_side))
+        except BadSourceError as e:
+            rejects.add(e.path, e.reason)
+            continue
+        kept.append(s)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return x, torch.tensor([s.label for s in kept], dtype=torch.long), kept
