@@ -6,7 +6,9 @@ DVC calls these (see dvc.yaml); every knob comes from params.yaml.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import pipelines  # noqa: F401  (environment defaults before Prefect is imported)
 from pipelines.params import load_params, section
@@ -24,11 +26,55 @@ def _zoo(args, params):
     zoo_flow(section(params, "zoo", args.params), strict=args.strict)
 
 
-STAGES = {
-    "demo-data": (_demo_data, "Write the procedural demo world (class folders of JPEGs) from params 'demo_world'."),
-    "zoo": (_zoo, "Train the zoo models on the demo world (params 'zoo'), save safetensors weights and val accuracy "
-                  "to metrics/zoo.json."),
-}
+def _prepare(args, params):
+    from pipelines.flows.prepare import prepare_flow
+
+    prepare_flow(section(params, "source", args.params), strict=args.strict)
+
+
+def surrogate_spec(params: dict, name: str) -> dict:
+    """The resolved zoo spec of ``name`` (written by the zoo stage)."""
+    models_file = Path(section(params, "zoo")["out"]) / "models.json"
+    if not models_file.is_file():
+        raise FileNotFoundError(f"{models_file}: not found (run the zoo stage first)")
+    specs = {s["name"]: s for s in json.loads(models_file.read_text())}
+    if name not in specs:
+        raise KeyError(f"{models_file}: no model named {name!r} (have: {', '.join(specs)})")
+    return specs[name]
+
+
+def _generate(args, params):
+    from pipelines.flows.generate import generate
+
+    gen, attacks = section(params, "generate", args.params), section(params, "attacks", args.params)
+    if args.attack not in attacks:
+        raise SystemExit(f"{args.params}: attack {args.attack!r} has no entry under 'attacks' (have: {', '.join(attacks)})")
+    generate(
+        attack=args.attack,
+        budget=section(params, "budget", args.params),
+        options=attacks[args.attack] or {},
+        surrogate=surrogate_spec(params, gen["surrogate"]),
+        clean_dir=section(params, "source", args.params)["out"],
+        out_dir=str(Path(gen["out_root"]) / args.attack),
+        batch_size=gen["batch_size"],
+        devices=gen["devices"],
+        cpu_workers=gen["cpu_workers"],
+        seed=gen["seed"],
+        dask=gen.get("dask"),
+        metrics_path=f"metrics/generate/{args.attack}.json",
+    )
+
+
+def _verify(args, params):
+    from shards.verify import verify_shardset
+
+    num_classes = args.num_classes or section(params, "source", args.params).get("num_classes", 1000)
+    problems = verify_shardset(args.shards, num_classes, args.clean)
+    for p in problems:
+        print(p)
+    print(f"{args.shards}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    if problems:
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (_, help_text) in STAGES.items():
+
+    def add(name, fn, help_text, reads_sources=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--strict", action="store_true", help="fail at the first bad source image instead of skipping it")
+        p.set_defaults(run=fn)
+        if reads_sources:
+            p.add_argument("--strict", action="store_true",
+                           help="fail at the first bad source image (naming file and reason) instead of skipping it")
+        return p
+
+    add("demo-data", _demo_data, "Write the procedural demo world (class folders of JPEGs) from params 'demo_world'.")
+    add("zoo", _zoo, "Train the zoo models (params 'zoo'), save safetensors weights, val accuracy to metrics/zoo.json.",
+        reads_sources=True)
+    add("prepare", _prepare, "Index the source (params 'source'), select the subset and write the clean crops as "
+        "shards; bad files go to rejects.tsv.", reads_sources=True)
+    p = add("generate", _generate, "Run one attack (params 'budget', 'attacks.<name>', 'generate') over the clean "
+            "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
+    p.add_argument("--attack", required=True, help="attack name, a key of 'attacks' in params.yaml (e.g. aoa, pgd)")
+    p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, PNG decoding, label range and, "
+            "with --clean, every image's RMSD/L-inf budget. Exits 1 on any problem.")
+    p.add_argument("shards", help="shard set folder, e.g. data/shards/aoa")
+    p.add_argument("--clean", help="the clean shard set the attack started from (enables the budget checks)")
+    p.add_argument("--num-classes", type=int, help="label range (default: source.num_classes from params)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = load_params(args.params)
-    STAGES[args.stage][0](args, params)
+    args.run(args, params)
     return 0
 
 

@@ -1,0 +1,243 @@
+"""Stage ``generate``: run one attack over the clean shard set, one Prefect task per shard, into a new shard set.
+
+Work units are shards: unit i reads ``clean-00000i.tar`` and writes ``<attack>-00000i.tar`` with the same keys in
+the same order. Units are mapped over workers: one per visible GPU (each task pinned to its device), or CPU
+threads when there is none; with a Dask address (or a local cluster size) the same tasks run on Dask through
+prefect-dask. A unit that fails is retried once on the next device and reported; the others still complete.
+
+Output bytes depend only on the inputs and parameters: each shard's seed comes from the run seed and the shard
+name, batches are fixed per shard, CPU workers use one thread each, and a complete shard is never rewritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from attacks import AttackConfig, create_attack, list_attacks
+from model_zoo.zoo import build_model
+from pipelines.params import write_json
+from shards.shardset import read_shard, shard_name, shard_paths, write_index, write_shard
+
+
+def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
+    """The shared budget (0-255 scale in params.yaml) plus one attack's own options."""
+    return AttackConfig(eta=budget["eta"] / 255, eps=budget["eps"] / 255, alpha=budget["alpha"] / 255,
+                        max_steps=int(budget["max_steps"]), **options)
+
+
+def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
+    if devices == "auto":
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"] * cpu_workers
+    return list(devices)
+
+
+def shard_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+
+
+@functools.lru_cache(maxsize=4)
+def _surrogate(spec_json: str, device: str):
+    return build_model(json.loads(spec_json), device=device)
+
+
+@task(name="attack-shard")
+def attack_shard(unit: dict[str, Any], device: str) -> dict[str, Any]:
+    """Attack one clean shard on ``device`` and write the adversarial shard (skipped when already complete)."""
+    out = Path(unit["out_shard"])
+    if out.exists():
+        return {"shard": out.name, "skipped": True, "device": device}
+    if device == "cpu":
+        torch.set_num_threads(1)  # one thread per CPU worker: results do not depend on the worker count
+    start = time.perf_counter()
+    model = _surrogate(unit["surrogate_json"], device)
+    attack = create_attack(unit["attack"], model, AttackConfig(**unit["config"]), **unit.get("attack_kwargs", {}))
+    clean = list(read_shard(unit["in_shard"]))
+    samples, seed = [], shard_seed(unit["seed"], out.name)
+    for b in range(0, len(clean), unit["batch_size"]):
+        batch = clean[b : b + unit["batch_size"]]
+        x = torch.from_numpy(np.stack([s["image"] for s in batch])).permute(0, 3, 1, 2).to(device).float() / 255
+        y = torch.tensor([s["cls"] for s in batch], device=device)
+        adv, records = attack(x, y, seed=seed + b)
+        adv_u8 = (adv * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for s, img, rec in zip(batch, adv_u8, records):
+            provenance = {**s["json"], **rec, "surrogate": unit["surrogate_name"], "seed": seed + b,
+                          "eta": unit["budget"]["eta"], "eps": unit["budget"]["eps"], "alpha": unit["budget"]["alpha"]}
+            samples.append({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
+    write_shard(out, samples)
+    return {"shard": out.name, "skipped": False, "device": device, "count": len(samples),
+            "seconds": time.perf_counter() - start}
+
+
+def _task_runner(dask: dict[str, Any] | None, workers: int):
+    if dask and (dask.get("address") or dask.get("n_workers")):
+        from prefect_dask import DaskTaskRunner
+
+        if dask.get("address"):
+            return DaskTaskRunner(address=dask["address"])
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask["n_workers"], "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def generate(
+    attack: str,
+    budget: dict[str, Any],
+    options: dict[str, Any],
+    surrogate: dict[str, Any],
+    clean_dir: str,
+    out_dir: str,
+    batch_size: int = 50,
+    devices: str | list[str] = "auto",
+    cpu_workers: int = 2,
+    seed: int = 0,
+    dask: dict[str, Any] | None = None,
+    metrics_path: str | None = None,
+) -> dict[str, Any]:
+    """Run the generate flow with the task runner chosen by ``dask``/``devices``; returns the stage metrics."""
+    device_list = resolve_devices(devices, cpu_workers)
+    runner = _task_runner(dask, len(device_list))
+    return generate_flow.with_options(task_runner=runner)(
+        attack, budget, options, surrogate, clean_dir, out_dir, batch_size, device_list, seed, metrics_path
+    )
+
+
+@flow(name="generate")
+def generate_flow(
+    attack: str,
+    budget: dict[str, Any],
+    options: dict[str, Any],
+    surrogate: dict[str, Any],
+    clean_dir: str,
+    out_dir: str,
+    batch_size: int,
+    devices: list[str],
+    seed: int,
+    metrics_path: str | None,
+) -> dict[str, Any]:
+    log = get_run_logger()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(options)
+    attack_kwargs = {k: options.pop(k) for k in ("lam",) if k in options}  # attack arguments outside the config
+    if attack not in list_attacks():
+        raise KeyError(f"unknown attack {attack!r}; known attacks: {', '.join(list_attacks())}")
+    config = attack_config(budget, options)
+    inputs = shard_paths(clean_dir)
+    if not inputs:
+        raise FileNotFoundError(f"{clean_dir}: no clean shards (run the prepare stage first)")
+    units = [{
+        "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": attack,
+        "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
+        "surrogate_json": json.dumps(surrogate, sort_keys=True), "surrogate_name": surrogate["name"],
+        "batch_size": batch_size, "seed": seed,
+    } for i, p in enumerate(inputs)]
+    start = time.perf_counter()
+    results, failed = _run_units(units, devices, log)
+    wall = time.perf_counter() - start
+    done = [r for r in results if not r["skipped"]]
+    metrics = _metrics(out, attack, done, wall)
+    metrics["failed_units"] = sorted(Path(u["out_shard"]).name for u in failed)
+    if metrics_path:
+        write_json(metrics_path, metrics)
+    if failed:
+        raise RuntimeError(f"generate {attack}: {len(failed)} unit(s) failed after retry: {metrics['failed_units']}; "
+                           f"the other {len(units) - len(failed)} shards are complete and kept")
+    (out / "README.md").write_text(_card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir))
+    write_index(out, attack)
+    log.info("generate %s: %d images, %d shards written, %d already complete", attack, metrics["images"],
+             len(done), len(results) - len(done))
+    return metrics
+
+
+def _run_units(units, devices, log):
+    """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed)."""
+    futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)]))
+               for i, u in enumerate(units)]
+    results, retry = [], []
+    for u, dev, fut in futures:
+        try:
+            results.append(fut.result())
+        except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
+            log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
+            retry.append((u, devices[(devices.index(dev) + 1) % len(devices)]))
+    failed = []
+    for u, dev in retry:
+        try:
+            results.append(attack_shard.submit(u, dev).result())
+            log.info("unit %s succeeded on retry on %s", Path(u["out_shard"]).name, dev)
+        except Exception as e:  # noqa: BLE001
+            log.error("unit %s failed again on %s: %s", Path(u["out_shard"]).name, dev, e)
+            failed.append(u)
+    return results, failed
+
+
+def _metrics(out: Path, attack: str, done: list[dict], wall: float) -> dict[str, Any]:
+    records = [s["json"] for p in shard_paths(out) for s in read_shard(p)]
+    if not records:
+        return {"attack": attack, "images": 0}
+    rmsd = np.array([r["rmsd"] for r in records])
+    linf = np.array([r["linf"] for r in records])
+    steps = np.array([r["steps"] for r in records])
+    fooled = np.array([r["pred_after"] != r["label"] for r in records])
+    written = sum(r["count"] for r in done)
+    return {
+        "attack": attack,
+        "images": len(records),
+        "surrogate_error_before": round(float(np.mean([r["pred_before"] != r["label"] for r in records])) * 100, 2),
+        "surrogate_error_after": round(float(fooled.mean()) * 100, 2),
+        "rmsd_mean": round(float(rmsd.mean()), 4),
+        "rmsd_max": round(float(rmsd.max()), 4),
+        "linf_mean": round(float(linf.mean()), 4),
+        "linf_max": round(float(linf.max()), 4),
+        "steps_mean": round(float(steps.mean()), 3),
+        "steps_max": int(steps.max()),
+        "images_per_second": round(written / wall, 3) if written else None,
+    }
+
+
+def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir) -> str:
+    params = {**config.__dict__, **attack_kwargs}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+    nums = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items()) if k not in ("attack", "failed_units"))
+    return f"""# {attack} shards (DAmageNet-style adversarial set)
+
+Adversarial versions of the clean crops in `{clean_dir}`, made by the `{attack}` attack on the surrogate
+`{surrogate['name']}` (timm `{surrogate['arch']}`), under one budget shared by every attack of this run:
+RMSD at most {budget['eta']} and L-inf at most {budget['eps']} (0-255 scale) after rounding to uint8, step
+{budget['alpha']}, at most {budget['max_steps']} steps. AoA (Attack on Attention) moves the surrogate's SGLRP
+attention off the true class; the baselines maximise cross-entropy with sign steps.
+
+## Parameters (budgets on the [0,1] scale)
+| parameter | value |
+|---|---|
+{rows}
+
+## Numbers
+| metric | value |
+|---|---|
+{nums}
+
+## Format
+webdataset tar shards; per sample `png` (uint8 RGB, lossless), `cls` (class index), `json` (provenance: source
+key and sha256, label, surrogate, attack and config hash, budgets, RMSD, L-inf, steps, surrogate prediction and
+true-class probability and attention ratio before/after, seed). Index files: `shardindex.json` (wids),
+`_info.json` (timm `wds/` reader), `manifest.jsonl`, `SHA256SUMS`.
+
+```python
+import webdataset as wds
+ds = wds.WebDataset("{attack}-{{000000..000009}}.tar", shardshuffle=False).decode("rgb8").to_tuple("png", "cls")
+```
+
+Licence: derived from the source images; the source's licence and terms apply (ImageNet: non-commercial research).
+"""

@@ -1,0 +1,105 @@
+"""Stage ``prepare``: index the source, select the subset, and write the clean centre crops as a shard set.
+
+The clean set is what every attack reads and what evaluation compares against, so "clean" and "adversarial"
+images go through exactly the same crop. Bad source files are skipped and listed in ``rejects.tsv``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from tqdm import tqdm
+
+from pipelines.params import write_json
+from shards.shardset import shard_name, write_index, write_shard
+from sources.reading import (
+    BadSourceError,
+    Rejects,
+    SourceSample,
+    class_folder_source,
+    file_sha256,
+    label_file_source,
+    load_crop,
+)
+
+
+def index_source(source: dict[str, Any], rejects: Rejects) -> list[SourceSample]:
+    if source["kind"] == "class_folder":
+        return class_folder_source(source["root"], rejects)[0]
+    if source["kind"] == "label_file":
+        return label_file_source(source["root"], source["label_file"], rejects, source.get("num_classes", 1000))
+    raise ValueError(f"params.yaml: source.kind must be 'class_folder' or 'label_file', not {source['kind']!r}")
+
+
+def select(samples: list[SourceSample], mode: str, n: int, seed: int) -> list[SourceSample]:
+    """``all``; ``first`` n; ``per_class``: n per class drawn with ``seed``. Output is sorted by key (stable order)."""
+    if mode == "all":
+        chosen = samples
+    elif mode == "first":
+        chosen = samples[:n]
+    elif mode == "per_class":
+        by_class: dict[int, list[SourceSample]] = defaultdict(list)
+        for s in samples:
+            by_class[s.label].append(s)
+        rng = random.Random(seed)
+        chosen = [s for c in sorted(by_class) for s in rng.sample(by_class[c], min(n, len(by_class[c])))]
+    else:
+        raise ValueError(f"params.yaml: source.select.mode must be all, first or per_class, not {mode!r}")
+    return sorted(chosen, key=lambda s: s.key)
+
+
+@flow(name="prepare")
+def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.json", strict: bool = False) -> dict:
+    log = get_run_logger()
+    out = Path(source["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.tar"):  # the selection may have changed: this set is always rewritten whole
+        old.unlink()
+    rejects = Rejects(strict=strict)
+    sel = source.get("select", {})
+    samples = select(index_source(source, rejects), sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
+    batch, shard_index, kept = [], 0, 0
+    for s in tqdm(samples, desc="prepare", unit="img", mininterval=2):
+        try:
+            image = load_crop(s.path, source["size"], source["crop_pct"], source["filter"], source.get("min_side", 16))
+        except BadSourceError as e:
+            rejects.add(e.path, e.reason)
+            continue
+        sha = file_sha256(s.path)
+        batch.append({"key": s.key, "image": image, "cls": s.label,
+                      "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_sha256": sha,
+                               "source_file": s.path.name}})
+        if len(batch) == source["shard_size"]:
+            write_shard(out / shard_name("clean", shard_index), batch)
+            batch, shard_index, kept = [], shard_index + 1, kept + len(batch)
+    if batch:
+        write_shard(out / shard_name("clean", shard_index), batch)
+        kept += len(batch)
+    rejects.write(out / "rejects.tsv")
+    (out / "README.md").write_text(_card(source, kept, len(rejects)))
+    index = write_index(out, "clean")
+    metrics = {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples)}
+    write_json(metrics_path, metrics)
+    log.info("prepared %d clean crops in %d shards (%d rejected, see %s)", kept, index["shards"], len(rejects),
+             out / "rejects.tsv")
+    return metrics
+
+
+def _card(source: dict[str, Any], count: int, rejects: int) -> str:
+    return f"""# Clean crops
+
+The unattacked source images of this pipeline run, after the same crop every attack and evaluation uses:
+resize the short side to floor({source['size']} / {source['crop_pct']}) with the {source['filter']} filter
+(antialiased), then centre-crop {source['size']} x {source['size']}; stored as PNG (lossless).
+
+- source: `{source['kind']}` at `{source['root']}`
+- images: {count}; rejected source files: {rejects} (listed in `rejects.tsv` with the reason)
+- sample fields: `png`, `cls`, `json` (key, label, WordNet id or class folder, sha256 of the source file)
+
+Licence: these crops are derived from the source images and carry the source's licence and terms of use
+(for ImageNet, non-commercial research use under the ImageNet terms).
+"""

@@ -1,0 +1,126 @@
+"""Shard sets: deterministic webdataset tar shards plus everything a consumer needs beside them.
+
+Layout of one set (``data/shards/<name>/``)::
+
+    <name>-000000.tar ...   samples ``<key>.png`` (uint8 RGB), ``<key>.cls`` (class index), ``<key>.json`` (provenance)
+    shardindex.json         wids shard index (url, nsamples, filesize per shard)
+    _info.json              timm's wds reader info (split ``validation``)
+    manifest.jsonl          one line per sample: key, shard, label
+    SHA256SUMS              ``sha256sum -c`` format, every shard and index file
+    README.md               the dataset card (written by the stage that made the set)
+
+Every tar is byte-identical for the same samples: fixed sample order, ``mtime=0``, fixed PNG settings, JSON with
+sorted keys. A shard is written under a temporary name and renamed when complete, so a crash leaves no half
+shard and a rerun only writes the shards that are missing. Never pickle in published shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+INDEX_FILES = ("shardindex.json", "_info.json", "manifest.jsonl")
+
+
+def shard_name(set_name: str, index: int) -> str:
+    return f"{set_name}-{index:06d}.tar"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.mode != "RGB":
+            raise ValueError(f"PNG mode {img.mode}, expected RGB")
+        return np.asarray(img)
+
+
+def write_shard(path: Path | str, samples: list[dict[str, Any]]) -> None:
+    """Write samples ``{"key", "image" (uint8 HxWx3), "cls", "json"}`` to ``path`` atomically."""
+    if not samples:
+        raise ValueError(f"{path}: refusing to write an empty shard (readers reject empty tars)")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, mtime=0, encoder=False) as sink:
+            for s in samples:
+                if "." in s["key"]:
+                    raise ValueError(f"{path}: key {s['key']!r} contains a dot (webdataset would split the sample)")
+                sink.write({
+                    "__key__": s["key"],
+                    "png": encode_png(s["image"]),
+                    "cls": str(int(s["cls"])).encode(),
+                    "json": json.dumps(s["json"], sort_keys=True).encode(),
+                })
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
+    """Samples of one shard in order: ``{"key", "image", "cls", "json"}``."""
+    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    for s in ds:
+        yield {"key": s["__key__"], "image": decode_png(s["png"]), "cls": int(s["cls"]), "json": json.loads(s["json"])}
+
+
+def shard_paths(root: Path | str) -> list[Path]:
+    return sorted(Path(root).glob("*.tar"))
+
+
+def iter_shardset(root: Path | str) -> Iterator[dict[str, Any]]:
+    for p in shard_paths(root):
+        yield from read_shard(p)
+
+
+def sha256_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_index(root: Path | str, set_name: str) -> dict[str, Any]:
+    """Write shardindex.json, _info.json, manifest.jsonl and SHA256SUMS for the shards in ``root``."""
+    root = Path(root)
+    for stale in root.glob("*.tar.tmp"):  # left by an interrupted run
+        stale.unlink()
+    shards = shard_paths(root)
+    counts, manifest = [], []
+    for p in shards:
+        n = 0
+        for s in read_shard(p):
+            manifest.append({"key": s["key"], "shard": p.name, "label": s["cls"]})
+            n += 1
+        counts.append(n)
+    shardindex = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": set_name,
+        "shardlist": [{"url": p.name, "nsamples": n, "filesize": p.stat().st_size} for p, n in zip(shards, counts)],
+    }
+    info = {
+        "name": set_name,
+        "splits": {"validation": {"name": "validation", "num_samples": sum(counts),
+                                  "filenames": [p.name for p in shards], "shard_lengths": counts}},
+    }
+    (root / "shardindex.json").write_text(json.dumps(shardindex, indent=2) + "\n")
+    (root / "_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (root / "manifest.jsonl").write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in manifest))
+    files = [p.name for p in shards] + list(INDEX_FILES) + (["README.md"] if (root / "README.md").exists() else [])
+    (root / "SHA256SUMS").write_text("".join(f"{sha256_file(root / f)}  {f}\n" for f in files))
+    return {"shards": len(shards), "samples": sum(counts)}
