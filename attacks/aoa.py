@@ -8,8 +8,6 @@ L-inf projection and records come from :class:`attacks.base.Attack`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 

@@ -11,9 +11,6 @@ name, batches are fixed per shard, CPU workers use one thread each, and a comple
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +20,10 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from attacks import AttackConfig, create_attack, list_attacks
-from model_zoo.zoo import build_model
+from attacks import AttackConfig, list_attacks
 from pipelines.params import write_json
-from shards.shardset import read_shard, shard_name, shard_paths, write_index, write_shard
+from shards.adversarial import attack_shard_file
+from shards.shardset import read_shard, shard_name, shard_paths, write_index
 
 
 def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
@@ -42,41 +39,10 @@ def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
     return list(devices)
 
 
-def shard_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
-
-
-@functools.lru_cache(maxsize=4)
-def _surrogate(spec_json: str, device: str):
-    return build_model(json.loads(spec_json), device=device)
-
-
 @task(name="attack-shard")
 def attack_shard(unit: dict[str, Any], device: str) -> dict[str, Any]:
     """Attack one clean shard on ``device`` and write the adversarial shard (skipped when already complete)."""
-    out = Path(unit["out_shard"])
-    if out.exists():
-        return {"shard": out.name, "skipped": True, "device": device}
-    if device == "cpu":
-        torch.set_num_threads(1)  # one thread per CPU worker: results do not depend on the worker count
-    start = time.perf_counter()
-    model = _surrogate(unit["surrogate_json"], device)
-    attack = create_attack(unit["attack"], model, AttackConfig(**unit["config"]), **unit.get("attack_kwargs", {}))
-    clean = list(read_shard(unit["in_shard"]))
-    samples, seed = [], shard_seed(unit["seed"], out.name)
-    for b in range(0, len(clean), unit["batch_size"]):
-        batch = clean[b : b + unit["batch_size"]]
-        x = torch.from_numpy(np.stack([s["image"] for s in batch])).permute(0, 3, 1, 2).to(device).float() / 255
-        y = torch.tensor([s["cls"] for s in batch], device=device)
-        adv, records = attack(x, y, seed=seed + b)
-        adv_u8 = (adv * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for s, img, rec in zip(batch, adv_u8, records):
-            provenance = {**s["json"], **rec, "surrogate": unit["surrogate_name"], "seed": seed + b,
-                          "eta": unit["budget"]["eta"], "eps": unit["budget"]["eps"], "alpha": unit["budget"]["alpha"]}
-            samples.append({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
-    write_shard(out, samples)
-    return {"shard": out.name, "skipped": False, "device": device, "count": len(samples),
-            "seconds": time.perf_counter() - start}
+    return attack_shard_file(unit, device)
 
 
 def _task_runner(dask: dict[str, Any] | None, workers: int):
@@ -139,7 +105,7 @@ def generate_flow(
     units = [{
         "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": attack,
         "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
-        "surrogate_json": json.dumps(surrogate, sort_keys=True), "surrogate_name": surrogate["name"],
+        "surrogate": surrogate,
         "batch_size": batch_size, "seed": seed,
     } for i, p in enumerate(inputs)]
     start = time.perf_counter()

@@ -1,0 +1,61 @@
+"""One generation work unit: attack every image of a clean shard and write the adversarial shard.
+
+Pure computation (no orchestration): the generate flow maps it over devices; benchmarks call it directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks import AttackConfig, create_attack
+from model_zoo.zoo import build_model
+from shards.shardset import read_shard, write_shard
+
+
+def shard_seed(seed: int, name: str) -> int:
+    """A shard's seed depends on the run seed and the shard's name only, never on scheduling."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+
+
+@functools.lru_cache(maxsize=4)
+def _surrogate(spec_json: str, device: str):
+    return build_model(json.loads(spec_json), device=device)
+
+
+def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
+    """Attack ``unit["in_shard"]`` on ``device`` into ``unit["out_shard"]``; a complete output is left alone.
+
+    ``unit`` holds paths and small configs only: attack name, ``config`` (AttackConfig fields), ``attack_kwargs``,
+    ``budget`` (0-255 scale, for provenance), ``surrogate`` (zoo spec), ``batch_size`` and ``seed``.
+    """
+    out = Path(unit["out_shard"])
+    if out.exists():
+        return {"shard": out.name, "skipped": True, "device": device}
+    if device == "cpu":
+        torch.set_num_threads(1)  # one thread per CPU worker: results do not depend on the worker count
+    start = time.perf_counter()
+    model = _surrogate(json.dumps(unit["surrogate"], sort_keys=True), device)
+    attack = create_attack(unit["attack"], model, AttackConfig(**unit["config"]), **unit.get("attack_kwargs", {}))
+    clean = list(read_shard(unit["in_shard"]))
+    samples, seed = [], shard_seed(unit["seed"], out.name)
+    for b in range(0, len(clean), unit["batch_size"]):
+        batch = clean[b : b + unit["batch_size"]]
+        x = torch.from_numpy(np.stack([s["image"] for s in batch])).to(device).permute(0, 3, 1, 2).float() / 255
+        y = torch.tensor([s["cls"] for s in batch], device=device)
+        adv, records = attack(x, y, seed=seed + b)
+        adv_u8 = (adv * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for s, img, rec in zip(batch, adv_u8, records):
+            provenance = {**s["json"], **rec, "surrogate": unit["surrogate"]["name"], "seed": seed + b,
+                          **{k: unit["budget"][k] for k in ("eta", "eps", "alpha")}}
+            samples.append({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
+    write_shard(out, samples)
+    return {"shard": out.name, "skipped": False, "device": device, "count": len(samples),
+            "steps": sum(s["json"]["steps"] for s in samples), "seconds": time.perf_counter() - start}
