@@ -1,0 +1,98 @@
+"""Top-1/top-5 of one model on one shard set, streamed from the shards, with per-sample predictions.
+
+Clean and adversarial sets go through the same path: uint8 PNG -> [0,1] float -> (resize to the model's input
+size when it differs, bicubic, the same for every set) -> the model wrapper's normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from shards.shardset import shard_paths
+
+
+def shardset_hash(root: Path | str) -> str:
+    """Identity of a shard set's content: the hash of its SHA256SUMS (which covers every shard)."""
+    sums = Path(root) / "SHA256SUMS"
+    if not sums.is_file():
+        raise FileNotFoundError(f"{sums}: missing; not a finished shard set")
+    return hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
+
+
+def weights_hash(spec: dict[str, Any]) -> str:
+    """Identity of a model: its spec plus the bytes of its weights file, when it has one."""
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    w = spec.get("weights")
+    if w and w != "hf-hub" and Path(w).is_file():
+        h.update(Path(w).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _decode(sample):
+    return torch.from_numpy(np.array(sample[0])).permute(2, 0, 1), int(sample[1]), sample[2]
+
+
+def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
+    """Batches ``(uint8 NCHW, labels, keys)`` in shard order."""
+    urls = [str(p) for p in shard_paths(root)]
+    if not urls:
+        raise FileNotFoundError(f"{root}: no shards")
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
+        .decode("rgb8")
+        .to_tuple("png", "cls", "__key__")
+        .map(_decode)
+        .batched(batch_size, partial=True)
+    )
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+def _forward(model, x: torch.Tensor) -> torch.Tensor:
+    size = model.data_config["input_size"][-1]
+    if x.shape[-1] != size:  # documented: one bicubic resize, the same for clean and adversarial images
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    return model(x)
+
+
+@torch.no_grad()
+def evaluate_shardset(model, root: Path | str, batch_size: int = 256, device: str = "cpu",
+                      workers: int = 0) -> dict[str, Any]:
+    """Accuracy of ``model`` on the shard set; halves the batch and retries on CUDA out-of-memory."""
+    while True:
+        try:
+            return _evaluate(model, root, batch_size, device, workers)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+
+
+def _evaluate(model, root, batch_size, device, workers) -> dict[str, Any]:
+    model.eval().to(device)
+    keys, labels, top5 = [], [], []
+    for x, y, k in shard_loader(root, batch_size, workers):
+        logits = _forward(model, x.to(device, non_blocking=True).float().div_(255))
+        top5.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
+        labels.append(y)
+        keys += list(k)
+    order = sorted(range(len(keys)), key=keys.__getitem__)  # worker interleaving must not change the output
+    keys = [keys[i] for i in order]
+    top5_t, labels_t = torch.cat(top5)[order], torch.cat(labels)[order]
+    hit1 = top5_t[:, 0] == labels_t
+    hit5 = (top5_t == labels_t[:, None]).any(1)
+    return {
+        "n": len(keys),
+        "top1": round(100 * hit1.float().mean().item(), 3),
+        "top5": round(100 * hit5.float().mean().item(), 3),
+        "predictions": [{"key": key, "label": int(lab), "top5": t.tolist()}
+                        for key, lab, t in zip(keys, labels_t, top5_t)],
+    }

@@ -1,0 +1,127 @@
+"""Stage ``evaluate``: every model on every shard set (clean and each attack), cached per model and shard set.
+
+A result is cached under (model name, weights hash, shard-set hash), so adding a model evaluates only that model
+and a retrained model or a regenerated set is evaluated again. A model that cannot be built or a set that cannot
+be read is reported with its error; the other models still report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from evaluators.classification import evaluate_shardset, shardset_hash, weights_hash
+from model_zoo.zoo import build_model
+from pipelines.params import write_json
+
+
+def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
+    """Entries are zoo names, full specs, or ``{pattern, weights}`` expanded with timm's registry."""
+    specs = []
+    for e in entries:
+        if isinstance(e, str):
+            if e not in zoo_specs:
+                specs.append({"name": e, "arch": e, "error": f"unknown model {e!r}: not in the zoo ({', '.join(zoo_specs)})"})
+            else:
+                specs.append(zoo_specs[e])
+        elif "pattern" in e:
+            for arch in timm.list_models(e["pattern"], pretrained=e.get("weights") == "hf-hub"):
+                specs.append({"name": arch, "arch": arch, "weights": e.get("weights"), "num_classes": 1000})
+        else:
+            specs.append(e)
+    return specs
+
+
+@task(name="evaluate-model")
+def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, batch_size: int, device: str,
+                   workers: int) -> dict[str, Any]:
+    """All shard sets for one model (the model is built once); cached results are reused."""
+    if "error" in spec:
+        return {"name": spec["name"], "error": spec["error"]}
+    try:
+        whash = weights_hash(spec)
+        model = None
+        results = {}
+        for set_name, root in sets.items():
+            cache = Path(cache_dir) / spec["name"] / f"{set_name}-{whash}-{shardset_hash(root)}.json"
+            if cache.is_file():
+                results[set_name] = json.loads(cache.read_text()) | {"cached": True}
+                continue
+            model = model or build_model(spec, device=device)
+            r = evaluate_shardset(model, root, batch_size, device, workers)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(r))
+            results[set_name] = r | {"cached": False}
+        model = model or build_model(spec, device="cpu")
+        cfg = model.data_config
+        return {"name": spec["name"], "arch": spec["arch"], "weights_hash": whash,
+                "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+                "img_size": cfg["input_size"][-1], "crop_pct": cfg.get("crop_pct"),
+                "interpolation": cfg.get("interpolation"), "results": results}
+    except Exception as e:  # noqa: BLE001  (one model's failure is reported, the others go on)
+        return {"name": spec["name"], "error": f"{type(e).__name__}: {e}"}
+
+
+@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, batch_size: int = 256,
+                  devices: list[str] | None = None, workers: int = 0,
+                  metrics_path: str = "metrics/evaluate.json") -> dict[str, Any]:
+    log = get_run_logger()
+    devices = devices or ["cpu"]
+    out_dir = Path(out)
+    futures = [evaluate_model.submit(spec, sets, str(out_dir / "cache"), batch_size, devices[i % len(devices)], workers)
+               for i, spec in enumerate(models)]
+    records = [f.result() for f in futures]
+    ok = [r for r in records if "error" not in r]
+    for r in records:
+        if "error" in r:
+            log.error("model %s: %s", r["name"], r["error"])
+        else:
+            cached = sum(v["cached"] for v in r["results"].values())
+            log.info("model %s: %d set(s) evaluated, %d from cache", r["name"], len(sets) - cached, cached)
+    _write_results(out_dir, ok, list(sets))
+    summary = {r["name"]: {s: round(100 - v["top1"], 3) for s, v in r["results"].items()} for r in ok}
+    write_json(metrics_path, {"top1_err": summary, "errors": {r["name"]: r["error"] for r in records if "error" in r}})
+    return {"records": records, "top1_err": summary}
+
+
+def _write_results(out: Path, records: list[dict], set_names: list[str]) -> None:
+    """timm-style results CSV per set, one JSON record per model, per-sample predictions per (model, set)."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_rank = _ranks(records, "clean") if "clean" in set_names else {}
+    for set_name in set_names:
+        ranks = _ranks(records, set_name)
+        rows = []
+        for r in sorted(records, key=lambda r: -r["results"][set_name]["top1"]):
+            res, clean = r["results"][set_name], r["results"].get("clean", r["results"][set_name])
+            rows.append({
+                "model": r["name"], "top1": res["top1"], "top1_err": round(100 - res["top1"], 3),
+                "top5": res["top5"], "top5_err": round(100 - res["top5"], 3),
+                "top1_diff": round(res["top1"] - clean["top1"], 3), "top5_diff": round(res["top5"] - clean["top5"], 3),
+                "rank_diff": clean_rank.get(r["name"], 0) - ranks[r["name"]] if clean_rank else 0,
+                "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": r["crop_pct"],
+                "interpolation": r["interpolation"],
+            })
+        with open(out / f"results-{set_name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
+            writer.writeheader()
+            writer.writerows(rows)
+    for r in records:
+        record = {k: v for k, v in r.items() if k != "results"}
+        record["accuracy"] = {s: {"top1": v["top1"], "top5": v["top5"], "n": v["n"]} for s, v in r["results"].items()}
+        write_json(out / "models" / f"{r['name']}.json", record)
+        for s, v in r["results"].items():
+            pred_file = out / "predictions" / r["name"] / f"{s}.jsonl"
+            pred_file.parent.mkdir(parents=True, exist_ok=True)
+            pred_file.write_text("".join(json.dumps(p) + "\n" for p in v["predictions"]))
+
+
+def _ranks(records: list[dict], set_name: str) -> dict[str, int]:
+    order = sorted(records, key=lambda r: -r["results"][set_name]["top1"])
+    return {r["name"]: i + 1 for i, r in enumerate(order)}
