@@ -65,6 +65,63 @@ def _generate(args, params):
     )
 
 
+def _evaluate_kwargs(params: dict) -> dict:
+    from pipelines.flows.evaluate import resolve_models
+    from pipelines.flows.generate import resolve_devices
+
+    ev = section(params, "evaluate")
+    models_file = Path(section(params, "zoo")["out"]) / "models.json"
+    zoo_specs = {s["name"]: s for s in json.loads(models_file.read_text())} if models_file.is_file() else {}
+    return {
+        "models": resolve_models(ev["models"], zoo_specs),
+        "sets": shard_sets(params, ev["sets"]),
+        "out": ev["out"], "batch_size": ev["batch_size"], "workers": ev["workers"],
+        "devices": resolve_devices(ev["devices"], 1),
+    }
+
+
+def shard_sets(params: dict, names: list[str]) -> dict[str, str]:
+    """Set name -> folder: ``clean`` is the prepare stage's output, an attack name its generate output."""
+    root = Path(section(params, "generate")["out_root"])
+    return {n: section(params, "source")["out"] if n == "clean" else str(root / n) for n in names}
+
+
+def _report_kwargs(params: dict) -> dict:
+    ev, rep = section(params, "evaluate"), section(params, "report")
+    return {
+        "eval_dir": ev["out"], "shards_root": section(params, "generate")["out_root"],
+        "clean_dir": section(params, "source")["out"], "sets": ev["sets"],
+        "surrogate": surrogate_spec(params, section(params, "generate")["surrogate"]),
+        "eta": section(params, "budget")["eta"], "out_dir": rep["out"], "profile": params.get("profile", "demo"),
+        "examples": rep["examples"],
+    }
+
+
+def _evaluate(args, params):
+    from pipelines.flows.evaluate import evaluate_flow
+
+    result = evaluate_flow(**_evaluate_kwargs(params))
+    errors = [r for r in result["records"] if "error" in r]
+    if errors:
+        raise SystemExit(f"evaluate: {len(errors)} model(s) failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in errors))
+
+
+def _report(args, params):
+    from pipelines.flows.report import report_flow
+
+    report_flow(**_report_kwargs(params))
+
+
+def _serve(args, params):
+    from pipelines.flows.report import evaluate_and_report_flow
+
+    cron = args.cron or section(params, "report")["schedule"]
+    print(f"serving evaluate-and-report on cron {cron!r} (Ctrl-C to stop)")
+    evaluate_and_report_flow.serve(name="scheduled-evaluation", cron=cron,
+                                   parameters={"evaluate_kwargs": _evaluate_kwargs(params),
+                                               "report_kwargs": _report_kwargs(params)})
+
+
 def _verify(args, params):
     from shards.verify import verify_shardset
 
@@ -102,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", _generate, "Run one attack (params 'budget', 'attacks.<name>', 'generate') over the clean "
             "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
     p.add_argument("--attack", required=True, help="attack name, a key of 'attacks' in params.yaml (e.g. aoa, pgd)")
+    add("evaluate", _evaluate, "Evaluate every model of 'evaluate.models' on every shard set of 'evaluate.sets' "
+        "(cached per model weights and shard set); timm-style CSVs, per-model JSON, per-sample predictions.")
+    add("report", _report, "Write the robustness report (reports/report.md, report.html) and a Prefect artifact.")
+    p = add("serve", _serve, "Serve evaluate+report on a cron schedule (Prefect serve); new models in the list are "
+            "evaluated against the published shards, the others come from the cache.")
+    p.add_argument("--cron", help="cron schedule (default: report.schedule in params.yaml)")
     p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, PNG decoding, label range and, "
             "with --clean, every image's RMSD/L-inf budget. Exits 1 on any problem.")
     p.add_argument("shards", help="shard set folder, e.g. data/shards/aoa")

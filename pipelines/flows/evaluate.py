@@ -108,7 +108,8 @@ def _write_results(out: Path, records: list[dict], set_names: list[str]) -> None
                 "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": r["crop_pct"],
                 "interpolation": r["interpolation"],
             })
-        with open(out / f"results-{set_name}.csv", "w", newline="") as f:
+        (out / "results").mkdir(exist_ok=True)
+        with open(out / "results" / f"results-{set_name}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
             writer.writeheader()
             writer.writerows(rows)
