@@ -54,6 +54,7 @@ def write_shard(path: Path | str, samples: list[dict[str, Any]]) -> None:
     if not samples:
         raise ValueError(f"{path}: refusing to write an empty shard (readers reject empty tars)")
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         with wds.TarWriter(f, mtime=0, encoder=False) as sink:

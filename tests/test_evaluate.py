@@ -1,0 +1,158 @@
+"""Evaluation against an independent loop, the per-model cache, clear errors, and the HTML report in a browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from evaluators.classification import evaluate_shardset
+from model_zoo.zoo import ModelSpec, build_model
+from pipelines.flows.evaluate import evaluate_flow, resolve_models
+from shards.shardset import iter_shardset, shard_name, write_shard, write_index
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """A clean set and a 'noisy' set (the same images with noise) of 30 random images, 3 shards each."""
+    root = tmp_path_factory.mktemp("sets")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (30, 32, 32, 3), dtype=torch.uint8, generator=g)
+    noisy = (images.int() + torch.randint(-40, 41, images.shape, generator=g)).clamp(0, 255).byte()
+    labels = torch.randint(0, 10, (30,), generator=g)
+    for name, imgs in (("clean", images), ("noisy", noisy)):
+        for s in range(3):
+            write_shard(root / name / shard_name(name, s), [
+                {"key": f"img{i:03d}", "image": imgs[i].numpy(), "cls": int(labels[i]), "json": {}}
+                for i in range(10 * s, 10 * s + 10)])
+        write_index(root / name, name)
+    return {"clean": str(root / "clean"), "noisy": str(root / "noisy")}
+
+
+def _spec(tmp, name, seed):
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec(name=name, arch="resnet10t", num_classes=10, kwargs={"channels": (8, 16, 32, 64)}))
+    path = tmp / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, path)
+    return {"name": name, "arch": "resnet10t", "num_classes": 10, "weights": str(path),
+            "kwargs": {"channels": [8, 16, 32, 64]}}
+
+
+def test_top1_top5_match_a_plain_loop(sets, tmp_path):
+    spec = _spec(tmp_path, "m", 0)
+    model = build_model(spec)
+    result = evaluate_shardset(model, sets["noisy"], batch_size=7)
+    hit1 = hit5 = 0
+    samples = list(iter_shardset(sets["noisy"]))
+    for s in samples:  # one image at a time, no batching, no webdataset loader
+        x = torch.from_numpy(s["image"].copy()).permute(2, 0, 1)[None].float() / 255
+        logits = model(x)[0]
+        hit1 += int(logits.argmax() == s["cls"])
+        hit5 += int(s["cls"] in logits.topk(5).indices.tolist())
+    assert result["n"] == 30
+    assert result["top1"] == pytest.approx(100 * hit1 / 30, abs=1e-3)
+    assert result["top5"] == pytest.approx(100 * hit5 / 30, abs=1e-3)
+    assert [p["key"] for p in result["predictions"]] == sorted(s["key"] for s in samples)
+
+
+def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, prefect_server):
+    a, b = _spec(tmp_path, "a", 0), _spec(tmp_path, "b", 1)
+    out = tmp_path / "eval"
+    kw = {"sets": sets, "out": str(out), "batch_size": 16, "metrics_path": str(tmp_path / "m.json")}
+
+    def cached(result):
+        return {r["name"]: {s: v["cached"] for s, v in r["results"].items()} for r in result["records"]}
+
+    first = evaluate_flow(models=[a], **kw)
+    assert cached(first) == {"a": {"clean": False, "noisy": False}}
+    second = evaluate_flow(models=[a, b], **kw)  # adding a model evaluates only that model
+    assert cached(second) == {"a": {"clean": True, "noisy": True}, "b": {"clean": False, "noisy": False}}
+    assert second["top1_err"]["a"] == first["top1_err"]["a"]
+    save_file({k: v.contiguous() for k, v in build_model(_spec(tmp_path / "..", "a2", 5)).model.state_dict().items()},
+              a["weights"])  # new weights under the same name
+    changed = tmp_path / "noisy2"
+    shutil.copytree(sets["noisy"], changed)
+    first_shard = sorted(changed.glob("*.tar"))[0]
+    samples = list(__import__("shards.shardset", fromlist=["read_shard"]).read_shard(first_shard))
+    samples[0]["image"] = 255 - samples[0]["image"]
+    write_shard(first_shard, samples)
+    write_index(changed, "noisy")
+    third = evaluate_flow(models=[a, b], **{**kw, "sets": {"clean": sets["clean"], "noisy": str(changed)}})
+    assert cached(third) == {"a": {"clean": False, "noisy": False}, "b": {"clean": True, "noisy": False}}
+    csv_rows = (out / "results" / "results-noisy.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("model,top1,top1_err,top5,top5_err,top1_diff,top5_diff,rank_diff,param_count")
+    assert json.loads((out / "models" / "b.json").read_text())["accuracy"]["clean"]["n"] == 30
+
+
+def test_unknown_model_and_unreadable_set_are_reported_while_others_report(sets, tmp_path, prefect_server):
+    good = _spec(tmp_path, "good", 0)
+    models = resolve_models(["not_in_zoo", good], {})
+    broken = tmp_path / "broken"
+    shutil.copytree(sets["noisy"], broken)
+    sorted(broken.glob("*.tar"))[1].write_bytes(b"garbage")
+    result = evaluate_flow(models=models + [{**good, "name": "good_on_broken"}], sets={"clean": sets["clean"]},
+                           out=str(tmp_path / "e"), batch_size=16, metrics_path=str(tmp_path / "m.json"))
+    by_name = {r["name"]: r for r in result["records"]}
+    assert "unknown model 'not_in_zoo'" in by_name["not_in_zoo"]["error"]
+    assert by_name["good"]["results"]["clean"]["n"] == 30
+    with pytest.raises(Exception, match="broken"):
+        evaluate_shardset(build_model(good), broken)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_server, tmp_path):
+    """The demo pipeline end to end on a tiny set, then the HTML report screenshotted by a real browser."""
+    from evaluators.report import build_report
+    from pipelines.flows.generate import generate
+    from pipelines.flows.prepare import prepare_flow
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed and could not be installed here (make test installs it via apt)")
+    specs = {s["name"]: s for s in json.loads((trained_zoo["out"] / "models.json").read_text())}
+    source = {"kind": "class_folder", "root": str(small_world / "val"), "num_classes": 10, "size": 32, "crop_pct": 1.0,
+              "filter": "bicubic", "select": {"mode": "per_class", "n": 1, "seed": 0}, "shard_size": 5,
+              "out": str(tmp_path / "shards" / "clean")}
+    prepare_flow(source, metrics_path=str(tmp_path / "p.json"))
+    budget = {"eta": 7.0, "eps": 25.5, "alpha": 2.0, "max_steps": 8}
+    for attack, options in (("aoa", {"si": 2}), ("pgd", {})):
+        generate(attack, budget, options, specs["vgg_demo"], source["out"], str(tmp_path / "shards" / attack),
+                 batch_size=10, devices=["cpu"])
+    sets = {n: str(tmp_path / "shards" / n) for n in ("clean", "aoa", "pgd")}
+    evaluate_flow(models=list(specs.values()), sets=sets, out=str(tmp_path / "eval"), batch_size=16,
+                  metrics_path=str(tmp_path / "e.json"))
+    result = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
+                          specs["vgg_demo"], 7.0, str(tmp_path / "report"))
+    assert set(result["errors"]) == {"vgg_demo", "resnet10t"}
+    assert [t["baseline"] for t in result["transfer"]] == ["pgd"]
+    page = tmp_path / "report" / "report.html"
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3 and "<table>" in text
+    shot = tmp_path / "screenshot.png"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<img") == 3
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,2400",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000  # a rendered page with figures, not a blank canvas
+    _assert_images_loaded(chromium, page, tmp_path)
+
+
+def _assert_images_loaded(chromium, page, tmp_path):
+    """Every <img> decoded: a tiny script page reports naturalWidth of each image of the report."""
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        f"<iframe id=f src='{page.as_uri()}'></iframe><script>"
+        "f.onload=()=>{const imgs=[...f.contentDocument.images];"
+        "document.title=imgs.map(i=>i.complete&&i.naturalWidth>0).join(',')}</script>")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--allow-file-access-from-files", f"--user-data-dir={tmp_path / 'profile2'}",
+                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "<title>true,true,true</title>" in dom
