@@ -22,6 +22,10 @@ demo: $(STAMP)
 	dvc repro
 
 test: $(STAMP)
+	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)
+	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the report-rendering test will be skipped"
 	$(PY) -m pytest
 
 bench: $(STAMP)

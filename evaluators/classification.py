@@ -78,9 +78,10 @@ def evaluate_shardset(model, root: Path | str, batch_size: int = 256, device: st
 
 def _evaluate(model, root, batch_size, device, workers) -> dict[str, Any]:
     model.eval().to(device)
+    dtype = next(model.parameters()).dtype
     keys, labels, top5 = [], [], []
     for x, y, k in shard_loader(root, batch_size, workers):
-        logits = _forward(model, x.to(device, non_blocking=True).float().div_(255))
+        logits = _forward(model, x.to(device, non_blocking=True).to(dtype).div_(255))
         top5.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
         labels.append(y)
         keys += list(k)
