@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from evaluators.classification import evaluate_shardset
 from model_zoo.zoo import ModelSpec, build_model
 from pipelines.flows.evaluate import evaluate_flow, resolve_models
-from shards.shardset import iter_shardset, shard_name, write_shard, write_index
+from shards.shardset import iter_shardset, shard_name, write_index, write_shard
 
 
 @pytest.fixture(scope="module")

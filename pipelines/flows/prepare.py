@@ -62,23 +62,27 @@ def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.js
     rejects = Rejects(strict=strict)
     sel = source.get("select", {})
     samples = select(index_source(source, rejects), sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
-    batch, shard_index, kept = [], 0, 0
+    buffer, shards, kept = [], 0, 0
+
+    def flush():
+        nonlocal buffer, shards
+        write_shard(out / shard_name("clean", shards), buffer)
+        buffer, shards = [], shards + 1
+
     for s in tqdm(samples, desc="prepare", unit="img", mininterval=2):
         try:
             image = load_crop(s.path, source["size"], source["crop_pct"], source["filter"], source.get("min_side", 16))
         except BadSourceError as e:
             rejects.add(e.path, e.reason)
             continue
-        sha = file_sha256(s.path)
-        batch.append({"key": s.key, "image": image, "cls": s.label,
-                      "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_sha256": sha,
-                               "source_file": s.path.name}})
-        if len(batch) == source["shard_size"]:
-            write_shard(out / shard_name("clean", shard_index), batch)
-            batch, shard_index, kept = [], shard_index + 1, kept + len(batch)
-    if batch:
-        write_shard(out / shard_name("clean", shard_index), batch)
-        kept += len(batch)
+        buffer.append({"key": s.key, "image": image, "cls": s.label,
+                       "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_file": s.path.name,
+                                "source_sha256": file_sha256(s.path)}})
+        kept += 1
+        if len(buffer) == source["shard_size"]:
+            flush()
+    if buffer:
+        flush()
     rejects.write(out / "rejects.tsv")
     (out / "README.md").write_text(_card(source, kept, len(rejects)))
     index = write_index(out, "clean")
