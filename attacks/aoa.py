@@ -2,7 +2,8 @@
 Dataset DAmageNet", TPAMI 2020): move the surrogate's SGLRP attention away from the true class.
 
 Loss (minimised): ``log||h(x, y)||_1 - log||h(x, y2(x))||_1 - lam * CE(x, y)`` with ``y2`` the current top other
-class, recomputed every step; L1-normalised steps (no sign); SI on by default (x, x/2, x/4, x/8). The RMSD budget,
+class, recomputed every step; L1-normalised steps (no sign); SI on by default (x, x/2, x/4, x/8; the authors'
+code also counts x twice, we weigh the four copies equally). The RMSD budget,
 L-inf projection and records come from :class:`attacks.base.Attack`.
 """
 

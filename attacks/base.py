@@ -65,6 +65,11 @@ def quantize_within(x: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tens
     return (base + (torch.round(x.clamp(0, 1) * 255) - base).clamp(-levels, levels)) / 255
 
 
+def unit_mean_abs(g: torch.Tensor) -> torch.Tensor:
+    """Per-image L1 normalisation scaled to mean |g| = 1: ``g * N / ||g||_1`` (AoA's step direction)."""
+    return g / g.abs().flatten(1).mean(1).clamp(min=1e-12).view(-1, *([1] * (g.dim() - 1)))
+
+
 def gaussian_kernel(size: int, nsig: float = 3.0) -> torch.Tensor:
     """TI kernel: a ``size x size`` Gaussian spanning ``nsig`` standard deviations each side (as the TI code)."""
     t = torch.linspace(-nsig, nsig, size)
@@ -124,7 +129,7 @@ class Attack:
         """DI: with probability ``di`` resize to a random 90-100% size and zero-pad back at a random place."""
         if self.config.di <= 0:
             return x
-        n, _, h, w = x.shape
+        h, w = x.shape[-2:]
         size = int(torch.randint(int(h * 0.9), h + 1, (1,), generator=gen))
         if size == h or torch.rand(1, generator=gen).item() > self.config.di:
             return x
@@ -143,13 +148,12 @@ class Attack:
         if self.config.ti:
             k = gaussian_kernel(self.config.ti).to(g)
             g = F.conv2d(g, k.expand(g.shape[1], 1, -1, -1), padding=self.config.ti // 2, groups=g.shape[1])
-        g = g / g.abs().flatten(1).mean(1).clamp(min=1e-12).view(-1, 1, 1, 1)
-        return g.view(m, *x.shape).mean(0)
+        return unit_mean_abs(g).view(m, *x.shape).mean(0)
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         if self.step_rule == "sign":
             return g.sign()
-        return g / g.abs().flatten(1).mean(1).clamp(min=1e-12).view(-1, 1, 1, 1)  # d = g * N / ||g||_1
+        return unit_mean_abs(g)
 
     def _fit_budget(self, x0: torch.Tensor, x_prev: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """The furthest point on the segment x_prev -> x_new whose rounded RMSD is within ``eta`` (bisection)."""

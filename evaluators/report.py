@@ -84,7 +84,11 @@ def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
 
 def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int) -> bytes:
     clean = {s["key"]: s for s in iter_shardset(clean_dir)}
-    adv = [s for _, s in zip(range(n), iter_shardset(aoa_dir))]
+    adv, classes = [], set()
+    for s in iter_shardset(aoa_dir):  # one example per class, for variety
+        if s["cls"] not in classes and len(adv) < n:
+            adv.append(s)
+            classes.add(s["cls"])
     model = build_model(surrogate)
     lrp = SGLRP(model)
     x0 = torch.stack([torch.from_numpy(clean[s["key"]]["image"].copy()) for s in adv]).permute(0, 3, 1, 2).float() / 255
