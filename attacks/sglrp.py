@@ -5,9 +5,11 @@ ignored) for every other conv/dense layer and for average pooling, w^2 for the l
 max-pooling, BatchNorm folded into the conv before it, and residual sums split in proportion to each input's
 contribution. A module with no rule raises :class:`UnsupportedLayerError` naming it.
 
-With the activations fixed, LRP is linear in the starting relevance and these rules conserve it, so the SGLRP map
-``ReLU(A_t - A_d * sum(A_t) / sum(A_d))`` equals ``ReLU(LRP(r))`` with ``r_c = p_c`` and
-``r_i = -p_i p_c / (1 - p_c)``: one relevance pass per class, several classes batched together.
+The target map A_t starts from p_c on class c, the dual map A_d from p_i on every other class; both starts are
+batched into one relevance pass. The ratio uses the sums of the maps *at the input*, as the authors' code does:
+w^2 hands relevance to inactive penultimate units, which the z+ layer below cannot pass on, so relevance is not
+conserved through the head and ``sum(A_t)`` is not ``p_c``. (Assuming conservation would fold the two passes into
+one, but then the map's total drifts negative and ReLU leaves nothing for most confident images.)
 
 Two ways to run the pass, which must agree:
 - ``explicit=True`` (the fast path): each layer's transpose is written out (conv-transpose with the positive
@@ -355,11 +357,14 @@ class SGLRP(nn.Module):
         p = logits.float().softmax(1)
         starts = []
         for c in classes:
-            pc = p.gather(1, c[:, None])
-            r = -p * pc / (1 - pc).clamp(min=_EPS)
-            starts.append(r.scatter(1, c[:, None], pc))
-        rel = self.input_relevance(torch.cat(starts).to(logits.dtype), explicit)
-        return F.relu(rel.sum(1)).view(len(classes), *logits.shape[:1], *rel.shape[-2:])
+            target = torch.zeros_like(p).scatter(1, c[:, None], p.gather(1, c[:, None]))
+            starts += [target, p - target]  # A_t from p_c alone; A_d from every other class's probability
+        rel = self.input_relevance(torch.cat(starts).to(logits.dtype), explicit).sum(1)
+        maps = rel.view(len(classes), 2, *logits.shape[:1], *rel.shape[-2:])
+        a_t, a_d = maps[:, 0], maps[:, 1]
+        total_t = a_t.flatten(2).sum(2)[..., None, None]
+        total_d = _stabilise(a_d.flatten(2).sum(2)[..., None, None])
+        return F.relu(a_t - a_d * total_t / total_d)
 
     def input_relevance(self, r: torch.Tensor, explicit: bool = True) -> torch.Tensor:
         """Relevance on the input pixels (per channel) for starting relevance ``r`` (``(m*B, classes)``)."""

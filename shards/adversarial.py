@@ -17,7 +17,7 @@ import torch
 
 from attacks import AttackConfig, create_attack
 from model_zoo.zoo import build_model
-from shards.shardset import read_shard, write_shard
+from shards.shardset import ShardWriter, read_shard
 
 
 def shard_seed(seed: int, name: str) -> int:
@@ -45,17 +45,18 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
     model = _surrogate(json.dumps(unit["surrogate"], sort_keys=True), device)
     attack = create_attack(unit["attack"], model, AttackConfig(**unit["config"]), **unit.get("attack_kwargs", {}))
     clean = list(read_shard(unit["in_shard"]))
-    samples, seed = [], shard_seed(unit["seed"], out.name)
-    for b in range(0, len(clean), unit["batch_size"]):
-        batch = clean[b : b + unit["batch_size"]]
-        x = torch.from_numpy(np.stack([s["image"] for s in batch])).to(device).permute(0, 3, 1, 2).float() / 255
-        y = torch.tensor([s["cls"] for s in batch], device=device)
-        adv, records = attack(x, y, seed=seed + b)
-        adv_u8 = (adv * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for s, img, rec in zip(batch, adv_u8, records):
-            provenance = {**s["json"], **rec, "surrogate": unit["surrogate"]["name"], "seed": seed + b,
-                          **{k: unit["budget"][k] for k in ("eta", "eps", "alpha")}}
-            samples.append({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
-    write_shard(out, samples)
-    return {"shard": out.name, "skipped": False, "device": device, "count": len(samples),
-            "steps": sum(s["json"]["steps"] for s in samples), "seconds": time.perf_counter() - start}
+    seed, count, steps = shard_seed(unit["seed"], out.name), 0, 0
+    with ShardWriter(out) as sink:  # samples stream into <shard>.tmp; renamed only when the shard is complete
+        for b in range(0, len(clean), unit["batch_size"]):
+            batch = clean[b : b + unit["batch_size"]]
+            x = torch.from_numpy(np.stack([s["image"] for s in batch])).to(device).permute(0, 3, 1, 2).float() / 255
+            y = torch.tensor([s["cls"] for s in batch], device=device)
+            adv, records = attack(x, y, seed=seed + b)
+            adv_u8 = (adv * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for s, img, rec in zip(batch, adv_u8, records):
+                provenance = {**s["json"], **rec, "surrogate": unit["surrogate"]["name"], "seed": seed + b,
+                              **{k: unit["budget"][k] for k in ("eta", "eps", "alpha")}}
+                sink.write({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
+                count, steps = count + 1, steps + rec["steps"]
+    return {"shard": out.name, "skipped": False, "device": device, "count": count, "steps": steps,
+            "seconds": time.perf_counter() - start}

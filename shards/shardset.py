@@ -49,27 +49,53 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(img)
 
 
+class ShardWriter:
+    """Write one shard sample by sample under ``<name>.tmp``; renamed to ``<name>`` only when closed cleanly.
+
+    A crash (even SIGKILL) leaves at most a ``.tmp`` file, never a half shard under the real name.
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.tar = wds.TarWriter(self.file, mtime=0, encoder=False)
+        self.count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """``sample``: ``{"key", "image" (uint8 HxWx3), "cls", "json"}``."""
+        if "." in sample["key"]:
+            raise ValueError(f"{self.path}: key {sample['key']!r} contains a dot (webdataset would split the sample)")
+        self.tar.write({
+            "__key__": sample["key"],
+            "png": encode_png(sample["image"]),
+            "cls": str(int(sample["cls"])).encode(),
+            "json": json.dumps(sample["json"], sort_keys=True).encode(),
+        })
+        self.count += 1
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.tar.close()  # the tar's end blocks; the file object stays ours
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if exc_type is not None or self.count == 0:
+            self.tmp.unlink()
+            if exc_type is None:
+                raise ValueError(f"{self.path}: refusing to write an empty shard (readers reject empty tars)")
+            return
+        os.replace(self.tmp, self.path)
+
+
 def write_shard(path: Path | str, samples: list[dict[str, Any]]) -> None:
-    """Write samples ``{"key", "image" (uint8 HxWx3), "cls", "json"}`` to ``path`` atomically."""
-    if not samples:
-        raise ValueError(f"{path}: refusing to write an empty shard (readers reject empty tars)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, mtime=0, encoder=False) as sink:
-            for s in samples:
-                if "." in s["key"]:
-                    raise ValueError(f"{path}: key {s['key']!r} contains a dot (webdataset would split the sample)")
-                sink.write({
-                    "__key__": s["key"],
-                    "png": encode_png(s["image"]),
-                    "cls": str(int(s["cls"])).encode(),
-                    "json": json.dumps(s["json"], sort_keys=True).encode(),
-                })
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a list of samples as one shard, atomically."""
+    with ShardWriter(path) as sink:
+        for s in samples:
+            sink.write(s)
 
 
 def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:

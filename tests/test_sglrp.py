@@ -89,18 +89,27 @@ def test_zplus_relevance_is_conserved_on_bias_free_relu_network():
     r = torch.rand(5, 10, dtype=torch.double)
     relevance = lrp.input_relevance(r)
     torch.testing.assert_close(relevance.flatten(1).sum(1), r.sum(1), rtol=1e-6, atol=1e-9)
-    # SGLRP's start sums to zero: target p_c minus the dual rescaled to p_c
+
+
+def test_heatmap_is_the_sglrp_formula_over_two_separate_passes():
+    """h = ReLU(A_t - A_d * sum(A_t) / sum(A_d)), each map from its own relevance pass, computed naively here."""
+    lrp = SGLRP(MODELS["vgg"]())
+    x = torch.rand(3, 3, 32, 32, dtype=torch.double)
     logits = lrp(x)
+    c = torch.tensor([2, 5, 9])
     p = logits.softmax(1)
-    start_total = lrp.input_relevance(_sglrp_start(p, 2)).flatten(1).sum(1)
-    torch.testing.assert_close(start_total, torch.zeros(5, dtype=torch.double), atol=1e-9, rtol=0)
-
-
-def _sglrp_start(p, c):
-    pc = p[:, c : c + 1]
-    r = -p * pc / (1 - pc)
-    r[:, c] = pc[:, 0]
-    return r
+    expected = []
+    for i in range(3):
+        lrp(x[i : i + 1])  # activations of image i alone
+        start_t = torch.zeros(1, 10, dtype=torch.double)
+        start_t[0, c[i]] = p[i, c[i]]
+        start_d = p[i : i + 1].clone()
+        start_d[0, c[i]] = 0
+        a_t = lrp.input_relevance(start_t).sum(1)[0]
+        a_d = lrp.input_relevance(start_d).sum(1)[0]
+        expected.append(torch.relu(a_t - a_d * a_t.sum() / a_d.sum()))
+    lrp(x)
+    torch.testing.assert_close(lrp.heatmaps(logits, [c])[0], torch.stack(expected), rtol=1e-7, atol=1e-12)
 
 
 def test_unsupported_layer_is_named():
