@@ -25,6 +25,12 @@ def shard_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
 
 
+def job_digest(unit: dict[str, Any]) -> str:
+    """Everything that decides a shard's bytes except its paths: attack, config, surrogate, batching, seed."""
+    job = {k: v for k, v in unit.items() if k not in ("in_shard", "out_shard")}
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=4)
 def _surrogate(spec_json: str, device: str):
     return build_model(json.loads(spec_json), device=device)
@@ -37,7 +43,12 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
     ``budget`` (0-255 scale, for provenance), ``surrogate`` (zoo spec), ``batch_size`` and ``seed``.
     """
     out = Path(unit["out_shard"])
+    digest = job_digest(unit)
     if out.exists():
+        made_with = next(read_shard(out))["json"].get("job_digest")
+        if made_with != digest:  # never skip (or silently replace) a shard made with other parameters
+            raise FileExistsError(f"{out}: made with other parameters (job {made_with}, now {digest}); "
+                                  "move the old set away or use another output folder")
         return {"shard": out.name, "skipped": True, "device": device}
     if device == "cpu":
         torch.set_num_threads(1)  # one thread per CPU worker: results do not depend on the worker count
@@ -55,6 +66,7 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
             adv_u8 = (adv * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for s, img, rec in zip(batch, adv_u8, records):
                 provenance = {**s["json"], **rec, "surrogate": unit["surrogate"]["name"], "seed": seed + b,
+                              "job_digest": digest,
                               **{k: unit["budget"][k] for k in ("eta", "eps", "alpha")}}
                 sink.write({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
                 count, steps = count + 1, steps + rec["steps"]

@@ -86,6 +86,15 @@ def test_rerun_skips_complete_shards(clean_set, surrogate, reference_run, tmp_pa
     assert _tar_bytes(out) == _tar_bytes(reference_run[0])
 
 
+def test_rerun_with_other_parameters_refuses_to_reuse_shards(clean_set, surrogate, reference_run, tmp_path):
+    out = tmp_path / "stale"
+    shutil.copytree(reference_run[0], out)
+    with pytest.raises(RuntimeError, match="failed after retry"):
+        generate("aoa", {**BUDGET, "eta": 3.0}, {"si": 2}, surrogate, str(clean_set[0]), str(out), batch_size=4,
+                 seed=0, devices=["cpu"])
+    assert _tar_bytes(out) == _tar_bytes(reference_run[0])  # nothing overwritten or lost
+
+
 def test_dask_local_cluster_gives_identical_shards(clean_set, surrogate, reference_run, tmp_path):
     _run(clean_set[0], surrogate, tmp_path / "dask", devices=["cpu", "cpu"], dask={"n_workers": 2})
     assert _tar_bytes(tmp_path / "dask") == _tar_bytes(reference_run[0])
