@@ -98,9 +98,9 @@ def _report_kwargs(params: dict) -> dict:
 
 
 def _evaluate(args, params):
-    from pipelines.flows.evaluate import evaluate_flow
+    from pipelines.flows.evaluate import evaluate
 
-    result = evaluate_flow(**_evaluate_kwargs(params))
+    result = evaluate(**_evaluate_kwargs(params))
     errors = [r for r in result["records"] if "error" in r]
     if errors:
         raise SystemExit(f"evaluate: {len(errors)} model(s) failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in errors))

@@ -54,7 +54,3 @@ def trained_zoo(small_world, prefect_server, tmp_path_factory):
     metrics = zoo_flow(zoo, metrics_path=str(out / "metrics.json"))
     return {"zoo": zoo, "metrics": metrics, "out": out}
 
-
-def double_model(model):
-    """Float64 copy in eval mode, for tight comparisons between two computations."""
-    return model.double().eval()

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from evaluators.classification import evaluate_shardset
 from model_zoo.zoo import ModelSpec, build_model
 from pipelines.flows.evaluate import evaluate_flow, resolve_models
-from shards.shardset import iter_shardset, shard_name, write_index, write_shard
+from shards.shardset import iter_shardset, read_shard, shard_name, write_index, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, p
     changed = tmp_path / "noisy2"
     shutil.copytree(sets["noisy"], changed)
     first_shard = sorted(changed.glob("*.tar"))[0]
-    samples = list(__import__("shards.shardset", fromlist=["read_shard"]).read_shard(first_shard))
+    samples = list(read_shard(first_shard))
     samples[0]["image"] = 255 - samples[0]["image"]
     write_shard(first_shard, samples)
     write_index(changed, "noisy")

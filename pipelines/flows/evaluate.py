@@ -68,7 +68,13 @@ def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, b
         return {"name": spec["name"], "error": f"{type(e).__name__}: {e}"}
 
 
-@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def evaluate(**kwargs) -> dict[str, Any]:
+    """Run the evaluate flow with one worker per device (models are spread over the devices)."""
+    workers = len(kwargs.get("devices") or ["cpu"])
+    return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(**kwargs)
+
+
+@flow(name="evaluate")
 def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, batch_size: int = 256,
                   devices: list[str] | None = None, workers: int = 0,
                   metrics_path: str = "metrics/evaluate.json") -> dict[str, Any]:

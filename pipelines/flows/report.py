@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from evaluators.report import build_report
-from pipelines.flows.evaluate import evaluate_flow
+from pipelines.flows.evaluate import evaluate
 
 
 @flow(name="report")
@@ -27,5 +27,5 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
 
 @flow(name="evaluate-and-report")
 def evaluate_and_report_flow(evaluate_kwargs: dict[str, Any], report_kwargs: dict[str, Any]) -> dict[str, Any]:
-    evaluate_flow(**evaluate_kwargs)
+    evaluate(**evaluate_kwargs)
     return report_flow(**report_kwargs)
