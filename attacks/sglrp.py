@@ -6,14 +6,15 @@ max-pooling, BatchNorm folded into the conv before it, and residual sums split i
 contribution. A module with no rule raises :class:`UnsupportedLayerError` naming it.
 
 The target map A_t starts from p_c on class c, the dual map A_d from p_i on every other class; both starts are
-batched into one relevance pass. The ratio uses the sums of the maps *at the input*, as the authors' code does:
+batched into one relevance pass, and ``h = ReLU(A_t - A_d * sum(A_t) / sum(A_d))`` uses the sums measured at the
+input, as the definition reads:
 w^2 hands relevance to inactive penultimate units, which the z+ layer below cannot pass on, so relevance is not
 conserved through the head and ``sum(A_t)`` is not ``p_c``. (Assuming conservation would fold the two passes into
 one, but then the map's total drifts negative and ReLU leaves nothing for most confident images.)
 
 Two ways to run the pass, which must agree:
 - ``explicit=True`` (the fast path): each layer's transpose is written out (conv-transpose with the positive
-  weights, max-unpool, ...), so the heat map is an ordinary differentiable graph and the attack's gradient costs a
+  weights, a scatter onto the max-pool winners, ...), so the heat map is an ordinary differentiable graph and the attack's gradient costs a
   single first-order backward;
 - ``explicit=False`` (the reference): each transpose is taken by ``autograd.grad(create_graph=True)``, which is
   simple and obviously right but makes the attack's gradient a slow double backward.
