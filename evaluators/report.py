@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from attacks.sglrp import SGLRP  # noqa: E402
 from model_zoo.zoo import build_model  # noqa: E402
-from shards.shardset import iter_shardset  # noqa: E402
+from shards.shardset import iter_shardset, shard_paths, shard_records  # noqa: E402
 
 PUBLISHED = Path(__file__).with_name("published_damagenet.csv")
 
@@ -136,7 +136,8 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     attacks = [s for s in sets if s != "clean"]
     victims = [m for m in errors if m != surrogate["name"]]
     transfer = transfer_comparison(errors, victims, attacks) if "aoa" in attacks and victims else []
-    rmsd = {a: [s["json"]["rmsd"] for s in iter_shardset(Path(shards_root) / a)] for a in attacks}
+    rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
+            for a in attacks}
     figures = {
         "errors.png": _bar_chart(errors, sets),
         "rmsd.png": _rmsd_histogram(rmsd, eta),

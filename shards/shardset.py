@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,27 @@ def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
         yield {"key": s["__key__"], "image": decode_png(s["png"]), "cls": int(s["cls"]), "json": json.loads(s["json"])}
 
 
+def tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: raw bytes})`` in tar order, with the standard library (no decoding, no webdataset)."""
+    current, fields = None, {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key != current and current is not None:
+                yield current, fields
+                fields = {}
+            current = key
+            fields[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current, fields
+
+
+def shard_records(path: Path | str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(key, cls, json)`` of each sample, without decoding its image (for indexes and metrics)."""
+    for key, fields in tar_samples(path):
+        yield key, int(fields["cls"]), json.loads(fields["json"])
+
+
 def shard_paths(root: Path | str) -> list[Path]:
     return sorted(Path(root).glob("*.tar"))
 
@@ -131,8 +153,8 @@ def write_index(root: Path | str, set_name: str) -> dict[str, Any]:
     counts, manifest = [], []
     for p in shards:
         n = 0
-        for s in read_shard(p):
-            manifest.append({"key": s["key"], "shard": p.name, "label": s["cls"]})
+        for key, cls, _ in shard_records(p):
+            manifest.append({"key": key, "shard": p.name, "label": cls})
             n += 1
         counts.append(n)
     shardindex = {

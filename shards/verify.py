@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.shardset import decode_png, sha256_file, shard_paths
+from shards.shardset import decode_png, sha256_file, shard_paths, tar_samples
 
 
 def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None = None) -> list[str]:
@@ -54,29 +54,14 @@ def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None
 def _clean_images(clean: Path | str) -> dict[str, np.ndarray]:
     images = {}
     for p in shard_paths(clean):
-        for key, fields in _tar_samples(p):
+        for key, fields in tar_samples(p):
             images[key] = decode_png(fields["png"])
     return images
 
 
-def _tar_samples(path: Path):
-    """(key, {ext: bytes}) in tar order, read with the standard library (independent of webdataset)."""
-    current, fields = None, {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key != current and current is not None:
-                yield current, fields
-                fields = {}
-            current = key
-            fields[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, fields
-
-
 def _check_shard(path: Path, num_classes: int, seen: set[str], reference, problems: list[str]) -> int:
     n = 0
-    for key, fields in _tar_samples(path):
+    for key, fields in tar_samples(path):
         n += 1
         where = f"{path}:{key}"
         if key in seen:

@@ -23,7 +23,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from attacks import AttackConfig, list_attacks
 from pipelines.params import write_json
 from shards.adversarial import attack_shard_file
-from shards.shardset import read_shard, shard_name, shard_paths, write_index
+from shards.shardset import shard_name, shard_paths, shard_records, write_index
 
 
 def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
@@ -149,7 +149,7 @@ def _run_units(units, devices, log):
 
 
 def _metrics(out: Path, attack: str, done: list[dict], wall: float) -> dict[str, Any]:
-    records = [s["json"] for p in shard_paths(out) for s in read_shard(p)]
+    records = [meta for p in shard_paths(out) for _, _, meta in shard_records(p)]
     if not records:
         return {"attack": attack, "images": 0}
     rmsd = np.array([r["rmsd"] for r in records])
