@@ -20,11 +20,13 @@ from shards.shardset import shard_paths
 
 
 def shardset_hash(root: Path | str) -> str:
-    """Identity of a shard set's content: the hash of its SHA256SUMS (which covers every shard)."""
+    """Identity of a shard set's images and labels: the hash of its shards' lines in SHA256SUMS (the card and
+    index files do not change what a model sees)."""
     sums = Path(root) / "SHA256SUMS"
     if not sums.is_file():
         raise FileNotFoundError(f"{sums}: missing; not a finished shard set")
-    return hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
+    shard_lines = [line for line in sums.read_text().splitlines() if line.endswith(".tar")]
+    return hashlib.sha256("\n".join(shard_lines).encode()).hexdigest()[:16]
 
 
 def weights_hash(spec: dict[str, Any]) -> str:

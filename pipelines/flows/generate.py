@@ -175,7 +175,9 @@ def _metrics(out: Path, attack: str, done: list[dict], wall: float) -> dict[str,
 def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir) -> str:
     params = {**config.__dict__, **attack_kwargs}
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
-    nums = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items()) if k not in ("attack", "failed_units"))
+    # run-dependent numbers (throughput) stay out of the card, so the published set is byte-identical across runs
+    nums = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items())
+                     if k not in ("attack", "failed_units", "images_per_second"))
     return f"""# {attack} shards (DAmageNet-style adversarial set)
 
 Adversarial versions of the clean crops in `{clean_dir}`, made by the `{attack}` attack on the surrogate
