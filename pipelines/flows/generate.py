@@ -56,26 +56,13 @@ def _task_runner(dask: dict[str, Any] | None, workers: int):
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-def generate(
-    attack: str,
-    budget: dict[str, Any],
-    options: dict[str, Any],
-    surrogate: dict[str, Any],
-    clean_dir: str,
-    out_dir: str,
-    batch_size: int = 50,
-    devices: str | list[str] = "auto",
-    cpu_workers: int = 2,
-    seed: int = 0,
-    dask: dict[str, Any] | None = None,
-    metrics_path: str | None = None,
-) -> dict[str, Any]:
-    """Run the generate flow with the task runner chosen by ``dask``/``devices``; returns the stage metrics."""
+def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, dask: dict[str, Any] | None = None,
+             **kwargs) -> dict[str, Any]:
+    """Run :func:`generate_flow` on the workers chosen by ``devices`` (``auto``: every visible GPU, else
+    ``cpu_workers`` CPU threads) or on Dask (``dask``: a scheduler address or a local cluster size)."""
     device_list = resolve_devices(devices, cpu_workers)
     runner = _task_runner(dask, len(device_list))
-    return generate_flow.with_options(task_runner=runner)(
-        attack, budget, options, surrogate, clean_dir, out_dir, batch_size, device_list, seed, metrics_path
-    )
+    return generate_flow.with_options(task_runner=runner)(*args, devices=device_list, **kwargs)
 
 
 @flow(name="generate")
@@ -86,11 +73,13 @@ def generate_flow(
     surrogate: dict[str, Any],
     clean_dir: str,
     out_dir: str,
-    batch_size: int,
-    devices: list[str],
-    seed: int,
-    metrics_path: str | None,
+    batch_size: int = 50,
+    devices: list[str] | None = None,
+    seed: int = 0,
+    metrics_path: str | None = None,
 ) -> dict[str, Any]:
+    """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``."""
+    devices = devices or ["cpu"]
     log = get_run_logger()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
