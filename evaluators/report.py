@@ -50,7 +50,7 @@ def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str],
     return rows
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -68,7 +68,7 @@ def _bar_chart(errors, sets) -> bytes:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=len(sets))
     ax.set_title("Clean vs adversarial error per model")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
@@ -79,7 +79,7 @@ def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
     ax.set_xlabel("RMSD (0-255 scale)")
     ax.set_ylabel("images")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int) -> bytes:
@@ -112,10 +112,10 @@ def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int) -> bytes:
             if i == 0:
                 ax.set_title(cols[j], fontsize=7)
         axes[i, 0].set_ylabel(f"{adv[i]['key']}\ny={adv[i]['cls']} -> {adv[i]['json']['pred_after']}", fontsize=6)
-    return _png(fig)
+    return png_bytes(fig)
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -150,21 +150,21 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     main_rows = [[m + (" (surrogate)" if m == surrogate["name"] else "")] + [errors[m].get(s, "") for s in sets]
                  for m in errors]
     sections = [
-        ("Top-1 error (%) per model and shard set", _md_table(["model"] + sets, main_rows), None),
+        ("Top-1 error (%) per model and shard set", md_table(["model"] + sets, main_rows), None),
         ("Clean vs adversarial error", "", "errors.png"),
     ]
     if transfer:
-        sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", _md_table(
+        sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", md_table(
             ["baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher"],
             [[t["baseline"], t["aoa_mean_err"], t["baseline_mean_err"], f"{t['aoa_wins']}/{t['victims']}"]
              for t in transfer]), None))
-    sections.append((f"RMSD of the published images (budget {eta})", _md_table(
+    sections.append((f"RMSD of the published images (budget {eta})", md_table(
         ["attack", "mean RMSD", "max RMSD", "images"],
         [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)] for a, v in rmsd.items()]), "rmsd.png"))
     if "examples.png" in figures:
         sections.append(("Examples (surrogate's SGLRP attention on the true class)", "", "examples.png"))
     if profile == "imagenet":
-        sections.append(("Published DAmageNet (TPAMI 2020, Table 5), for comparison", _md_table(
+        sections.append(("Published DAmageNet (TPAMI 2020, Table 5), for comparison", md_table(
             ["victim", "clean top-1 err", "DAmageNet top-1 err"], _published()), None))
 
     md = [f"# Robustness report ({profile} profile)\n",

@@ -114,3 +114,11 @@ def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "
     )
     data_config = resolve_model_data_config(model)
     return ImageClassifier(model, data_config, spec.name).to(device).eval()
+
+
+def save_weights(model: ImageClassifier, path: str | Path) -> None:
+    """The timm model's state dict as safetensors (what ``build_model`` loads through ``weights: <path>``)."""
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))

@@ -65,6 +65,23 @@ def _generate(args, params):
     )
 
 
+def zoo_spec(params: dict, name: str) -> dict:
+    """The zoo spec of ``name`` as the zoo stage resolves it (architecture and data config; no weights needed)."""
+    from pipelines.flows.zoo import zoo_specs
+
+    specs = {s["name"]: s for s in zoo_specs(section(params, "zoo"))}
+    if name not in specs:
+        raise SystemExit(f"params.yaml: no zoo model named {name!r} (have: {', '.join(specs)})")
+    return specs[name]
+
+
+def _adv_train(args, params):
+    from pipelines.flows.adv_train import adv_train_flow
+
+    cfg = section(params, "adv_train", args.params)
+    adv_train_flow(cfg, zoo_spec(params, cfg["model"]))
+
+
 def _evaluate_kwargs(params: dict) -> dict:
     from pipelines.flows.evaluate import resolve_models
     from pipelines.flows.generate import resolve_devices
@@ -159,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", _generate, "Run one attack (params 'budget', 'attacks.<name>', 'generate') over the clean "
             "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
     p.add_argument("--attack", required=True, help="attack name, a key of 'attacks' in params.yaml (e.g. aoa, pgd)")
+    add("adv-train", _adv_train, "Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, "
+        "PGD-AT, watched for catastrophic overfitting; checkpoints, curves, metrics/adv_train.json, "
+        "reports/adv_train/index.md.")
     add("evaluate", _evaluate, "Evaluate every model of 'evaluate.models' on every shard set of 'evaluate.sets' "
         "(cached per model weights and shard set); timm-style CSVs, per-model JSON, per-sample predictions.")
     add("report", _report, "Write the robustness report (reports/report.md, report.html) and a Prefect artifact.")

@@ -86,16 +86,54 @@ def render(class_name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.Resampling.BOX))
 
 
+# Outlier families for OOD work: procedurally different from every class (no single shape, no periodic texture).
+OUTLIER_FAMILIES = ("smooth_noise", "gradient", "blobs", "scribbles")
+
+
+def render_outlier(family: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 HxWx3 image of an outlier family."""
+    y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
+    if family == "smooth_noise":  # a coarse random colour grid, bicubically upsampled
+        grid = Image.fromarray(rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8))
+        img = np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC)).astype(float)
+    elif family == "gradient":  # a linear blend between two colours along a random direction
+        a, b = _distinct_colours(rng)
+        theta = rng.uniform(0, 2 * np.pi)
+        t = (x - 0.5) * np.cos(theta) + (y - 0.5) * np.sin(theta)
+        t = (t - t.min()) / (t.max() - t.min())
+        img = a * (1 - t[..., None]) + b * t[..., None]
+    elif family == "blobs":  # a few soft Gaussian blobs of random colours
+        img = np.tile(rng.uniform(0, 255, 3), (size, size, 1))
+        for _ in range(rng.integers(2, 5)):
+            cx, cy, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.08, 0.25)
+            w = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s**2))[..., None]
+            img = img * (1 - w) + rng.uniform(0, 255, 3) * w
+    elif family == "scribbles":  # random thick strokes
+        bg, fg = _distinct_colours(rng)
+        mask = np.zeros((size, size), bool)
+        for _ in range(rng.integers(2, 5)):
+            (x0, y0), (x1, y1) = rng.uniform(0, 1, (2, 2))
+            t = np.clip(((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-9), 0, 1)
+            mask |= np.hypot(x - x0 - t * (x1 - x0), y - y0 - t * (y1 - y0)) < rng.uniform(0.03, 0.07)
+        img = np.where(mask[..., None], fg, bg)
+    else:
+        raise ValueError(f"unknown outlier family {family!r} (choose from {', '.join(OUTLIER_FAMILIES)})")
+    img = img + rng.normal(0, 8.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def generate_demo_world(
     root: Path | str,
     seed: int = 0,
     size: int = 32,
     counts: dict[str, int] | None = None,
     quality: int = 95,
+    outliers: int = 0,
 ) -> dict[str, int]:
     """Write the demo world under ``root``; returns the number of images per split.
 
-    ``counts`` gives images per split (divided evenly over the classes).
+    ``counts`` gives images per split (divided evenly over the classes); ``outliers`` images per outlier family
+    go to ``<root>/outliers/<family>/``.
     """
     counts = counts or {"train": 5000, "val": 1000}
     root = Path(root)
@@ -112,4 +150,11 @@ def generate_demo_world(
                 folder / f"demo_{split}_{index:06d}.JPEG", quality=quality
             )
         written[split] = len(jobs)
+    for f, family in enumerate(OUTLIER_FAMILIES if outliers else ()):
+        folder = root / "outliers" / family
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(outliers):
+            rng = np.random.default_rng([seed, SPLITS["outlier"], f, i])
+            Image.fromarray(render_outlier(family, size, rng)).save(folder / f"{family}_{i:06d}.JPEG", quality=quality)
+        written[f"outliers/{family}"] = outliers
     return written

@@ -218,3 +218,12 @@ def load_images(
         kept.append(s)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous() if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
     return x, torch.tensor([s.label for s in kept], dtype=torch.long), kept
+
+
+def load_split(root: Path | str, size: int, strict: bool = False) -> tuple[torch.Tensor, torch.Tensor, Rejects]:
+    """A class-folder split as uint8 NCHW images and labels (training stages); bad files are skipped and counted,
+    or with ``strict`` raise naming the file."""
+    rejects = Rejects(strict=strict)
+    samples, _ = class_folder_source(root, rejects)
+    images, labels, _ = load_images(samples, size, rejects, crop_pct=1.0)
+    return images, labels, rejects

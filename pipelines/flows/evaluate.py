@@ -22,9 +22,17 @@ from pipelines.params import write_json
 
 
 def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
-    """Entries are zoo names, full specs, or ``{pattern, weights}`` expanded with timm's registry."""
+    """Entries are zoo names, full specs, ``{pattern, weights}`` expanded with timm's registry, or
+    ``{models_file}``: the specs a training stage wrote (missing file: one error record naming it)."""
     specs = []
     for e in entries:
+        if isinstance(e, dict) and "models_file" in e:
+            path = Path(e["models_file"])
+            if not path.is_file():
+                specs.append({"name": str(path), "arch": "?", "error": f"{path}: not found (run the stage that writes it)"})
+            else:
+                specs += json.loads(path.read_text())
+            continue
         if isinstance(e, str):
             if e not in zoo_specs:
                 specs.append({"name": e, "arch": e, "error": f"unknown model {e!r}: not in the zoo ({', '.join(zoo_specs)})"})

@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 from prefect import flow, get_run_logger, task
-from safetensors.torch import save_file
 
 from model_zoo.training import Recipe, accuracy, train_classifier
-from model_zoo.zoo import ModelSpec, build_model
+from model_zoo.zoo import ModelSpec, build_model, save_weights
 from pipelines.params import write_json
-from sources.reading import Rejects, class_folder_source, load_images
+from sources.reading import load_split
 
 
 def zoo_specs(zoo: dict[str, Any]) -> list[dict[str, Any]]:
@@ -28,23 +27,15 @@ def zoo_specs(zoo: dict[str, Any]) -> list[dict[str, Any]]:
     return specs
 
 
-def _load_split(root: str, size: int, strict: bool):
-    rejects = Rejects(strict=strict)
-    samples, _ = class_folder_source(root, rejects)
-    images, labels, _ = load_images(samples, size, rejects, crop_pct=1.0)
-    return images, labels, rejects
-
-
 @task(name="train-zoo-model")
 def train_zoo_model(spec: dict[str, Any], recipe: dict[str, Any], zoo: dict[str, Any], strict: bool) -> dict[str, Any]:
     log = get_run_logger()
     torch.manual_seed(zoo["seed"])
-    x, y, rejects = _load_split(zoo["train_root"], zoo["img_size"], strict)
-    xv, yv, val_rejects = _load_split(zoo["val_root"], zoo["img_size"], strict)
+    x, y, rejects = load_split(zoo["train_root"], zoo["img_size"], strict)
+    xv, yv, val_rejects = load_split(zoo["val_root"], zoo["img_size"], strict)
     model = build_model(ModelSpec.from_dict({**spec, "weights": None}))
     info = train_classifier(model, x, y, Recipe(**recipe), seed=zoo["seed"], desc=spec["name"])
-    Path(spec["weights"]).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, spec["weights"])
+    save_weights(model, spec["weights"])
     val_acc = accuracy(model, xv, yv)
     log.info("%s: val accuracy %.2f%% after %.0f s", spec["name"], val_acc, info["train_seconds"])
     return {

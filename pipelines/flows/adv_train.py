@@ -1,0 +1,109 @@
+"""Stage ``adv-train``: adversarial training runs watched for catastrophic overfitting (CO).
+
+Each run trains a zoo architecture from scratch with one method (FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT),
+optionally with DAmageNet shards mixed into the training set. A ``COMonitor`` checks robustness and the
+self-fitting proxies every ``monitor.every`` steps, flags CO, raises a Prefect artifact and (``response:
+rollback``) restores the last good checkpoint. Outputs: checkpoints and their specs (``models.json``, which the
+evaluate stage reads, so the trained models are measured on the clean/AoA/PGD shard sets), per-check curves
+(DVC plots), metrics JSON, and the report section with the curves and every CO event marked.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from evaluators.downstream_report import adv_training_section
+from model_zoo.training import Recipe, accuracy, train_classifier
+from model_zoo.zoo import build_model, save_weights
+from pipelines.params import write_json
+from shards.shardset import iter_shardset
+from sources.reading import load_split
+from training.adversarial import create_method
+from training.adversarial.monitors import COMonitor, early_conv_layers
+
+
+def shard_images(roots: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image and label of the given shard sets, as uint8 NCHW (to mix into a training set)."""
+    samples = [s for root in roots for s in iter_shardset(root)]
+    if not samples:
+        raise ValueError(f"mix_shards: no samples in {roots}")
+    images = torch.stack([torch.from_numpy(s["image"]).permute(2, 0, 1) for s in samples])
+    return images, torch.tensor([s["cls"] for s in samples])
+
+
+def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx].float().div(255), labels[idx]
+
+
+@task(name="adversarial-training-run")
+def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    log = get_run_logger()
+    size = spec["data"]["input_size"][-1]
+    x, y, _ = load_split(cfg["train_root"], size)
+    xv, yv, _ = load_split(cfg["val_root"], size)
+    if cfg.get("mix_shards"):
+        xs, ys = shard_images(cfg["mix_shards"])
+        x, y = torch.cat([x, xs]), torch.cat([y, ys])
+        log.info("%s: %d DAmageNet images mixed into %d training images", name, len(xs), len(x) - len(xs))
+    torch.manual_seed(cfg["seed"])
+    model = build_model({**spec, "weights": None, "name": name})
+    eps = run["eps"] / 255
+    method = create_method(run["method"], eps=eps, seed=cfg["seed"], **run.get("options", {}))
+    mon = cfg["monitor"]
+
+    def alert(event: dict[str, Any]) -> None:
+        log.warning("%s: catastrophic overfitting at step %d: PGD acc %.1f -> %.1f, FGSM acc %.1f -> %.1f (%s)", name,
+                    event["step"], event["pgd_acc_before"], event["pgd_acc"], event["fgsm_acc_before"],
+                    event["fgsm_acc"], event["response"])
+        create_markdown_artifact(
+            key=f"co-event-{name}".lower().replace("_", "-"),
+            markdown=f"**Catastrophic overfitting** in `{name}` ({method}) at step {event['step']}: PGD accuracy "
+                     f"{event['pgd_acc_before']:.1f} -> {event['pgd_acc']:.1f}, FGSM accuracy "
+                     f"{event['fgsm_acc_before']:.1f} -> {event['fgsm_acc']:.1f}; response: {event['response']}.",
+            description=f"CO alert: {name}")
+
+    monitor = COMonitor(
+        method=method, eps=eps, every=mon["every"], pgd_steps=mon["pgd_steps"], threshold=mon["threshold"],
+        response=run.get("response", mon["response"]), step_factor=mon.get("step_factor", 1.0),
+        train_batch=fixed_subset(x, y, mon["n"], cfg["seed"]), val_batch=fixed_subset(xv, yv, mon["n"], cfg["seed"] + 1),
+        layers=mon.get("layers") or early_conv_layers(model, 2), on_event=alert)
+    recipe = Recipe(**{**cfg["recipe"], **run.get("recipe", {})})
+    log.info("%s: %s, %d epochs of %d images", name, method, recipe.epochs, len(x))
+    info = train_classifier(model, x, y, recipe, seed=cfg["seed"], desc=name, objective=method.loss, callback=monitor)
+    weights = Path(cfg["out"]) / "models" / f"{name}.safetensors"
+    save_weights(model, weights)
+    curve = Path(cfg["plots"]) / f"{name}.csv"
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    with curve.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(monitor.history[0]))
+        writer.writeheader()
+        writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in monitor.history)
+    last = monitor.history[-1]
+    return {
+        "spec": {**spec, "name": f"at-{name}", "weights": str(weights)},
+        "metrics": {
+            "method": run["method"], "eps": run["eps"], "val_acc": round(accuracy(model, xv, yv), 2),
+            "final_val_pgd_acc": round(last["val_pgd_acc"], 2), "final_val_fgsm_acc": round(last["val_fgsm_acc"], 2),
+            "co_events": monitor.events, "train_seconds": round(info["train_seconds"], 1),
+        },
+        "history": monitor.history,
+    }
+
+
+@flow(name="adv-train")
+def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/adv_train.json",
+                   report_dir: str = "reports") -> dict[str, Any]:
+    results = {name: adversarial_training_run(name, run, cfg, spec) for name, run in cfg["runs"].items()}
+    write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
+    metrics = {name: r["metrics"] for name, r in results.items()}
+    write_json(metrics_path, metrics)
+    markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg, Path(report_dir))
+    create_markdown_artifact(key="adversarial-training", markdown=markdown, description="Adversarial training and CO")
+    return metrics

@@ -1,0 +1,212 @@
+"""Adversarial training: perturbation sizes per method, the monitors on hand-checkable cases, CO detection and
+rollback, and the stage end to end on the small world."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from training.adversarial import METHODS, create_method
+from training.adversarial.monitors import COMonitor, is_collapse, restore, robustness_check, snapshot, top_channel_share
+
+EPS = 8 / 255
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(16, 3, 8, 8, generator=g) * 0.8 + 0.1, torch.randint(0, 4, (16,), generator=g)  # away from 0/1
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgsm-rs", "gradalign", "pgd-at"])
+def test_projected_methods_stay_in_the_eps_ball(name):
+    x, y = _batch()
+    delta = create_method(name, eps=EPS).perturb(_cnn(), x, y)
+    assert delta.abs().max() <= EPS + 1e-7
+    assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all()
+    if name in ("fgsm", "gradalign"):  # one signed step of eps from the clean image: every pixel moves by exactly eps
+        torch.testing.assert_close(delta.abs(), torch.full_like(delta, EPS))
+
+
+def test_n_fgsm_exceeds_eps_by_design_up_to_three_eps():
+    """N-FGSM: noise U(-2 eps, 2 eps) plus a step of eps and no projection, so |delta| reaches past eps (up to 3 eps)."""
+    x, y = _batch()
+    delta = create_method("n-fgsm", eps=EPS).perturb(_cnn(), x, y)
+    assert delta.abs().max() > 2 * EPS
+    assert delta.abs().max() <= 3 * EPS + 1e-7
+
+
+def test_fgsm_rs_steps_one_and_a_quarter_eps_from_its_random_start():
+    m = create_method("fgsm-rs", eps=EPS)
+    assert m.alpha == pytest.approx(1.25 * EPS)
+    assert create_method("pgd-at", eps=EPS).alpha == pytest.approx(EPS / 4)
+    assert create_method("gradalign", eps=8 / 255).lam == pytest.approx(0.2)
+    assert create_method("gradalign", eps=16 / 255).lam == pytest.approx(2.0)
+
+
+def test_gradalign_regulariser_is_zero_for_a_linear_model_and_positive_otherwise():
+    x, y = _batch()
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    ga = create_method("gradalign", eps=EPS)
+    # two classes, logits linear in x: the input gradient is (p - onehot) W, always along W0 - W1 with one sign
+    assert ga.alignment(linear, x, y % 2).abs().max() < 1e-5
+    assert ga.alignment(_cnn(), x, y).mean() > 1e-4
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="unknown adversarial-training method 'fgsm2'.*n-fgsm"):
+        create_method("fgsm2", eps=EPS)
+    assert set(METHODS) == {"fgsm", "fgsm-rs", "n-fgsm", "gradalign", "pgd-at"}
+
+
+def test_top_channel_share_on_a_known_activation():
+    act = torch.zeros(2, 20, 3, 3)
+    for c in range(20):
+        act[:, c] = -(c + 1)  # mass of channel c is c + 1 (absolute values)
+    assert top_channel_share(act) == pytest.approx((20 + 19) / 210)  # top 10% of 20 channels: 2 channels
+    assert top_channel_share(torch.ones(4, 10, 2, 2)) == pytest.approx(0.1)
+    one_hot = torch.zeros(1, 30, 2, 2)
+    one_hot[:, 7] = 5.0
+    assert top_channel_share(one_hot) == pytest.approx(1.0)
+
+
+def test_robustness_check_on_a_linear_model():
+    """A linear binary classifier: 10-step PGD ends on the FGSM corner (cosine 1, same accuracy), and FGSM's
+    perturbation alone on grey never carries its label (it lowers that label's margin by construction)."""
+    x, y = _batch()
+    y = y % 2
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    linear[0].weight.data.abs_()
+    with torch.no_grad():  # centre the model on grey so its decisions are about the perturbation
+        linear[2].bias -= linear(torch.full((1, 3, 8, 8), 0.5))[0]
+    r = robustness_check(linear, x, y, EPS, pgd_steps=10, layers=["0"], seed=0)
+    assert r["fgsm_pgd_cos"] == pytest.approx(1.0, abs=1e-4)
+    assert r["fgsm_acc"] == r["pgd_acc"]
+    assert r["fgsm_pgd_gap"] == 0
+    assert r["self_info_acc_proxy"] == 0.0
+    assert 0.25 <= r["channel_share_clean_proxy"] <= 1.0  # one of 4 channels at least
+
+
+def _levels(pgd, fgsm):
+    return [{"pgd_acc": p, "fgsm_acc": f} for p, f in zip(pgd, fgsm)]
+
+
+def test_co_detector_fires_on_a_collapse_and_not_on_smooth_curves():
+    collapse = _levels([10, 20, 30, 35, 8, 2], [15, 25, 35, 40, 70, 80])
+    fired = [i for i in range(1, 6) if is_collapse(collapse[i - 1], collapse[i], 20)]
+    assert fired == [4]
+    smooth = _levels([10, 15, 20, 24, 27, 29], [12, 18, 24, 30, 34, 37])
+    assert not any(is_collapse(smooth[i - 1], smooth[i], 20) for i in range(1, 6))
+    both_drop = _levels([40, 10], [50, 20])  # everything falls (e.g. a learning-rate spike): not CO
+    assert not is_collapse(both_drop[0], both_drop[1], 20)
+    assert not is_collapse(None, collapse[0], 20)
+
+
+class _ScriptedMonitor(COMonitor):
+    """The response logic under test; the measured accuracies are scripted."""
+
+    script: list = None
+
+    def check(self, step, model):
+        current = self.script[len(self.history)]
+        return {"step": step, "co": 0, **current}, current
+
+
+def test_rollback_restores_the_last_good_weights_exactly_and_scales_the_step():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    method = create_method("fgsm", eps=EPS)
+    events = []
+    mon = _ScriptedMonitor(method=method, train_batch=None, val_batch=None, eps=EPS, every=1, response="rollback",
+                           step_factor=0.5, on_event=events.append)
+    mon.script = _levels([30, 35, 5], [40, 45, 90])
+    x, y = _batch()
+
+    def train_step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    train_step()
+    mon(1, model, opt)
+    train_step()
+    mon(2, model, opt)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    good_momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    train_step()
+    mon(3, model, opt)  # collapse: back to step 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in good.items())
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), good_momentum))
+    assert method.step == pytest.approx(EPS / 2)
+    assert [e["step"] for e in events] == [3] and events[0]["restored_step"] == 2
+    assert [r["co"] for r in mon.history] == [0, 0, 1]
+
+
+def test_snapshot_is_a_copy_not_a_view():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = snapshot(0, model, opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    restore(model, opt, saved)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_path):
+    from model_zoo.training import accuracy
+    from model_zoo.zoo import build_model
+    from pipelines.flows.adv_train import adv_train_flow
+    from sources.reading import load_split
+
+    cfg = {
+        "model": "tiny", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
+        "out": str(tmp_path / "adv"), "plots": str(tmp_path / "plots"), "seed": 0, "mix_shards": None,
+        "recipe": {"epochs": 2, "lr": 0.1, "batch_size": 100, "optimizer": "sgd", "weight_decay": 5e-4,
+                   "schedule": "cyclic", "warmup_epochs": 0, "label_smoothing": 0.0},
+        "monitor": {"every": 3, "n": 32, "pgd_steps": 3, "threshold": 20, "response": "log"},
+        "runs": {"fgsm": {"method": "fgsm", "eps": 16}, "n-fgsm": {"method": "n-fgsm", "eps": 16}},
+    }
+    spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10,
+            "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
+    metrics = adv_train_flow(cfg, spec, metrics_path=str(tmp_path / "m.json"), report_dir=str(tmp_path / "reports"))
+    assert set(metrics) == {"fgsm", "n-fgsm"}
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(metrics))
+    specs = json.loads((tmp_path / "adv" / "models.json").read_text())
+    assert [s["name"] for s in specs] == ["at-fgsm", "at-n-fgsm"]
+    xv, yv, _ = load_split(small_world / "val", 32)
+    # the saved checkpoint is the trained model: the evaluate stage rebuilds it from the spec
+    assert accuracy(build_model(specs[0]), xv, yv) == pytest.approx(metrics["fgsm"]["val_acc"], abs=0.01)
+    rows = list(csv.DictReader(open(tmp_path / "plots" / "fgsm.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]  # 600 images / 100 = 6 steps per epoch, 2 epochs
+    assert all(0 <= float(r["val_pgd_acc"]) <= 100 and math.isfinite(float(r["train_channel_share_fgsm_proxy"]))
+               for r in rows)
+    page = (tmp_path / "reports" / "adv_train" / "index.md").read_text()
+    assert "proxies" in page and "| fgsm | fgsm | 16/255 |" in page
+    assert (tmp_path / "reports" / "adv_train" / "curves.png").stat().st_size > 10_000
+
+
+def test_gradalign_loss_is_fgsm_cross_entropy_plus_the_weighted_alignment():
+    x, y = _batch()
+    model = _cnn()
+    ga = create_method("gradalign", eps=EPS, lam=0.7)
+    delta = create_method("fgsm", eps=EPS).perturb(model, x, y)
+    ce = nn.functional.cross_entropy(model(x + delta), y)
+    ga.gen.manual_seed(5)
+    alignment = ga.alignment(model, x, y).mean()
+    ga.gen.manual_seed(5)
+    torch.testing.assert_close(ga.loss(model, x, y), ce + 0.7 * alignment)

@@ -1,0 +1,1 @@
+"""Downstream training: optimisers, adversarial training, OOD fine-tuning and unlearning (one module per method)."""

@@ -1,0 +1,158 @@
+"""Watching an adversarial-training run: robustness checks, self-fitting proxies, catastrophic-overfitting (CO)
+detection and the response to it.
+
+CO: multi-step (PGD) robust accuracy collapses within a few iterations while single-step (FGSM) accuracy rises.
+The self-fitting account says the network learns the *self-information* carried by the single-step
+perturbation, visible as *channel differentiation*. Their exact metrics are unpublished, so two measurable
+**proxies** stand in for them, named as such everywhere:
+- ``self_info_acc_proxy``: accuracy on the FGSM perturbation alone, added to a neutral grey image, scored
+  against the label it was crafted for;
+- ``channel_share_*_proxy``: the share of activation mass (mean |a| per channel) held by the top 10% of channels
+  of early conv layers, on FGSM inputs and on clean inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from training.adversarial.base import input_gradient, linf_pgd
+
+
+def top_channel_share(activation: torch.Tensor, top_fraction: float = 0.1) -> float:
+    """Share of the activation mass (mean |a| over batch and space, per channel) in the top ``top_fraction`` of
+    channels (at least one): 0.1 for equal channels at 10%, 1.0 when one channel holds everything."""
+    mass = activation.detach().abs().transpose(0, 1).flatten(1).mean(1)
+    k = max(1, math.ceil(top_fraction * mass.numel()))
+    return (mass.topk(k).values.sum() / mass.sum().clamp_min(1e-12)).item()
+
+
+def early_conv_layers(model: nn.Module, count: int = 2) -> list[str]:
+    """Names of the first ``count`` convolution layers (in module order)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][:count]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (model(x).argmax(1) == y).float().mean().item()
+
+
+def channel_shares(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, float]:
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ValueError(f"channel monitor: no layer named {missing} (conv layers: {early_conv_layers(model, 8)})")
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o)) for n in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: top_channel_share(captured[n]) for n in layers}
+
+
+def robustness_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, pgd_steps: int,
+                     layers: list[str] | None = None, seed: int = 0) -> dict[str, float]:
+    """PGD-k and FGSM accuracy, their gap and perturbation cosine, and (with ``layers``) the two proxies."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    fgsm_sign = input_gradient(model, x, y).sign()
+    d_fgsm = (x + eps * fgsm_sign).clamp(0, 1) - x
+    d_pgd = linf_pgd(model, x, y, eps, eps / 4, pgd_steps, random_start=True, gen=gen)
+    out = {
+        "clean_acc": _accuracy(model, x, y),
+        "fgsm_acc": _accuracy(model, x + d_fgsm, y),
+        "pgd_acc": _accuracy(model, x + d_pgd, y),
+        "fgsm_pgd_cos": F.cosine_similarity(d_fgsm.flatten(1), d_pgd.flatten(1), dim=1, eps=1e-12).mean().item(),
+    }
+    out["fgsm_pgd_gap"] = out["fgsm_acc"] - out["pgd_acc"]
+    if layers:
+        # the FGSM perturbation before clamping to the image's range, on grey: what the network could read from it
+        out["self_info_acc_proxy"] = _accuracy(model, 0.5 + eps * fgsm_sign, y)
+        fgsm_shares, clean_shares = channel_shares(model, layers, x + d_fgsm), channel_shares(model, layers, x)
+        out["channel_share_fgsm_proxy"] = sum(fgsm_shares.values()) / len(layers)
+        out["channel_share_clean_proxy"] = sum(clean_shares.values()) / len(layers)
+    model.train(was_training)
+    return out
+
+
+def is_collapse(previous: dict[str, float] | None, current: dict[str, float], threshold: float) -> bool:
+    """CO: PGD accuracy fell by more than ``threshold`` points since the previous check while FGSM accuracy rose."""
+    if previous is None:
+        return False
+    return (previous["pgd_acc"] - current["pgd_acc"] > threshold) and current["fgsm_acc"] > previous["fgsm_acc"]
+
+
+@dataclass
+class COMonitor:
+    """Called after every optimiser step; checks every ``every`` steps on a fixed training batch and a fixed
+    validation subset, detects CO on the training batch, and by option rolls back to the last good checkpoint
+    (model and optimiser state) and scales the attack step down."""
+
+    method: Any  # the AdvTrainMethod being trained (its step_scale is the knob of the response)
+    train_batch: tuple[torch.Tensor, torch.Tensor]
+    val_batch: tuple[torch.Tensor, torch.Tensor]
+    eps: float
+    every: int
+    pgd_steps: int = 10
+    threshold: float = 20.0
+    response: str = "log"  # log | rollback
+    step_factor: float = 1.0  # multiply the attack step by this on rollback (1.0: keep it)
+    layers: list[str] = field(default_factory=list)
+    on_event: Callable[[dict[str, Any]], None] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _good: dict[str, Any] | None = None
+    _previous: dict[str, float] | None = None
+
+    def __post_init__(self):
+        if self.response not in ("log", "rollback"):
+            raise ValueError(f"CO response must be 'log' or 'rollback', got {self.response!r}")
+
+    def check(self, step: int, model: nn.Module) -> tuple[dict[str, Any], dict[str, float]]:
+        train = robustness_check(model, *self.train_batch, self.eps, self.pgd_steps, self.layers, seed=step)
+        val = robustness_check(model, *self.val_batch, self.eps, self.pgd_steps, None, seed=step)
+        row = {"step": step, **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+               "attack_step": self.method.step, "co": 0}
+        return row, train
+
+    def __call__(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if step % self.every:
+            return
+        row, current = self.check(step, model)
+        if is_collapse(self._previous, current, self.threshold):
+            row["co"] = 1
+            event = {"step": step, "pgd_acc_before": self._previous["pgd_acc"], "pgd_acc": current["pgd_acc"],
+                     "fgsm_acc_before": self._previous["fgsm_acc"], "fgsm_acc": current["fgsm_acc"],
+                     "response": self.response}
+            if self.response == "rollback" and self._good is not None:
+                restore(model, optimizer, self._good)
+                self.method.step_scale *= self.step_factor
+                event.update(restored_step=self._good["step"], new_attack_step=self.method.step)
+            self.events.append(event)
+            if self.on_event:
+                self.on_event(event)
+        if row["co"] == 0 or self.response == "log":  # after a rollback the reference stays the restored check
+            self._previous = current
+        if row["co"] == 0:
+            self._good = snapshot(step, model, optimizer)
+        self.history.append(row)
+
+
+def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"step": step, "model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
