@@ -75,3 +75,76 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
         + "\n\n![curves](curves.png)\n\nRed dashed lines: flagged CO events.\n"
     )
     return _write(report_dir, "adv_train", md, {"curves.png": _adv_curves(histories, events)})
+
+
+def _roc_figure(scores: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, Any]) -> bytes:
+    from evaluators.ood import roc_points
+
+    sets = [s for s in next(iter(scores.values())) if s != "id"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(3.6 * len(sets), 3.4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for name, per_set in scores.items():
+            score = metrics["methods"][name]["score"]
+            fpr, tpr = roc_points(per_set["id"][score], per_set[s][score])
+            ax.plot(fpr, tpr, label=f"{name} ({score})")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+        ax.set_title(f"ID vs {s}", fontsize=9)
+        ax.set_xlabel("FPR (OOD accepted)")
+    axes[0, 0].set_ylabel("TPR (ID accepted)")
+    axes[0, 0].legend(fontsize=6)
+    return png_bytes(fig)
+
+
+def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, Any]]], cfg: dict[str, Any],
+                report_dir: Path) -> str:
+    methods = metrics["methods"]
+    sets = list(next(iter(methods.values()))["sets"])
+    rows = [[name + (" (no fine-tuning)" if name == "baseline" else ""), m["score"], m["id_acc"]]
+            + [f"{m['sets'][s]['fpr95']:.1f} / {m['sets'][s]['auroc']:.1f}" for s in sets]
+            for name, m in methods.items()]
+    md = (
+        "# OOD fine-tuning\n\n"
+        f"Positive class: **{metrics['positive']}** (the OE/OrthLoss papers' convention; OpenOOD and pytorch-ood "
+        "take OOD as positive, which swaps AUPR-in and AUPR-out). Each method is read with its own score; "
+        "`metrics/ood.json` has every score (MSP, energy, max logit, OrthLoss) and AUPR-in/out for every method and "
+        f"set. ID classes: {cfg['id_classes'] or 'all'}.\n\n"
+        "FPR95 (lower is better) / AUROC (higher is better), in %:\n\n"
+        + md_table(["method", "score", "ID acc"] + sets, rows)
+        + "\n\n![ROC curves](roc.png)\n"
+    )
+    return _write(report_dir, "ood", md, {"roc.png": _roc_figure(scores, metrics)})
+
+
+def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dict[str, Any], report_dir: Path) -> str:
+    md = ["# Machine unlearning\n",
+          "UA = 100 - forget accuracy, RA / TA = remaining / test accuracy, MIA = SalUn's MIA-efficacy (share of "
+          "forget samples a confidence attack fit on remaining vs test calls non-member; higher = more forgotten), "
+          "MIA-member = the entropy attack's member rate (lower = more forgotten). Avg Gap = mean |metric - retrain| "
+          "over UA, RA, TA, MIA (lower is better); KL/JS: forget-set outputs against the retrained model's. "
+          "For a class scenario TA covers the other classes.\n"]
+    for scenario, rows in results.items():
+        md.append(f"## {scenario} ({cfg['scenarios'][scenario]})\n")
+        md.append(md_table(["method", "UA", "RA", "TA", "MIA", "MIA-member", "Avg Gap", "KL", "JS", "time (s)"],
+                           [[n, r["UA"], r["RA"], r["TA"], r["MIA"], r["MIA_member_rate"], r["avg_gap"], r["KL"],
+                             r["JS"], r["seconds"]] for n, r in rows.items()]) + "\n")
+    return _write(report_dir, "unlearn", "\n".join(md), {})
+
+
+def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path) -> str:
+    def rows(runs):
+        return [[n, r["val_acc"], r["clean"], r["aoa"], round(r["aoa"] - r["clean"], 2), r["train_seconds"]]
+                for n, r in runs.items()]
+
+    header = ["run", "val acc", "acc on clean shards", "acc on AoA shards", "change under AoA", "train s"]
+    md = (
+        "# Optimisers: SGD vs SAM vs F-SAM, LoRA vs Flat-LoRA\n\n"
+        f"## From scratch, same epochs and schedule ({cfg['recipe']})\n\n"
+        "SAM and F-SAM take two forward/backward passes per step (about twice the compute of SGD).\n\n"
+        + md_table(header, rows(metrics["optimizers"]))
+        + f"\n\n## Adapting the zoo model to a shifted split ({cfg['lora']['shift']}), "
+        f"rank {cfg['lora']['rank']}, {cfg['lora']['train_images']} shifted training images\n\n"
+        f"Zoo model on the shifted val split before adaptation: {metrics['lora_base_shifted_val_acc']}%. "
+        "Val acc below is on the shifted val split; the shard sets are the unshifted clean/AoA sets.\n\n"
+        + md_table(header, rows(metrics["lora"])) + "\n"
+    )
+    return _write(report_dir, "optim", md, {})

@@ -127,14 +127,20 @@ def _published() -> list[list[str]]:
     return rows[1:]
 
 
+DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", "ood": "OOD fine-tuning",
+              "unlearn": "Machine unlearning", "optim": "Optimisers: SAM, F-SAM, Flat-LoRA"}
+
+
 def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
-                 eta: float, out_dir: str, profile: str = "demo", examples: int = 4) -> dict[str, Any]:
-    """Write report.md, report.html and figures/ under ``out_dir``; returns the numbers shown."""
+                 eta: float, out_dir: str, profile: str = "demo", examples: int = 4,
+                 victims: list[str] | None = None) -> dict[str, Any]:
+    """Write report.md, report.html and figures/ under ``out_dir``; returns the numbers shown. ``victims``: the
+    models of the transfer comparison (default: every evaluated model but the surrogate)."""
     eval_path, out = Path(eval_dir), Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     errors = error_table(eval_path, sets)
     attacks = [s for s in sets if s != "clean"]
-    victims = [m for m in errors if m != surrogate["name"]]
+    victims = [m for m in errors if m != surrogate["name"] and (victims is None or m in victims)]
     transfer = transfer_comparison(errors, victims, attacks) if "aoa" in attacks and victims else []
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
             for a in attacks}
@@ -167,6 +173,9 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         sections.append(("Published DAmageNet (TPAMI 2020, Table 5), for comparison", md_table(
             ["victim", "clean top-1 err", "DAmageNet top-1 err"], _published()), None))
 
+    pages = [(title, f"{stage}/index.md") for stage, title in DOWNSTREAM.items() if (out / stage / "index.md").is_file()]
+    if pages:
+        sections.append(("Downstream stages", "\n".join(f"- [{t}]({p})" for t, p in pages), None))
     md = [f"# Robustness report ({profile} profile)\n",
           f"Surrogate `{surrogate['name']}`; attacks share one budget (RMSD <= {eta}, 0-255 scale). "
           "Metrics: `metrics/evaluate.json`; per-set CSVs and per-model records in the evaluate outputs.\n"]
@@ -188,6 +197,9 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
 def _html_table(md_table: str) -> str:
     if not md_table:
         return ""
+    if md_table.startswith("- ["):  # a list of links: "- [title](path)"
+        items = [line[3:-1].split("](") for line in md_table.splitlines()]
+        return "<ul>" + "".join(f'<li><a href="{html.escape(p)}">{html.escape(t)}</a></li>' for t, p in items) + "</ul>"
     lines = [line.strip("|").split("|") for line in md_table.splitlines()]
     head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in lines[2:])

@@ -82,6 +82,40 @@ def _adv_train(args, params):
     adv_train_flow(cfg, zoo_spec(params, cfg["model"]))
 
 
+def _ood(args, params):
+    from pipelines.flows.ood import ood_flow
+
+    cfg = section(params, "ood", args.params)
+    ood_flow(cfg, zoo_spec(params, cfg["model"]))
+
+
+def _unlearn(args, params):
+    from pipelines.flows.unlearn import unlearn_flow
+
+    cfg = section(params, "unlearn", args.params)
+    recipes = {m["name"]: m.get("recipe") for m in section(params, "zoo")["models"]}
+    if not recipes.get(cfg["model"]):
+        raise SystemExit(f"{args.params}: unlearn.model {cfg['model']!r} needs a zoo recipe (retraining is the reference)")
+    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipes[cfg["model"]])
+
+
+def _muso_check(args, params):
+    from training.unlearning.linear import exact_unlearning_check
+
+    distances = exact_unlearning_check(n=args.n, p=args.p, forget=args.forget, seed=args.seed)
+    print(f"over-parameterised linear model: {args.n} samples, {args.p} random features, {args.forget} forgotten")
+    print("relative distance to the retrained weights after fine-tuning from the original:")
+    for k, v in distances.items():
+        print(f"  {k.replace('_', ' '):>15}: {v:.3e}")
+
+
+def _optim(args, params):
+    from pipelines.flows.optim import optim_flow
+
+    cfg = section(params, "optim", args.params)
+    optim_flow(cfg, zoo_spec(params, cfg["model"]))
+
+
 def _evaluate_kwargs(params: dict) -> dict:
     from pipelines.flows.evaluate import resolve_models
     from pipelines.flows.generate import resolve_devices
@@ -111,6 +145,7 @@ def _report_kwargs(params: dict) -> dict:
         "surrogate": surrogate_spec(params, section(params, "generate")["surrogate"]),
         "eta": section(params, "budget")["eta"], "out_dir": rep["out"], "profile": params.get("profile", "demo"),
         "examples": rep["examples"],
+        "victims": [m["name"] for m in section(params, "zoo")["models"]],
     }
 
 
@@ -179,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("adv-train", _adv_train, "Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, "
         "PGD-AT, watched for catastrophic overfitting; checkpoints, curves, metrics/adv_train.json, "
         "reports/adv_train/index.md.")
+    add("ood", _ood, "OOD fine-tuning (params 'ood'): OE, Energy-OE, OrthLoss against the un-tuned baseline; "
+        "FPR95/AUROC/AUPR (ID positive) per OOD set to metrics/ood.json, reports/ood/.")
+    add("unlearn", _unlearn, "Machine unlearning (params 'unlearn'): FT, GA, RL, SalUn, NatMU, SFR-on, MUSO per "
+        "scenario against retraining; metrics/unlearn/<scenario>/<method>.json, reports/unlearn/.")
+    p = add("muso-check", _muso_check, "MUSO's exact-unlearning check in an over-parameterised linear model: prints the "
+            "distance to the retrained weights for MUSO labels, random labels and no relabelling.")
+    p.add_argument("--n", type=int, default=60, help="training samples (default 60)")
+    p.add_argument("--p", type=int, default=600, help="random features, > n (default 600)")
+    p.add_argument("--forget", type=int, default=12, help="samples to forget (default 12)")
+    p.add_argument("--seed", type=int, default=0)
+    add("optim", _optim, "Optimisers (params 'optim'): SGD vs SAM vs F-SAM from scratch, LoRA vs Flat-LoRA "
+        "adaptation to a shifted split; metrics/optim.json, reports/optim/.")
     add("evaluate", _evaluate, "Evaluate every model of 'evaluate.models' on every shard set of 'evaluate.sets' "
         "(cached per model weights and shard set); timm-style CSVs, per-model JSON, per-sample predictions.")
     add("report", _report, "Write the robustness report (reports/report.md, report.html) and a Prefect artifact.")

@@ -135,7 +135,7 @@ def generate_demo_world(
     ``counts`` gives images per split (divided evenly over the classes); ``outliers`` images per outlier family
     go to ``<root>/outliers/<family>/``.
     """
-    counts = counts or {"train": 5000, "val": 1000}
+    counts = {"train": 5000, "val": 1000} if counts is None else counts
     root = Path(root)
     written = {}
     for split, total in counts.items():

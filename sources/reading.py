@@ -227,3 +227,16 @@ def load_split(root: Path | str, size: int, strict: bool = False) -> tuple[torch
     samples, _ = class_folder_source(root, rejects)
     images, labels, _ = load_images(samples, size, rejects, crop_pct=1.0)
     return images, labels, rejects
+
+
+def load_image_folder(folder: Path | str, size: int, strict: bool = False) -> torch.Tensor:
+    """Every image directly in ``folder`` (sorted by name, no labels) as uint8 NCHW: outlier and OOD sets."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadSourceError(folder, "image folder does not exist")
+    rejects = Rejects(strict=strict)
+    paths = sorted(p for p in folder.iterdir() if _is_image(p))
+    if not paths:
+        raise BadSourceError(folder, "no image files")
+    samples = _unique([SourceSample(sample_key(p), p, -1, folder.name) for p in paths], rejects)
+    return load_images(samples, size, rejects, crop_pct=1.0)[0]

@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 
 from training.adversarial import METHODS, create_method
-from training.adversarial.monitors import COMonitor, is_collapse, restore, robustness_check, snapshot, top_channel_share
+from training.adversarial.monitors import (
+    COMonitor,
+    is_collapse,
+    restore,
+    robustness_check,
+    snapshot,
+    top_channel_share,
+)
 
 EPS = 8 / 255
 
@@ -210,3 +217,24 @@ def test_gradalign_loss_is_fgsm_cross_entropy_plus_the_weighted_alignment():
     alignment = ga.alignment(model, x, y).mean()
     ga.gen.manual_seed(5)
     torch.testing.assert_close(ga.loss(model, x, y), ce + 0.7 * alignment)
+
+
+def test_shard_images_mix_in_every_image_and_label(tmp_path):
+    import numpy as np
+
+    from pipelines.flows.adv_train import shard_images
+    from shards.shardset import write_shard
+
+    rng = np.random.default_rng(0)
+    samples = [{"key": f"k{i}", "image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "cls": i % 3, "json": {}}
+               for i in range(5)]
+    (tmp_path / "set").mkdir()
+    write_shard(tmp_path / "set" / "s-000000.tar", samples[:3])
+    write_shard(tmp_path / "set" / "s-000001.tar", samples[3:])
+    images, labels = shard_images([str(tmp_path / "set")])
+    assert images.shape == (5, 3, 8, 8) and images.dtype == torch.uint8
+    assert torch.equal(images[4], torch.from_numpy(samples[4]["image"]).permute(2, 0, 1))
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="no samples"):
+        (tmp_path / "empty").mkdir()
+        shard_images([str(tmp_path / "empty")])

@@ -107,3 +107,134 @@ def test_unknown_optimizer_and_options_are_named():
         build_optimizer("adam", p, lr=0.1)
     with pytest.raises(ValueError, match=r"unknown options \['rh0'\]"):
         build_optimizer("sam", p, lr=0.1, rh0=0.1)
+
+
+# Flat-LoRA -----------------------------------------------------------------------------------------------------
+
+def _adapted(sigma=0.05, seed=0):
+    from training.flat_lora import FlatLoRANoise, add_lora
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = add_lora(model, rank=2, alpha=4.0)
+    return model, layers, FlatLoRANoise(layers, sigma=sigma, total_steps=10, seed=seed), frozen
+
+
+def test_flat_lora_noise_has_the_stated_per_row_std():
+    from training.flat_lora import LoRALayer
+
+    torch.manual_seed(0)
+    base = nn.Linear(4096, 64)
+    base.weight.data *= torch.linspace(0.2, 3.0, 64)[:, None]  # rows of very different norms
+    layer = LoRALayer(base, rank=4, alpha=4.0, index=0)
+    layer.sigma, layer.noise_seed = 0.05, 123
+    w = layer.merged_weight().detach()
+    noise = layer.perturbation(w)
+    expected = 0.05 * w.norm(dim=1) / 4096**0.5
+    ratio = noise.std(dim=1) / expected
+    assert (ratio - 1).abs().max() < 0.05  # 4096 draws per row: standard error ~1.1%
+    assert noise.mean(dim=1).abs().max() < 4 * expected.max() / 64  # zero mean
+    assert torch.equal(noise, layer.perturbation(w))  # regenerated from the seed, not stored
+    layer.noise_seed = 124
+    assert not torch.equal(noise, layer.perturbation(w))
+
+
+def test_flat_lora_sigma_ramps_up_along_a_cosine_and_seeds_differ_per_layer_and_step():
+    _, layers, noise, _ = _adapted(sigma=0.05)
+    assert noise.sigma_at(0) == 0.0 and noise.sigma_at(5) == pytest.approx(0.025) and noise.sigma_at(10) == 0.05
+    noise.set_step(3)
+    seeds = [layer.noise_seed for layer in layers]
+    assert len(set(seeds)) == len(layers)
+    noise.set_step(4)
+    assert all(layer.noise_seed not in seeds for layer in layers)
+
+
+def test_flat_lora_training_never_touches_the_frozen_weights():
+    model, layers, noise, _ = _adapted()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n in frozen if n.endswith("base.weight")} == {"0.base.weight", "5.base.weight"}
+    opt = build_optimizer("adamw", model.parameters(), lr=0.05)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    model.train()
+    for step in range(5):
+        noise(step + 1, model, opt)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(layer.lora_B.abs().sum() > 0 for layer in layers)  # the adapters did learn
+    params = dict(model.named_parameters())
+    for n, v in frozen.items():  # bit-identical: base conv/linear weights and biases, BatchNorm affine
+        assert torch.equal(params[n], v), n
+
+
+def test_merged_model_matches_the_adapted_one_with_noise_off():
+    from training.flat_lora import LoRALayer, merge_lora
+
+    model, layers, noise, _ = _adapted()
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.normal_()  # non-trivial adapters
+    noise.set_step(7)  # sigma > 0: noise would be on in training mode
+    model.eval()
+    x = torch.rand(4, 3, 8, 8)
+    expected = model(x)
+    model.train()
+    assert not torch.allclose(model[0](x), model[0].base(x))  # training mode: perturbed (and adapted) weights
+    model.eval()
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoRALayer) for m in merged.modules())
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_images_blurs_and_lowers_contrast_towards_the_tint():
+    from pipelines.flows.optim import shift_images
+
+    flat = torch.full((1, 3, 6, 6), 200, dtype=torch.uint8)
+    out = shift_images(flat, contrast=0.5, blur=3, tint=[0, 100, 200])
+    assert out[0, :, 0, 0].tolist() == [100, 150, 200]  # 0.5 * 200 + 0.5 * tint, blur of a flat image is flat
+    edge = torch.zeros(1, 3, 6, 6, dtype=torch.uint8)
+    edge[..., 3:] = 255
+    blurred = shift_images(edge, contrast=1.0, blur=3, tint=[0, 0, 0])
+    assert blurred[0, 0, 0].tolist() == [0, 0, 85, 170, 255, 255]
+
+
+@pytest.mark.slow
+def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
+    import json
+
+    from pipelines.flows.optim import optim_flow
+    from pipelines.flows.zoo import zoo_specs
+    from shards.shardset import shard_name, write_index, write_shard
+    from sources.reading import load_split
+
+    xv, yv, _ = load_split(small_world / "val", 32)
+    sets = {}
+    for name, images in (("clean", xv[:40]), ("aoa", 255 - xv[:40])):  # an "attack" any model notices
+        write_shard(tmp_path / name / shard_name(name, 0),
+                    [{"key": f"k{i:03d}", "image": images[i].permute(1, 2, 0).numpy(), "cls": int(yv[i]), "json": {}}
+                     for i in range(40)])
+        write_index(tmp_path / name, name)
+        sets[name] = str(tmp_path / name)
+    spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
+    cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,
+           "recipe": {"epochs": 1, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "warmup_epochs": 0},
+           "optimizers": {"sgd": {}, "fsam": {"optimizer": "fsam", "optimizer_kwargs": {"rho": 0.05}}},
+           "lora": {"shift": {"contrast": 0.35, "blur": 3, "tint": [150, 110, 90]}, "train_images": 200, "rank": 2,
+                    "alpha": 4, "recipe": {"epochs": 1, "lr": 0.003, "optimizer": "adamw", "warmup_epochs": 0},
+                    "runs": {"lora": {"sigma": 0.0}, "flat-lora": {"sigma": 0.05}}},
+           "shard_sets": sets, "out": str(tmp_path / "optim")}
+    metrics = optim_flow(cfg, spec, metrics_path=str(tmp_path / "optim.json"), report_dir=str(tmp_path / "reports"))
+    assert list(metrics["optimizers"]) == ["sgd", "fsam"] and list(metrics["lora"]) == ["lora", "flat-lora"]
+    assert metrics["lora"]["flat-lora"]["sigma"] == 0.05
+    specs = json.loads((tmp_path / "optim" / "models.json").read_text())
+    assert [s["name"] for s in specs] == ["opt-sgd", "opt-fsam", "opt-lora", "opt-flat-lora"]
+    # the merged checkpoint is a plain timm model that the evaluate stage can load and that scores as reported
+    from evaluators.classification import evaluate_shardset
+    from model_zoo.zoo import build_model
+
+    merged = build_model(specs[3])
+    assert evaluate_shardset(merged, sets["aoa"])["top1"] == metrics["lora"]["flat-lora"]["aoa"]
+    assert "| flat-lora |" in (tmp_path / "reports" / "optim" / "index.md").read_text()

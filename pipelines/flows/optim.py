@@ -1,0 +1,101 @@
+"""Stage ``optim``: sharpness-aware optimisers against SGD, and LoRA against Flat-LoRA.
+
+1. One zoo architecture trained from scratch with each optimiser of ``optimizers`` (same epochs and schedule).
+2. The zoo model adapted with LoRA / Flat-LoRA adapters to a *shifted* copy of the demo world (blurred, low
+   contrast, tinted), adapters merged back for evaluation.
+Every model: val accuracy (the shifted val split for the adapted ones), and accuracy on the clean and AoA shard
+sets (its change under AoA). Specs go to ``models.json`` so the evaluate stage measures them on every set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from evaluators.classification import evaluate_shardset
+from evaluators.downstream_report import optim_section
+from model_zoo.training import Recipe, accuracy, train_classifier
+from model_zoo.zoo import build_model, save_weights
+from pipelines.params import write_json
+from sources.reading import load_split
+from training.flat_lora import FlatLoRANoise, add_lora, merge_lora
+
+
+def shift_images(images: torch.Tensor, contrast: float, blur: int, tint: list[float]) -> torch.Tensor:
+    """The shifted domain: box blur, contrast scaled around a colour tint (uint8 in, uint8 out)."""
+    x = images.float()
+    if blur > 1:
+        x = F.avg_pool2d(F.pad(x, [blur // 2] * 4, mode="replicate"), blur, stride=1)
+    x = contrast * x + (1 - contrast) * torch.tensor(tint).view(1, 3, 1, 1)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def shard_accuracy(model, sets: dict[str, str]) -> dict[str, float]:
+    return {name: evaluate_shardset(model, root)["top1"] for name, root in sets.items()}
+
+
+@task(name="optimizer-run", cache_policy=NO_CACHE)
+def optimizer_run(name: str, overrides: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any], data) -> dict[str, Any]:
+    (x, y), (xv, yv) = data
+    torch.manual_seed(cfg["seed"])
+    model = build_model({**spec, "weights": None, "name": name})
+    info = train_classifier(model, x, y, Recipe(**{**cfg["recipe"], **overrides}), seed=cfg["seed"], desc=name)
+    weights = Path(cfg["out"]) / f"{name}.safetensors"
+    save_weights(model, weights)
+    return {"spec": {**spec, "name": f"opt-{name}", "weights": str(weights)}, "val_acc": round(accuracy(model, xv, yv), 2),
+            "train_seconds": round(info["train_seconds"], 1), **shard_accuracy(model, cfg["shard_sets"])}
+
+
+@task(name="lora-run", cache_policy=NO_CACHE)
+def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any], data) -> dict[str, Any]:
+    (x, y), (xv, yv) = data
+    lora = cfg["lora"]
+    torch.manual_seed(cfg["seed"])
+    model = build_model(spec)  # the zoo weights: pretrained on the unshifted world
+    layers = add_lora(model.model, lora["rank"], lora["alpha"])
+    recipe = Recipe(**lora["recipe"])
+    steps = recipe.epochs * math.ceil(len(x) / recipe.batch_size)
+    noise = FlatLoRANoise(layers, sigma, steps, cfg["seed"])
+    info = train_classifier(model, x, y, recipe, seed=cfg["seed"], desc=name, callback=noise)
+    merge_lora(model.model)
+    weights = Path(cfg["out"]) / f"{name}.safetensors"
+    save_weights(model, weights)
+    return {"spec": {**spec, "name": f"opt-{name}", "weights": str(weights)}, "val_acc": round(accuracy(model, xv, yv), 2),
+            "train_seconds": round(info["train_seconds"], 1), "sigma": sigma,
+            "trainable_params": sum(p.numel() for layer in layers for p in (layer.lora_A, layer.lora_B)),
+            **shard_accuracy(model, cfg["shard_sets"])}
+
+
+@flow(name="optim")
+def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/optim.json",
+               report_dir: str = "reports") -> dict[str, Any]:
+    log = get_run_logger()
+    size = spec["data"]["input_size"][-1]
+    x, y, _ = load_split(cfg["train_root"], size)
+    xv, yv, _ = load_split(cfg["val_root"], size)
+    start = time.perf_counter()
+    optimizers = {n: optimizer_run(n, o or {}, cfg, spec, ((x, y), (xv, yv))) for n, o in cfg["optimizers"].items()}
+    lora = cfg["lora"]
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[: lora["train_images"]]
+    shifted = ((shift_images(x[pick], **lora["shift"]), y[pick]), (shift_images(xv, **lora["shift"]), yv))
+    base = build_model(spec)
+    base_shifted = round(accuracy(base, *shifted[1]), 2)
+    log.info("zoo model %s on the shifted val split: %.1f%% (unshifted: %.1f%%)", spec["name"], base_shifted,
+             accuracy(base, xv, yv))
+    adapters = {n: lora_run(n, r["sigma"], cfg, spec, shifted) for n, r in lora["runs"].items()}
+    write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in (*optimizers.values(), *adapters.values())])
+    metrics = {"optimizers": {n: {k: v for k, v in r.items() if k != "spec"} for n, r in optimizers.items()},
+               "lora": {n: {k: v for k, v in r.items() if k != "spec"} for n, r in adapters.items()},
+               "lora_base_shifted_val_acc": base_shifted, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(metrics_path, metrics)
+    markdown = optim_section(metrics, cfg, Path(report_dir))
+    create_markdown_artifact(key="optimisers", markdown=markdown, description="SAM / F-SAM / Flat-LoRA")
+    return metrics

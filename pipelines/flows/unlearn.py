@@ -1,0 +1,104 @@
+"""Stage ``unlearn``: every unlearning method in every forgetting scenario, against retraining from scratch.
+
+Original model: a zoo model trained on the whole training split. Scenarios: a seeded random share of the
+training set, or one whole class. Reference: the same architecture retrained from scratch on the remaining
+data with the zoo's recipe. Each method starts from a copy of the original; its metrics (UA, RA, TA, both MIA
+conventions, Avg Gap and KL/JS to the retrained model, run time) go to ``metrics/unlearn/<scenario>/<method>.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from evaluators.downstream_report import unlearning_section
+from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
+from model_zoo.training import Recipe, train_classifier
+from model_zoo.zoo import build_model, save_weights
+from pipelines.params import write_json
+from sources.reading import load_split
+from training.unlearning import UnlearningData, create_method
+
+
+def forget_indices(labels: torch.Tensor, scenario: dict[str, Any], seed: int) -> torch.Tensor:
+    """Sorted indices of the forget set: ``{kind: random, fraction}`` or ``{kind: class, class}``."""
+    if scenario["kind"] == "random":
+        n = round(scenario["fraction"] * len(labels))
+        if not 0 < n < len(labels):
+            raise ValueError(f"scenario {scenario}: fraction gives {n} of {len(labels)} samples")
+        return torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    if scenario["kind"] == "class":
+        idx = torch.nonzero(labels == scenario["class"]).flatten()
+        if len(idx) == 0:
+            raise ValueError(f"scenario {scenario}: no training sample of class {scenario['class']}")
+        return idx
+    raise ValueError(f"scenario {scenario}: kind must be 'random' or 'class'")
+
+
+def split(x, y, xt, yt, scenario, seed):
+    f = forget_indices(y, scenario, seed)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[f] = False
+    test = torch.ones(len(yt), dtype=torch.bool)
+    if scenario["kind"] == "class":  # TA on the classes the model should still know
+        test = yt != scenario["class"]
+    return (x[f], y[f]), (x[keep], y[keep]), (xt[test], yt[test])
+
+
+@task(name="unlearning-run", cache_policy=NO_CACHE)  # models and tensors are not cache keys
+def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], original, data: UnlearningData, test,
+                   reference: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    model = copy.deepcopy(original)
+    method = create_method(method_cfg.get("method", name), {**cfg["recipe"], **method_cfg.get("recipe", {})},
+                           seed=cfg["seed"])
+    start = time.perf_counter()
+    method.unlearn(model, data)
+    seconds = time.perf_counter() - start
+    save_weights(model, Path(cfg["out"]) / scenario / f"{name}.safetensors")
+    metrics, probs = unlearning_metrics(model, data.forget, data.remain, test, cfg["seed"])
+    metrics.update(avg_gap=avg_gap(metrics, reference["metrics"]), seconds=round(seconds, 1),
+                   **divergences(reference["probs"], probs))
+    get_run_logger().info("%s / %s: %s", scenario, name, metrics)
+    return metrics
+
+
+@flow(name="unlearn")
+def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dict[str, Any],
+                 metrics_dir: str = "metrics/unlearn", report_dir: str = "reports") -> dict[str, Any]:
+    log = get_run_logger()
+    size = spec["data"]["input_size"][-1]
+    x, y, _ = load_split(cfg["train_root"], size)
+    xt, yt, _ = load_split(cfg["val_root"], size)
+    original = build_model(spec)
+    results: dict[str, dict[str, Any]] = {}
+    for scenario, sc in cfg["scenarios"].items():
+        forget, remain, test = split(x, y, xt, yt, sc, cfg["seed"])
+        data = UnlearningData(forget, remain, spec["num_classes"])
+        log.info("%s: forget %d, remain %d, test %d", scenario, len(forget[0]), len(remain[0]), len(test[0]))
+        torch.manual_seed(cfg["seed"])
+        retrained = build_model({**spec, "weights": None})
+        start = time.perf_counter()
+        train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg["seed"], desc=f"retrain {scenario}")
+        seconds = time.perf_counter() - start
+        save_weights(retrained, Path(cfg["out"]) / scenario / "retrain.safetensors")
+        ref_metrics, ref_probs = unlearning_metrics(retrained, forget, remain, test, cfg["seed"])
+        reference = {"metrics": ref_metrics, "probs": ref_probs}
+        rows = {"retrain": {**ref_metrics, "avg_gap": 0.0, "seconds": round(seconds, 1), "KL": 0.0, "JS": 0.0}}
+        orig_metrics, orig_probs = unlearning_metrics(original, forget, remain, test, cfg["seed"])
+        rows["original"] = {**orig_metrics, "avg_gap": avg_gap(orig_metrics, ref_metrics), "seconds": 0.0,
+                            **divergences(ref_probs, orig_probs)}
+        for name, method_cfg in cfg["methods"].items():
+            rows[name] = unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference, cfg)
+        for name, row in rows.items():
+            write_json(Path(metrics_dir) / scenario / f"{name}.json", row)
+        results[scenario] = rows
+    markdown = unlearning_section(results, cfg, Path(report_dir))
+    create_markdown_artifact(key="unlearning", markdown=markdown, description="Machine unlearning")
+    return results

@@ -1,0 +1,233 @@
+"""Unlearning: MUSO's exact-unlearning theory, NatMU's hybrids, SFR-on's mask and schedule, the MIA protocol,
+the scenarios, and the stage end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from evaluators.unlearning import avg_gap, divergences, mia
+from model_zoo.zoo import build_model
+from pipelines.flows.unlearn import forget_indices
+from training.unlearning import METHODS, UnlearningData, create_method
+from training.unlearning.linear import exact_unlearning_check
+from training.unlearning.muso import optimal_forget_labels
+from training.unlearning.natmu import build_hybrids, ramp_mask
+from training.unlearning.sfr_on import SFROn, diagonal_fisher, fisher_saliency_mask, loss_weights, schedule
+
+
+@pytest.mark.parametrize("n,p,forget,seed", [(60, 600, 12, 0), (30, 200, 3, 1)])
+def test_muso_labels_unlearn_exactly_in_the_linear_model(n, p, forget, seed):
+    d = exact_unlearning_check(n=n, p=p, forget=forget, seed=seed)
+    assert d["muso_labels"] < 1e-6
+    assert d["random_labels"] > 1e-2 and d["no_relabelling"] > 1e-2
+
+
+def test_muso_labels_are_the_retrained_min_norm_predictions():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 80, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    w0 = torch.randn(80, 3, generator=g, dtype=torch.float64)
+    zr, yr, zu = z[5:], y[5:], z[:5]
+    retrained = w0 + torch.linalg.pinv(zr) @ (yr - zr @ w0)  # the interpolant of the remaining data closest to w0
+    torch.testing.assert_close(optimal_forget_labels(zu, zr, yr, w0, eps=0.0), zu @ retrained)
+
+
+def _tiny(num_classes=5, seed=0):
+    torch.manual_seed(seed)
+    return build_model({"name": "t", "arch": "test_resnet", "num_classes": num_classes,
+                        "data": {"input_size": [3, 16, 16], "crop_pct": 1.0}})
+
+
+def _data(num_classes=5, n_forget=6, n_remain=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xf = torch.randint(0, 256, (n_forget, 3, 16, 16), generator=g, dtype=torch.uint8)
+    xr = torch.randint(0, 256, (n_remain, 3, 16, 16), generator=g, dtype=torch.uint8)
+    yf = torch.randint(0, num_classes, (n_forget,), generator=g)
+    yr = torch.arange(n_remain) % num_classes
+    return UnlearningData((xf, yf), (xr, yr), num_classes)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.42, 0.5])
+def test_ramp_mask_has_the_requested_share_and_a_soft_edge(share):
+    m = ramp_mask(32, share, torch.Generator().manual_seed(3))
+    assert m.mean().item() == pytest.approx(share, abs=1e-4)
+    assert m.min() >= 0 and m.max() <= 1
+    assert ((m > 0.05) & (m < 0.95)).any()  # a ramp, not a hard cut
+
+
+def test_natmu_hybrids_come_from_the_top_wrong_classes_with_the_stated_share():
+    model, data = _tiny(), _data()
+    hybrids, labels, records = build_hybrids(model, data, top_k=4, seed=0)
+    (xf, yf), (_, yr) = data.forget, data.remain
+    with torch.no_grad():
+        logits = model(xf.float() / 255)
+    for i in range(len(xf)):
+        ranked = [c for c in logits[i].argsort(descending=True).tolist() if c != yf[i].item()][:4]
+        mine = [r for r in records if r["forget"] == i]
+        assert [r["label"] for r in mine] == ranked  # the original model's top-4 wrong classes, in order
+        for r in mine:
+            assert yr[r["partner"]].item() == r["label"]  # a remaining image of that class
+            assert 0.3 - 1e-4 <= r["share"] <= 0.5 + 1e-4  # the forgetting image holds 30-50% of the hybrid
+    assert len(hybrids) == len(labels) == 4 * len(xf)
+    assert labels.tolist() == [r["label"] for r in records]
+
+
+def test_hybrid_pixels_blend_forget_and_partner_images():
+    model, data = _tiny(), _data()
+    hybrids, _, records = build_hybrids(model, data, top_k=1, seed=0)
+    (xf, _), (xr, _) = data.forget, data.remain
+    r, h = records[0], hybrids[0].float()
+    lo = torch.minimum(xf[r["forget"]], xr[r["partner"]]).float()
+    hi = torch.maximum(xf[r["forget"]], xr[r["partner"]]).float()
+    assert ((h >= lo - 0.5) & (h <= hi + 0.5)).all()  # a convex blend, rounded to uint8
+
+
+def test_fisher_matches_a_naive_per_sample_loop_and_the_mask_is_the_ratio_test():
+    model, data = _tiny(), _data()
+    (xf, yf), (xr, yr) = data.forget, data.remain
+    fisher = diagonal_fisher(model, xf, yf)
+    naive = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(len(xf)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xf[i : i + 1].float() / 255), yf[i : i + 1]).backward()
+        for n, p in model.named_parameters():
+            naive[n] += p.grad**2 / len(xf)
+    for n in naive:
+        torch.testing.assert_close(fisher[n], naive[n], rtol=1e-4, atol=1e-12)
+    f_remain = diagonal_fisher(model, xr, yr)
+    mask = fisher_saliency_mask(model, (xf, yf), (xr, yr), gamma=1.0)
+    for n in mask:
+        assert torch.equal(mask[n], (fisher[n] >= f_remain[n]).float())
+    assert 0 < sum(m.sum() for m in mask.values()) < sum(m.numel() for m in mask.values())
+
+
+def test_sfr_on_schedule_and_sample_weights():
+    steps = schedule(20, forget_every=5, alpha0=25.0)
+    assert [t for t, (forget, _) in enumerate(steps) if forget] == [0, 5, 10, 15]
+    alphas = [a for _, a in steps]
+    assert alphas[0] == 25.0 and alphas[10] == pytest.approx(12.5)
+    assert all(a > b for a, b in zip(alphas, alphas[1:]))  # cosine decay
+    losses = torch.tensor([0.25, 1.0, 4.0])
+    w = loss_weights(losses)
+    assert w.mean().item() == pytest.approx(1.0)
+    torch.testing.assert_close(w / w[1], torch.tensor([2.0, 1.0, 0.5]))  # proportional to loss^-0.5
+
+
+def test_sfr_on_forget_step_moves_only_salient_weights_with_clipped_gradient():
+    model, data = _tiny(), _data()
+    (xf, yf), (xr, yr) = data.forget, data.remain
+    masks = fisher_saliency_mask(model, (xf, yf), (xr, yr))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    SFROn().forget_step(model, opt, xf, yf, alpha=25.0, masks=masks)
+    moved = 0
+    total_sq = 0.0
+    for n, p in model.named_parameters():
+        step = p.detach() - before[n]  # lr 1: the step is minus the (masked, clipped) gradient
+        assert torch.equal(step[masks[n] == 0], torch.zeros_like(step[masks[n] == 0]))
+        moved += (step[masks[n] == 1] != 0).sum().item()
+        total_sq += step.pow(2).sum().item()
+    assert moved > 0
+    assert total_sq**0.5 == pytest.approx(7.0, rel=1e-3)  # alpha 25 makes the raw gradient large: clipped to 7
+
+
+def test_mia_attacks_are_fit_on_remaining_and_test_only():
+    g = torch.Generator().manual_seed(0)
+
+    def outputs(conf, n):
+        logits = torch.randn(n, 4, generator=g)
+        labels = torch.randint(0, 4, (n,), generator=g)
+        logits[torch.arange(n), labels] += conf
+        return logits.softmax(1), labels
+
+    remain, test = outputs(6.0, 300), outputs(1.0, 100)
+    a = mia({"remain": remain, "test": test, "forget": outputs(6.0, 50)})
+    b = mia({"remain": remain, "test": test, "forget": outputs(0.0, 50)})
+    for k in ("mia_efficacy_attack", "mia_member_rate_attack"):  # the forget set changes nothing in the attack
+        assert a[k].coef_.tolist() == b[k].coef_.tolist() and a[k].intercept_ == b[k].intercept_
+    assert a["mia_efficacy"] < 30 < 70 < b["mia_efficacy"]  # member-like forget samples look like members
+    assert a["mia_member_rate"] > 70 > 30 > b["mia_member_rate"]
+
+
+def test_gap_and_divergences_by_hand():
+    assert avg_gap({"UA": 10, "RA": 90, "TA": 80, "MIA": 20}, {"UA": 14, "RA": 92, "TA": 80, "MIA": 10}) == 4.0
+    p = torch.tensor([[0.5, 0.5]])
+    q = torch.tensor([[0.9, 0.1]])
+    d = divergences(p, q)
+    kl = 0.5 * torch.log(torch.tensor(0.5 / 0.9)) + 0.5 * torch.log(torch.tensor(0.5 / 0.1))
+    assert d["KL"] == pytest.approx(kl.item(), abs=1e-4)
+    assert divergences(p, p) == {"KL": 0.0, "JS": 0.0}
+    assert 0 < d["JS"] < torch.log(torch.tensor(2.0)).item()
+
+
+def test_forget_scenarios():
+    labels = torch.arange(1000) % 10
+    one = forget_indices(labels, {"kind": "random", "fraction": 0.01}, seed=0)
+    ten = forget_indices(labels, {"kind": "random", "fraction": 0.10}, seed=0)
+    assert len(one) == 10 and len(ten) == 100 and len(set(ten.tolist())) == 100
+    assert torch.equal(ten, forget_indices(labels, {"kind": "random", "fraction": 0.10}, seed=0))
+    assert not torch.equal(ten, forget_indices(labels, {"kind": "random", "fraction": 0.10}, seed=1))
+    cls = forget_indices(labels, {"kind": "class", "class": 3}, seed=0)
+    assert (labels[cls] == 3).all() and len(cls) == 100
+    with pytest.raises(ValueError, match="no training sample of class 11"):
+        forget_indices(labels, {"kind": "class", "class": 11}, seed=0)
+    assert set(METHODS) == {"ft", "ga", "rl", "salun", "natmu", "sfr-on", "muso"}
+    with pytest.raises(ValueError, match="unknown unlearning method 'scrub'"):
+        create_method("scrub")
+
+
+def test_salun_mask_keeps_half_the_weights_and_freezes_the_rest():
+    from training.unlearning.salun import gradient_saliency_mask
+
+    model, data = _tiny(), _data()
+    masks = gradient_saliency_mask(model, *data.forget, share=0.5)
+    kept = sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert kept == pytest.approx(0.5, abs=0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    create_method("salun", {"epochs": 1, "lr": 1e-2, "batch_size": 16, "weight_decay": 0.0, "shift": 0}).unlearn(model, data)
+    for n, p in model.named_parameters():
+        frozen = masks[n] == 0
+        assert torch.equal(p.detach()[frozen], before[n][frozen])
+
+
+def test_every_method_changes_the_model_and_keeps_it_finite():
+    data = _data()
+    for name in METHODS:
+        model = _tiny()
+        before = [p.detach().clone() for p in model.parameters()]
+        recipe = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "iterations": 5, "fisher_samples": 8}
+        if name in ("ga", "sfr-on"):
+            recipe = {k: v for k, v in recipe.items() if k != "epochs"} | ({"epochs": 1} if name == "ga" else {})
+        create_method(name, recipe).unlearn(model, data)
+        params = list(model.parameters())
+        assert any(not torch.equal(p, b) for p, b in zip(params, before)), name
+        assert all(torch.isfinite(p).all() for p in params), name
+
+
+@pytest.mark.slow
+def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
+    from pipelines.flows.unlearn import unlearn_flow
+    from pipelines.flows.zoo import zoo_specs
+
+    spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
+    cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,
+           "scenarios": {"class-2": {"kind": "class", "class": 2}},
+           "recipe": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 64},
+           "methods": {"ft": {}, "muso": {}}, "out": str(tmp_path / "unlearn")}
+    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, metrics_dir=str(tmp_path / "metrics"),
+                           report_dir=str(tmp_path / "reports"))
+    rows = results["class-2"]
+    assert list(rows) == ["retrain", "original", "ft", "muso"]
+    assert rows["retrain"]["avg_gap"] == 0.0
+    assert rows["retrain"]["UA"] == 100.0  # a model that never saw class 2 cannot name it
+    assert rows["original"]["UA"] < 50  # the original still knows it
+    for name, row in rows.items():
+        assert json.loads((tmp_path / "metrics" / "class-2" / f"{name}.json").read_text()) == row
+    assert (tmp_path / "unlearn" / "class-2" / "muso.safetensors").is_file()
+    page = (tmp_path / "reports" / "unlearn" / "index.md").read_text()
+    assert "| muso |" in page and "Avg Gap" in page
