@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	dvc repro
+	scripts/with-prefect-server dvc repro
 
 test: $(STAMP)
 	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)

@@ -94,9 +94,11 @@ def _unlearn(args, params):
 
     cfg = section(params, "unlearn", args.params)
     recipes = {m["name"]: m.get("recipe") for m in section(params, "zoo")["models"]}
-    if not recipes.get(cfg["model"]):
-        raise SystemExit(f"{args.params}: unlearn.model {cfg['model']!r} needs a zoo recipe (retraining is the reference)")
-    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipes[cfg["model"]])
+    recipe = cfg.get("retrain_recipe") or recipes.get(cfg["model"])
+    if not recipe:
+        raise SystemExit(f"{args.params}: unlearn needs a retraining recipe (retraining is the reference): give "
+                         f"unlearn.retrain_recipe or a zoo recipe for {cfg['model']!r}")
+    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipe)
 
 
 def _muso_check(args, params):

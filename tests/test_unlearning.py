@@ -200,9 +200,9 @@ def test_every_method_changes_the_model_and_keeps_it_finite():
     for name in METHODS:
         model = _tiny()
         before = [p.detach().clone() for p in model.parameters()]
-        recipe = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "iterations": 5, "fisher_samples": 8}
-        if name in ("ga", "sfr-on"):
-            recipe = {k: v for k, v in recipe.items() if k != "epochs"} | ({"epochs": 1} if name == "ga" else {})
+        recipe = {"ga": {"epochs": 1, "lr": 1e-3, "batch_size": 16},
+                  "sfr-on": {"iterations": 5, "lr": 1e-3, "batch_size": 16, "fisher_samples": 8}
+                  }.get(name, {"epochs": 1, "lr": 1e-3, "batch_size": 16})
         create_method(name, recipe).unlearn(model, data)
         params = list(model.parameters())
         assert any(not torch.equal(p, b) for p, b in zip(params, before)), name

@@ -14,6 +14,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -33,7 +34,7 @@ def shard_images(roots: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     samples = [s for root in roots for s in iter_shardset(root)]
     if not samples:
         raise ValueError(f"mix_shards: no samples in {roots}")
-    images = torch.stack([torch.from_numpy(s["image"]).permute(2, 0, 1) for s in samples])
+    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor([s["cls"] for s in samples])
 
 

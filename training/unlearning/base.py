@@ -37,7 +37,11 @@ class UnlearningMethod:
 
     def fine_tune(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, **overrides) -> None:
         """The shared loop on ``(images, targets)``; ``targets`` may be class indices or class distributions."""
-        recipe = Recipe(**{"warmup_epochs": 0, "label_smoothing": 0.0, **self.recipe, **overrides})
+        settings = {"warmup_epochs": 0, "label_smoothing": 0.0, **self.recipe, **overrides}
+        unknown = set(settings) - set(Recipe.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unlearning method {self.name!r}: unknown recipe keys {sorted(unknown)}")
+        recipe = Recipe(**settings)
         train_classifier(model, images, targets, recipe, seed=self.seed, desc=self.name,
                          objective=lambda m, x, y: F.cross_entropy(m(x), y))
 
