@@ -222,8 +222,8 @@ def test_gradalign_loss_is_fgsm_cross_entropy_plus_the_weighted_alignment():
 def test_shard_images_mix_in_every_image_and_label(tmp_path):
     import numpy as np
 
-    from pipelines.flows.adv_train import shard_images
     from shards.shardset import write_shard
+    from training.data import shard_images
 
     rng = np.random.default_rng(0)
     samples = [{"key": f"k{i}", "image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "cls": i % 3, "json": {}}

@@ -44,3 +44,40 @@ def test_serve_builds_a_cron_scheduled_deployment():
         name="scheduled-evaluation", cron="0 3 * * *", parameters={"evaluate_kwargs": {}, "report_kwargs": {}})
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.flow_name == "evaluate-and-report"
+
+
+def test_muso_check_prints_the_three_distances(capsys):
+    main(["muso-check", "--n", "30", "--p", "200", "--forget", "5"])
+    out = capsys.readouterr().out
+    values = {line.split(":")[0].strip(): float(line.split(":")[1]) for line in out.splitlines() if ":" in line
+              and line.strip().split(":")[0] in ("muso labels", "random labels", "no relabelling")}
+    assert values["muso labels"] < 1e-6 < 1e-2 < min(values["random labels"], values["no relabelling"])
+
+
+def test_downstream_stages_name_a_missing_model_or_recipe(tmp_path):
+    p = tmp_path / "params.yaml"
+    zoo = ("zoo: {out: z, img_size: 32, num_classes: 10, models: [{name: pre, arch: resnet18, weights: hf-hub}]}\n")
+    p.write_text(zoo + "unlearn: {model: pre}\n" + "ood: {model: missing}\n")
+    with pytest.raises(SystemExit, match="unlearn needs a retraining recipe.*'pre'"):
+        main(["--params", str(p), "unlearn"])
+    with pytest.raises(SystemExit, match="no zoo model named 'missing'"):
+        main(["--params", str(p), "ood"])
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "profiles/imagenet.yaml"])
+def test_profiles_define_every_parameter_dvc_yaml_uses(profile):
+    import re
+
+    import yaml
+
+    with open(profile) as f:
+        params = yaml.safe_load(f)
+    text = open("dvc.yaml").read()
+    used = set(re.findall(r"\$\{([a-z_]+(?:\.[a-z_]+)*)\}", text)) - {"key", "item"}  # foreach variables
+    used |= {p for s in yaml.safe_load(text)["stages"].values() for p in (s.get("params") or s["do"].get("params", []))
+             if "${" not in p}
+    for dotted in used:
+        node = params
+        for part in dotted.split("."):
+            assert isinstance(node, dict) and part in node, f"{profile}: {dotted} missing"
+            node = node[part]

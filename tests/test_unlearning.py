@@ -36,6 +36,16 @@ def test_muso_labels_are_the_retrained_min_norm_predictions():
     torch.testing.assert_close(optimal_forget_labels(zu, zr, yr, w0, eps=0.0), zu @ retrained)
 
 
+def test_muso_labels_primal_and_dual_forms_agree_with_a_ridge():
+    g = torch.Generator().manual_seed(1)
+    zr, zu = torch.randn(50, 8, generator=g), torch.randn(4, 8, generator=g)  # fewer features than samples
+    yr = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    w0 = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    dual = zu.double() @ w0 + zu.double() @ zr.double().T @ torch.linalg.solve(
+        zr.double() @ zr.double().T + 0.3 * torch.eye(50, dtype=torch.float64), yr - zr.double() @ w0)
+    torch.testing.assert_close(optimal_forget_labels(zu, zr, yr, w0, eps=0.3), dual)
+
+
 def _tiny(num_classes=5, seed=0):
     torch.manual_seed(seed)
     return build_model({"name": "t", "arch": "test_resnet", "num_classes": num_classes,

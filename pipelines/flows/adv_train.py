@@ -14,7 +14,6 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -23,19 +22,10 @@ from evaluators.downstream_report import adv_training_section
 from model_zoo.training import Recipe, accuracy, train_classifier
 from model_zoo.zoo import build_model, save_weights
 from pipelines.params import write_json
-from shards.shardset import iter_shardset
 from sources.reading import load_split
 from training.adversarial import create_method
 from training.adversarial.monitors import COMonitor, early_conv_layers
-
-
-def shard_images(roots: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image and label of the given shard sets, as uint8 NCHW (to mix into a training set)."""
-    samples = [s for root in roots for s in iter_shardset(root)]
-    if not samples:
-        raise ValueError(f"mix_shards: no samples in {roots}")
-    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor([s["cls"] for s in samples])
+from training.data import shard_images
 
 
 def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

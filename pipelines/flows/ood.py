@@ -24,9 +24,9 @@ from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
 from model_zoo.training import Recipe, train_classifier
 from model_zoo.zoo import build_model, save_weights
-from pipelines.flows.adv_train import shard_images
 from pipelines.params import write_json
 from sources.reading import load_image_folder, load_split
+from training.data import shard_images
 from training.ood import SCORES, create_method
 from training.ood.features import class_weights, features_and_logits
 

@@ -23,7 +23,10 @@ def optimal_forget_labels(z_forget: torch.Tensor, z_remain: torch.Tensor, y_rema
     zu, zr, yr = z_forget.double(), z_remain.double(), y_remain.double()
     if w0 is None:
         w0 = torch.zeros(zr.shape[1], *yr.shape[1:], dtype=torch.float64)
-    gram = zr @ zr.T + eps * torch.eye(len(zr), dtype=torch.float64)
+    n, d = zr.shape
+    if eps > 0 and d < n:  # same value through Z_r^T (Z_r Z_r^T + eps I)^-1 = (Z_r^T Z_r + eps I)^-1 Z_r^T: a d x d solve
+        return zu @ w0 + zu @ torch.linalg.solve(zr.T @ zr + eps * torch.eye(d, dtype=torch.float64), zr.T @ (yr - zr @ w0))
+    gram = zr @ zr.T + eps * torch.eye(n, dtype=torch.float64)
     return zu @ w0 + zu @ zr.T @ torch.linalg.solve(gram, yr - zr @ w0)
 
 
