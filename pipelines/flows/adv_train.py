@@ -46,7 +46,8 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
     torch.manual_seed(cfg["seed"])
     model = build_model({**spec, "weights": None, "name": name})
     eps = run["eps"] / 255
-    method = create_method(run["method"], eps=eps, seed=cfg["seed"], **run.get("options", {}))
+    alpha = run["step"] / 255 if run.get("step") is not None else None  # None: the method's default step
+    method = create_method(run["method"], eps=eps, alpha=alpha, seed=cfg["seed"], **run.get("options", {}))
     mon = cfg["monitor"]
 
     def alert(event: dict[str, Any]) -> None:
