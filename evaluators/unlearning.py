@@ -49,10 +49,15 @@ def mia(outputs: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int = 0) ->
     forget set; they are returned for inspection."""
     result = {}
     for name, feature, on_forget in (("mia_efficacy", true_class_confidence, 0), ("mia_member_rate", entropy, 1)):
-        attack = fit_attack(feature(*outputs["remain"]), feature(*outputs["test"]), seed)
+        members, nonmembers = feature(*outputs["remain"]), feature(*outputs["test"])
+        attack = fit_attack(members, nonmembers, seed)
         pred = attack.predict(feature(*outputs["forget"])[:, None])
         result[name] = round(100.0 * float(np.mean(pred == on_forget)), 2)
         result[f"{name}_attack"] = attack
+        # how well the attack tells remaining from test at all (50% = chance: its verdict on the forget set is noise)
+        hits = np.concatenate([attack.predict(members[:, None]) == 1, attack.predict(nonmembers[:, None]) == 0])
+        weights = np.concatenate([np.full(len(members), 0.5 / len(members)), np.full(len(nonmembers), 0.5 / len(nonmembers))])
+        result[f"{name}_attack_balanced_acc"] = round(100.0 * float(np.sum(hits * weights)), 2)
     return result
 
 
@@ -63,7 +68,8 @@ def unlearning_metrics(model, forget, remain, test, seed: int = 0) -> tuple[dict
     attacks = mia(outputs, seed)
     metrics = {"UA": round(100 - _accuracy(*outputs["forget"]), 2), "RA": round(_accuracy(*outputs["remain"]), 2),
                "TA": round(_accuracy(*outputs["test"]), 2),
-               "MIA": attacks["mia_efficacy"], "MIA_member_rate": attacks["mia_member_rate"]}
+               "MIA": attacks["mia_efficacy"], "MIA_member_rate": attacks["mia_member_rate"],
+               "MIA_attack_acc": attacks["mia_efficacy_attack_balanced_acc"]}
     return metrics, outputs["forget"][0]
 
 

@@ -241,3 +241,16 @@ def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_serv
     assert (tmp_path / "unlearn" / "class-2" / "muso.safetensors").is_file()
     page = (tmp_path / "reports" / "unlearn" / "index.md").read_text()
     assert "| muso |" in page and "Avg Gap" in page
+
+
+def test_mia_attack_accuracy_is_chance_when_members_and_nonmembers_look_alike():
+    labels = torch.zeros(400, dtype=torch.long)
+    confident = torch.tensor([[0.97, 0.03]]).repeat(400, 1)
+    same = mia({"remain": (confident[:300], labels[:300]), "test": (confident[300:], labels[300:]),
+                "forget": (confident[:50], labels[:50])})
+    assert same["mia_efficacy_attack_balanced_acc"] == 50.0  # identical confidences: one side is always wrong
+    unsure = torch.tensor([[0.4, 0.6]]).repeat(100, 1)
+    separable = mia({"remain": (confident[:300], labels[:300]), "test": (unsure, labels[300:]),
+                     "forget": (confident[:50], labels[:50])})
+    assert separable["mia_efficacy_attack_balanced_acc"] == 100.0
+    assert separable["mia_efficacy"] == 0.0  # forget samples as confident as members: all called members
