@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -238,3 +240,34 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
     merged = build_model(specs[3])
     assert evaluate_shardset(merged, sets["aoa"])["top1"] == metrics["lora"]["flat-lora"]["aoa"]
     assert "| flat-lora |" in (tmp_path / "reports" / "optim" / "index.md").read_text()
+
+
+def test_sam_state_dict_carries_the_base_momentum_and_the_fsam_ema():
+    """What a checkpoint (and the CO monitor's rollback) needs to resume exactly."""
+
+    def make():
+        w = nn.Parameter(torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64))
+        return w, build_optimizer("fsam", [w], lr=LR, momentum=0.9, rho=RHO, sigma=0.5)
+
+    def step(w, opt):
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * w @ A @ w - B @ w
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    w, opt = make()
+    for _ in range(3):
+        step(w, opt)
+    saved_w, saved = w.detach().clone(), copy.deepcopy(opt.state_dict())  # state_dict holds live tensors
+    step(w, opt)
+    expected = w.detach().clone()
+    w2, opt2 = make()
+    with torch.no_grad():
+        w2.copy_(saved_w)
+    opt2.load_state_dict(saved)
+    step(w2, opt2)
+    assert torch.equal(w2.detach(), expected)
+    assert opt2.param_groups is opt2.base_optimizer.param_groups

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from training.ood.base import OODMethod, OutlierExposure
+from training.ood.base import OODMethod
 from training.ood.energy_oe import EnergyOE
+from training.ood.oe import OutlierExposure
 from training.ood.orthloss import OrthLoss
 from training.ood.scores import SCORES
 

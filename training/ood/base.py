@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from training.ood.features import features_and_logits
 
@@ -32,12 +31,3 @@ class OODMethod:
 
     def terms(self, model, f_id, z_id, y_id, f_out, z_out) -> torch.Tensor:
         raise NotImplementedError
-
-
-class OutlierExposure(OODMethod):
-    """OE (Hendrycks et al., 2019): CE on ID plus ``oe_weight`` x cross-entropy to uniform on outliers."""
-
-    name = "oe"
-
-    def terms(self, model, f_id, z_id, y_id, f_out, z_out):
-        return F.cross_entropy(z_id, y_id) + self.oe_weight * uniform_cross_entropy(z_out).mean()

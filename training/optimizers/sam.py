@@ -70,6 +70,15 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
+    def state_dict(self) -> dict:
+        """Our state (F-SAM's EMA) and the base optimiser's (momentum, Adam moments), for checkpoints/rollback."""
+        return {"wrapper": super().state_dict(), "base": self.base_optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict["wrapper"])
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups  # shared again after both were rebuilt
+
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure (or use first_step/second_step)")

@@ -6,7 +6,7 @@ registry; each module holds one method.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -26,11 +26,16 @@ class UnlearningData:
 
 @dataclass
 class UnlearningMethod:
-    """Subclasses implement ``unlearn``; ``recipe`` holds the fine-tuning settings from params.yaml."""
+    """Subclasses implement ``unlearn``; ``recipe`` holds the settings from params.yaml over the method's
+    ``defaults`` (fine-tuning methods: the shared training ``Recipe``)."""
 
     recipe: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     name = "base"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __post_init__(self):
+        self.recipe = {**self.defaults, **self.recipe}
 
     def unlearn(self, model: nn.Module, data: UnlearningData) -> None:
         raise NotImplementedError

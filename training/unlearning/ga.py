@@ -7,14 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from training.optimizers import build_optimizer
+from training.unlearning.base import UnlearningMethod
 
 
-class GradientAscent:
+class GradientAscent(UnlearningMethod):
     name = "ga"
-
-    def __init__(self, recipe=None, seed: int = 0):
-        self.recipe = {"epochs": 1, "lr": 1e-4, "batch_size": 64, "optimizer": "sgd", **(recipe or {})}
-        self.seed = seed
+    defaults = {"epochs": 1, "lr": 1e-4, "batch_size": 64, "optimizer": "sgd"}
 
     def unlearn(self, model, data):
         x, y = data.forget

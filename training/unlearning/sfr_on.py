@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from training.optimizers import build_optimizer
+from training.unlearning.base import UnlearningMethod
 
 
 def diagonal_fisher(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -46,13 +47,10 @@ def loss_weights(losses: torch.Tensor) -> torch.Tensor:
     return w / w.mean()
 
 
-class SFROn:
+class SFROn(UnlearningMethod):
     name = "sfr-on"
-
-    def __init__(self, recipe=None, seed: int = 0):
-        self.recipe = {"iterations": 100, "lr": 1e-3, "batch_size": 64, "forget_every": 5, "alpha0": 25.0,
-                       "gamma": 1.0, "clip": 7.0, "fisher_samples": 256, "optimizer": "sgd", **(recipe or {})}
-        self.seed = seed
+    defaults = {"iterations": 100, "lr": 1e-3, "batch_size": 64, "forget_every": 5, "alpha0": 25.0, "gamma": 1.0,
+                "clip": 7.0, "fisher_samples": 256, "optimizer": "sgd"}
 
     def unlearn(self, model, data):
         r = self.recipe
