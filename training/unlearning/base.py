@@ -1,5 +1,5 @@
 """One interface for unlearning methods: given the original model and the split into forget and remaining data,
-return the unlearned model (in place). Methods that fine-tune use the shared training loop and optimiser
+``unlearn`` changes the model in place. Methods that fine-tune use the shared training loop and optimiser
 registry; each module holds one method.
 """
 
