@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import adv_training_section
 from model_zoo.training import Recipe, accuracy, train_classifier
@@ -33,16 +34,11 @@ def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) 
     return images[idx].float().div(255), labels[idx]
 
 
-@task(name="adversarial-training-run")
-def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+@task(name="adversarial-training-run", cache_policy=NO_CACHE)  # tensors are not cache keys
+def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any],
+                             data) -> dict[str, Any]:
     log = get_run_logger()
-    size = spec["data"]["input_size"][-1]
-    x, y, _ = load_split(cfg["train_root"], size)
-    xv, yv, _ = load_split(cfg["val_root"], size)
-    if cfg.get("mix_shards"):
-        xs, ys = shard_images(cfg["mix_shards"])
-        x, y = torch.cat([x, xs]), torch.cat([y, ys])
-        log.info("%s: %d DAmageNet images mixed into %d training images", name, len(xs), len(x) - len(xs))
+    (x, y), (xv, yv) = data
     torch.manual_seed(cfg["seed"])
     model = build_model({**spec, "weights": None, "name": name})
     eps = run["eps"] / 255
@@ -92,7 +88,15 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
 @flow(name="adv-train")
 def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/adv_train.json",
                    report_dir: str = "reports") -> dict[str, Any]:
-    results = {name: adversarial_training_run(name, run, cfg, spec) for name, run in cfg["runs"].items()}
+    size = spec["data"]["input_size"][-1]
+    x, y, _ = load_split(cfg["train_root"], size)
+    xv, yv, _ = load_split(cfg["val_root"], size)
+    if cfg.get("mix_shards"):
+        xs, ys = shard_images(cfg["mix_shards"])
+        get_run_logger().info("%d DAmageNet images mixed into %d training images", len(xs), len(x))
+        x, y = torch.cat([x, xs]), torch.cat([y, ys])
+    data = ((x, y), (xv, yv))  # loaded once, shared by every run
+    results = {name: adversarial_training_run(name, run, cfg, spec, data) for name, run in cfg["runs"].items()}
     write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(metrics_path, metrics)
