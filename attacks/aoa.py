@@ -2,9 +2,11 @@
 Dataset DAmageNet", TPAMI 2020): move the surrogate's SGLRP attention away from the true class.
 
 Loss (minimised): ``log||h(x, y)||_1 - log||h(x, y2(x))||_1 - lam * CE(x, y)`` with ``y2`` the current top other
-class, recomputed every step; L1-normalised steps (no sign); SI on by default (x, x/2, x/4, x/8; the authors'
-code also counts x twice, we weigh the four copies equally). The RMSD budget,
-L-inf projection and records come from :class:`attacks.base.Attack`.
+class, recomputed every step; L1-normalised steps (no sign). Defaults are the authors' code: SI over x, x, x/2, x/4,
+x/8 with the step ``alpha`` times the mean of the copies' L1-normalised gradients (not normalised again), z^B bounds
+from each image's own min/max (``bounds="image"``), ReLU per colour channel before summing the map (``relu=
+"channel"``), ``lam = 1``, relevance pass in fp32. The RMSD budget, L-inf projection and records come from
+:class:`attacks.base.Attack`.
 """
 
 from __future__ import annotations
@@ -21,21 +23,24 @@ from attacks.sglrp import SGLRP
 class AoA(Attack):
     step_rule = "l1"
 
-    def __init__(self, model, config=None, lam: float = 1.0, explicit: bool = True, **overrides):
+    def __init__(self, model, config=None, lam: float = 1.0, explicit: bool = True, bounds: str = "image",
+                 relu: str = "channel", inactive_pool: str = "spread", **overrides):
         """``lam`` weighs the cross-entropy term (1 in the authors' code); ``explicit=False`` takes the reference
-        (double-backward) gradient path instead of the explicit relevance pass."""
+        (double-backward) gradient path instead of the explicit relevance pass; ``bounds``, ``relu`` and
+        ``inactive_pool`` are the SGLRP conventions (:class:`attacks.sglrp.SGLRP`)."""
         super().__init__(model, config, **overrides)
-        if self.sglrp is None:
-            SGLRP(model)  # re-raise the UnsupportedLayerError that names the layer
+        # raises the UnsupportedLayerError that names the layer
+        self.sglrp = SGLRP(model, bounds=bounds, relu=relu, inactive_pool=inactive_pool)
         self.lam, self.explicit = lam, explicit
+        self.conventions = {"bounds": bounds, "relu": relu, "inactive_pool": inactive_pool}
 
     @classmethod
     def default_config(cls) -> AttackConfig:
-        return AttackConfig(si=4)
+        return AttackConfig(si=4, si_x_twice=True)
 
     @property
     def config_hash(self) -> str:
-        return self.config.digest(self.name, {"lam": self.lam})
+        return self.config.digest(self.name, {"lam": self.lam, **self.conventions})
 
     def objective(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.sglrp(x)

@@ -5,13 +5,17 @@ objective it *increases* (:meth:`Attack.objective`); this base owns the rest, id
 transfer comparison at one budget is fair:
 
 - inputs and outputs are [0,1] NCHW images on the uint8 grid (normalisation is inside the model wrapper);
-- gradient tricks: SI (scale copies x/2^i), DI (random resize 0.9-1 and pad, with probability ``di``), TI (Gaussian
-  smoothing of the gradient), MI (momentum on L1-normalised gradients);
-- the step: ``x <- clip(x + alpha * d, 0, 1)`` then projection into the L-inf ball ``eps``, with ``d`` the sign of the
-  gradient (FGSM family) or the gradient scaled to unit mean absolute value (AoA: L1 normalisation, no sign);
+- gradient tricks: SI (scale copies x/2^i, optionally counting x twice as the AoA authors do), DI (with probability
+  ``di``, a random resize to 90-99% and zero-pad back), TI (Gaussian smoothing of the gradient), MI (momentum on
+  L1-normalised gradients);
+- the step: ``x <- clip(x + alpha * d, 0, 1)`` then projection into the L-inf ball ``eps``. Sign attacks (FGSM
+  family) take ``d = sign(g)`` with ``g`` the mean of the copies' raw gradients (Lin et al.'s SI); L1 attacks (AoA)
+  take ``d`` = the mean of the copies' gradients, each scaled to unit mean absolute value (``g * N / ||g||_1``), and
+  do not normalise that mean again (the AoA authors' code: with SI the step is shorter than ``alpha``);
 - the budget: iterate until the RMSD from the original would exceed ``eta``; that last step is shortened (by
   bisection on its length) so that after rounding to uint8 the RMSD is at most ``eta``: the budget is a hard bound
-  and is used up. ``max_steps`` caps the loop.
+  and is used up. ``max_steps`` caps the loop;
+- precision: ``precision`` picks a policy of :mod:`attacks.precision` for the objective and its gradient.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from attacks.precision import PRECISIONS, forward_precision
 from attacks.sglrp import SGLRP, UnsupportedLayerError
 
 
@@ -36,11 +41,23 @@ class AttackConfig:
     alpha: float = 2 / 255  # step size
     max_steps: int = 100
     si: int = 1  # number of scale copies x/2^i (1 = off; SI uses 4 or 5)
+    si_x_twice: bool = False  # count the unscaled copy twice (AoA authors: x, x, x/2, x/4, x/8)
     di: float = 0.0  # probability of the DI resize-and-pad transform
     ti: int = 0  # TI Gaussian kernel size (0 = off; 15 at 224 px)
     mi: float = 0.0  # MI momentum decay (0 = off; MI-FGSM uses 1.0)
-    bf16: bool = False  # bf16 autocast for the objective's forward/backward (CUDA only)
+    precision: str = "fp32"  # fp32 (IEEE, no TF32) | bf16 (autocast): see attacks.precision
     seed: int = 0
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+
+    def copy_weights(self) -> torch.Tensor:
+        """Weight of each SI copy x/2^i in the averaged gradient (x counted twice: it has two shares)."""
+        w = torch.ones(self.si, dtype=torch.float64)
+        if self.si_x_twice:
+            w[0] = 2
+        return w / w.sum()
 
     def digest(self, name: str, extra: dict | None = None) -> str:
         """Short hash of the attack's name and full config (provenance in every record)."""
@@ -126,34 +143,38 @@ class Attack:
     # ---- shared mechanics ---------------------------------------------------------------------------------
 
     def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """DI: with probability ``di`` resize to a random 90-100% size and zero-pad back at a random place."""
-        if self.config.di <= 0:
+        """DI: with probability exactly ``di``, resize to a random 90-99% size and zero-pad back at a random place."""
+        if self.config.di <= 0 or torch.rand(1, generator=gen).item() >= self.config.di:
             return x
         h, w = x.shape[-2:]
-        size = int(torch.randint(int(h * 0.9), h + 1, (1,), generator=gen))
-        if size == h or torch.rand(1, generator=gen).item() > self.config.di:
-            return x
+        size = int(torch.randint(int(h * 0.9), h, (1,), generator=gen))  # always smaller: every draw transforms
         top, left = (int(v) for v in torch.randint(0, h - size + 1, (2,), generator=gen))
         small = F.interpolate(x, size=(size, size), mode="nearest")
         return F.pad(small, (left, w - size - left, top, h - size - top))
 
     def gradient(self, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Objective gradient with SI/DI/TI applied: each scale copy's gradient L1-normalised, then averaged."""
-        m = self.config.si
+        """Objective gradient with SI/DI/TI applied and the copies combined as the step rule needs (module doc).
+
+        With ``si_x_twice`` the unscaled copy gets a double share instead of a second identical computation."""
+        cfg = self.config
+        m = cfg.si
         copies = torch.cat([x / 2**i for i in range(m)]).detach().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16 and x.is_cuda):
+        with forward_precision(cfg.precision, x.device.type):
             value = self.objective(self._diverse(copies, gen), labels.repeat(m)).float().sum()
-        (g,) = torch.autograd.grad(value, copies)
+            (g,) = torch.autograd.grad(value, copies)
         g = g.float()
-        if self.config.ti:
-            k = gaussian_kernel(self.config.ti).to(g)
-            g = F.conv2d(g, k.expand(g.shape[1], 1, -1, -1), padding=self.config.ti // 2, groups=g.shape[1])
-        return unit_mean_abs(g).view(m, *x.shape).mean(0)
+        if cfg.ti:
+            k = gaussian_kernel(cfg.ti).to(g)
+            g = F.conv2d(g, k.expand(g.shape[1], 1, -1, -1), padding=cfg.ti // 2, groups=g.shape[1])
+        if self.step_rule == "l1":
+            g = unit_mean_abs(g)
+        weights = cfg.copy_weights().to(g).view(m, *([1] * x.dim()))
+        return (g.view(m, *x.shape) * weights).sum(0)
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         if self.step_rule == "sign":
             return g.sign()
-        return unit_mean_abs(g)
+        return unit_mean_abs(g) if self.config.mi else g  # a momentum sum is rescaled to a step of size alpha
 
     def _fit_budget(self, x0: torch.Tensor, x_prev: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
         """The furthest point on the segment x_prev -> x_new whose rounded RMSD is within ``eta`` (bisection)."""
@@ -182,8 +203,8 @@ class Attack:
             if len(idx) == 0:
                 break
             g = self.gradient(x[idx], labels[idx], gen)
-            if cfg.mi:
-                momentum[idx] = cfg.mi * momentum[idx] + g
+            if cfg.mi:  # Dong et al.: accumulate L1-normalised gradients
+                momentum[idx] = cfg.mi * momentum[idx] + unit_mean_abs(g)
                 g = momentum[idx]
             x_new = (x[idx] + cfg.alpha * self._direction(g)).clamp(0, 1)
             x_new = x0[idx] + (x_new - x0[idx]).clamp(-cfg.eps, cfg.eps)

@@ -1,23 +1,40 @@
 """SGLRP heat maps (softmax-gradient LRP) with the bounded deep-Taylor rule set used by the AoA authors.
 
-Rules: z^B for the first layer (bounds = the normalised images of 0 and 1, per channel), z+ (alpha=1, beta=0, bias
-ignored) for every other conv/dense layer and for average pooling, w^2 for the logit layer, winner-take-all for
-max-pooling, BatchNorm folded into the conv before it, and residual sums split in proportion to each input's
-contribution. A module with no rule raises :class:`UnsupportedLayerError` naming it.
+Rules: z^B for the first layer, z+ (alpha=1, beta=0, bias ignored) for every other conv/dense layer and for average
+pooling, w^2 for the logit layer, winner-take-all for max-pooling, BatchNorm folded into the conv before it, and
+residual sums split in proportion to each input's contribution. Activations (ReLU, ReLU6) pass relevance on
+unchanged. A module with no rule raises :class:`UnsupportedLayerError` naming it. Supported families: VGG, ResNet
+(no squeeze-excite), and the piecewise-linear MobileNet/EfficientNet-Lite family (depthwise convs, ReLU6, inverted
+residuals with linear bottlenecks, TF "same" padding, MobileNetV3 without SE or hard-swish).
+
+Details that decide whether the maps are the authors':
+- z+ on a layer whose input can be negative (the conv after a linear bottleneck) keeps the positive *contributions*
+  ``(a w)+ = a+ w+ + a- w-``; on ReLU outputs that is the textbook ``a w+``.
+- ``inactive_pool``: global average pooling passes on the relevance of a channel whose map is all zero evenly over
+  its positions (``"spread"``, default) rather than dropping it as z+ would (``"drop"``, zennit's rule). The authors'
+  Keras VGG19 has Flatten -> Dense where timm has a 1x1 conv, a global pool over the 1x1 map and a dense layer. w^2
+  hands relevance to inactive fc7 units too; the Flatten head passes it on through fc7's z+ rule, so a pool over a
+  1x1 map must be a reshape (dropping lost half of p_t on VGG19 at 224 px). On bigger maps (ResNet, EfficientNet at
+  7x7) "spread" is what w^2 on the equivalent Flatten -> Dense layer would give an inactive channel.
+- ``bounds``: z^B bounds are the scalar min and max of each normalised input image (``"image"``, the authors' code)
+  or the per-channel images of pixel values 0 and 1 (``"channel"``).
+- ``relu``: ``"channel"`` takes ``ReLU(A_t - A_d * sum(A_t) / sum(A_d))`` per colour channel and sums the channels
+  (the authors' code); ``"sum"`` sums the channels first.
 
 The target map A_t starts from p_c on class c, the dual map A_d from p_i on every other class; both starts are
-batched into one relevance pass, and ``h = ReLU(A_t - A_d * sum(A_t) / sum(A_d))`` uses the sums measured at the
-input, as the definition reads:
-w^2 hands relevance to inactive penultimate units, which the z+ layer below cannot pass on, so relevance is not
-conserved through the head and ``sum(A_t)`` is not ``p_c``. (Assuming conservation would fold the two passes into
-one, but then the map's total drifts negative and ReLU leaves nothing for most confident images.)
+batched into one relevance pass. The totals ``sum(A_t)``, ``sum(A_d)`` are measured at the input rather than taken as
+p_c and 1 - p_c, because the rules do not conserve relevance (w^2 reaches units with no positive contributions, and
+the first layer's z^B can lose or add some).
 
 Two ways to run the pass, which must agree:
 - ``explicit=True`` (the fast path): each layer's transpose is written out (conv-transpose with the positive
-  weights, a scatter onto the max-pool winners, ...), so the heat map is an ordinary differentiable graph and the attack's gradient costs a
-  single first-order backward;
+  weights, a scatter onto the max-pool winners, ...), so the heat map is an ordinary differentiable graph and the
+  attack's gradient costs a single first-order backward;
 - ``explicit=False`` (the reference): each transpose is taken by ``autograd.grad(create_graph=True)``, which is
   simple and obviously right but makes the attack's gradient a slow double backward.
+
+Precision: the relevance pass computes in the dtype of the starting relevance (fp32, or fp64 for an fp64 model)
+unless an autocast context lowers it; :mod:`attacks.precision` says why AoA keeps it in fp32.
 """
 
 from __future__ import annotations
@@ -27,11 +44,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, SelectAdaptivePool2d
+from timm.layers import BatchNormAct2d, ClassifierHead, Conv2dSame, SelectAdaptivePool2d
+from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vgg import VGG, ConvMlp
 
 _EPS = 1e-9
+BOUNDS = ("image", "channel")
+RELU = ("channel", "sum")
+INACTIVE_POOL = ("spread", "drop")
 
 
 class UnsupportedLayerError(TypeError):
@@ -60,7 +83,7 @@ def _vjp(fn, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 class Step:
-    """One layer of the relevance graph: ``forward`` keeps what ``relevance`` needs."""
+    """One layer of the relevance graph: ``forward`` keeps the activations that ``relevance`` needs."""
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -69,12 +92,17 @@ class Step:
         raise NotImplementedError
 
 
-class ReLUStep(Step):
+@dataclass
+class ActivationStep(Step):
+    """ReLU (``cap=None``) or ReLU6 (``cap=6``): relevance flows through the non-linearity unchanged."""
+
+    cap: float | None = None
+
     def forward(self, a):
-        return F.relu(a)
+        return F.relu(a) if self.cap is None else a.clamp(0, self.cap)
 
     def relevance(self, r, explicit):
-        return r  # relevance flows through the non-linearity unchanged
+        return r
 
 
 @dataclass
@@ -84,8 +112,11 @@ class LinearStep(Step):
     weight: torch.Tensor
     bias: torch.Tensor | None
     conv: dict | None  # stride/padding/dilation/groups for a conv, None for a dense layer
+    same_pad: bool = False  # TF "same" padding: pad (asymmetrically) at run time, as timm's Conv2dSame
     rule: str = "zplus"
-    bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+    bounds: str = "image"  # z^B bounds (see the module docstring)
+    channel_bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # the normalised images of 0 and 1
+    signed_input: bool = False  # the input can be negative (set by :func:`_mark_signed_inputs`)
     name: str = ""
 
     def op(self, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,18 +135,27 @@ class LinearStep(Step):
         pad_w = wd - ((out_w - 1) * st[1] - 2 * p[1] + d[1] * (k - 1) + 1)
         return F.conv_transpose2d(s, w, None, st, p, (pad_h, pad_w), c["groups"], d)
 
+    def _same_padding(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """timm's ``pad_same``: total padding to cover the input at this stride, the odd pixel on the right/bottom."""
+        st, d, (kh, kw) = self.conv["stride"], self.conv["dilation"], self.weight.shape[-2:]
+        ph = max((-(-h // st[0]) - 1) * st[0] + (kh - 1) * d[0] + 1 - h, 0)
+        pw = max((-(-w // st[1]) - 1) * st[1] + (kw - 1) * d[1] + 1 - w, 0)
+        return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
     def forward(self, a):
+        if self.rule == "zb":  # bounds of the unpadded input; padding is zero for the input and both bounds alike
+            if self.bounds == "image":
+                lo = a.detach().flatten(1).amin(1).view(-1, *([1] * (a.dim() - 1))).expand_as(a)
+                hi = a.detach().flatten(1).amax(1).view(-1, *([1] * (a.dim() - 1))).expand_as(a)
+            else:
+                lo, hi = (b.view(1, -1, *([1] * (a.dim() - 2))).expand_as(a) for b in self.channel_bounds)
+        self.pad = self._same_padding(*a.shape[-2:]) if self.same_pad else None
+        if self.pad:
+            a = F.pad(a, self.pad)
+        if self.rule == "zb":
+            self.lo, self.hi = (F.pad(b, self.pad) if self.pad else b for b in (lo, hi))
         self.a = a
-        z = self.op(a, self.weight, self.bias)
-        if self.rule == "zplus":
-            self.wp = self.weight.clamp(min=0)
-            self.z = self.op(a, self.wp)
-        elif self.rule == "zb":
-            lo, hi = (b.view(1, -1, *([1] * (a.dim() - 2))).expand_as(a) for b in self.bounds)
-            self.lo, self.hi = lo, hi
-            self.wp, self.wn = self.weight.clamp(min=0), self.weight.clamp(max=0)
-            self.z = self.op(a, self.weight) - self.op(lo, self.wp) - self.op(hi, self.wn)
-        return z
+        return self.op(a, self.weight, self.bias)
 
     def _transpose(self, s: torch.Tensor, w: torch.Tensor, at: torch.Tensor, explicit: bool) -> torch.Tensor:
         if explicit:
@@ -123,17 +163,27 @@ class LinearStep(Step):
         return _vjp(lambda x: self.op(x, w), at, s)
 
     def relevance(self, r, explicit):
+        w = self.weight.to(r.dtype)
         if self.rule == "wsquare":
-            w2 = self.weight.pow(2).flatten(1)
+            w2 = w.pow(2).flatten(1)
             return r @ (w2 / w2.sum(1, keepdim=True).clamp(min=_EPS))
-        rv, m = _per_image(r, self.z)
-        s = (rv / _stabilise(self.z)).flatten(0, 1)
-        if self.rule == "zplus":
-            c = self._transpose(s, self.wp, self.a, explicit)
-            return (c.view(m, *self.a.shape) * self.a).flatten(0, 1)
-        parts = [(self.a, self.weight), (self.lo, self.wp), (self.hi, self.wn)]
-        cs = [self._transpose(s, w, t, explicit).view(m, *t.shape) * t for t, w in parts]
-        return (cs[0] - cs[1] - cs[2]).flatten(0, 1)
+        a = self.a.to(r.dtype)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        if self.rule == "zplus" and self.signed_input:
+            parts = [(a.clamp(min=0), wp, 1), (a.clamp(max=0), wn, 1)]  # positive contributions a+w+ + a-w-
+        elif self.rule == "zplus":
+            parts = [(a, wp, 1)]
+        else:
+            parts = [(a, w, 1), (self.lo.to(r.dtype), wp, -1), (self.hi.to(r.dtype), wn, -1)]
+        z = sum(sign * self.op(t, wt) for t, wt, sign in parts)
+        rv, m = _per_image(r, z)
+        s = (rv / _stabilise(z)).flatten(0, 1)
+        out = sum(sign * self._transpose(s, wt, t, explicit).view(m, *t.shape) * t for t, wt, sign in parts)
+        out = out.flatten(0, 1)
+        if self.pad:
+            left, right, top, bottom = self.pad
+            out = out[..., top : out.shape[-2] - bottom, left : out.shape[-1] - right]
+        return out
 
 
 @dataclass
@@ -143,6 +193,9 @@ class MaxPoolStep(Step):
     padding: int | tuple
     ceil_mode: bool = False
 
+    def pool(self, a):
+        return F.max_pool2d(a, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode)
+
     def forward(self, a):
         self.a = a
         z, self.idx = F.max_pool2d(a, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode, return_indices=True)
@@ -150,7 +203,7 @@ class MaxPoolStep(Step):
 
     def relevance(self, r, explicit):
         if not explicit:
-            return _vjp(lambda x: F.max_pool2d(x, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode), self.a, r)
+            return _vjp(self.pool, self.a.to(r.dtype), r)
         m = r.shape[0] // self.a.shape[0]
         idx = self.idx.repeat(m, 1, 1, 1)
         n, ch, h, w = self.a.shape
@@ -161,9 +214,11 @@ class MaxPoolStep(Step):
 
 @dataclass
 class AvgPoolStep(Step):
-    """Average pooling as a linear layer with positive weights (z+). ``kernel=None`` is global pooling."""
+    """Average pooling as a linear layer with positive weights (z+). ``kernel=None`` is global pooling, which passes
+    an all-zero channel's relevance on evenly when ``spread_inactive`` (so a pool over a 1x1 map is a reshape)."""
 
     kernel: int | None = None
+    spread_inactive: bool = True
 
     def pool(self, a):
         return a.mean((2, 3)) if self.kernel is None else F.avg_pool2d(a, self.kernel, self.kernel)
@@ -172,20 +227,26 @@ class AvgPoolStep(Step):
         if self.kernel is not None and (a.shape[-1] % self.kernel or a.shape[-2] % self.kernel):
             raise UnsupportedLayerError(f"SGLRP: {tuple(a.shape[-2:])} map does not tile {self.kernel}x{self.kernel} average pooling")
         self.a = a
-        self.z = self.pool(a)
-        return self.z
+        return self.pool(a)
 
     def relevance(self, r, explicit):
-        rv, m = _per_image(r, self.z)
-        s = (rv / _stabilise(self.z)).flatten(0, 1)
+        a = self.a.to(r.dtype)
+        z = self.pool(a)
+        rv, m = _per_image(r, z)
+        s = (rv / torch.where(z > 0, z, 1)).flatten(0, 1)  # inputs are >= 0: z = 0 only where every input is 0
         if not explicit:
-            c = _vjp(self.pool, self.a, s)
+            c = _vjp(self.pool, a, s)
         elif self.kernel is None:
-            h, w = self.a.shape[-2:]
+            h, w = a.shape[-2:]
             c = (s / (h * w))[..., None, None].expand(-1, -1, h, w)
         else:
             c = s.repeat_interleave(self.kernel, 2).repeat_interleave(self.kernel, 3) / self.kernel**2
-        return (c.view(m, *self.a.shape) * self.a).flatten(0, 1)
+        out = c.view(m, *a.shape) * a
+        if self.kernel is None and self.spread_inactive:  # inactive channels: spread evenly instead of dropping
+            h, w = a.shape[-2:]
+            even = (rv / (h * w))[..., None, None].expand_as(out)
+            out = torch.where((z > 0)[None, ..., None, None], out, even)
+        return out.flatten(0, 1)
 
 
 class FlattenStep(Step):
@@ -199,22 +260,25 @@ class FlattenStep(Step):
 
 @dataclass
 class ResidualStep(Step):
-    """``act(branch(a) + shortcut(a))``: the sum's relevance is split in proportion to each input's contribution."""
+    """``act(branch(a) + shortcut(a))`` (``act=None``: a linear bottleneck's plain sum): the sum's relevance is
+    split in proportion to each input's contribution."""
 
     branch: list[Step]
     shortcut: list[Step] = field(default_factory=list)
+    act: ActivationStep | None = None
 
     def forward(self, a):
         self.b = _run(self.branch, a)
         self.s = _run(self.shortcut, a)
-        self.z = self.b + self.s
-        return F.relu(self.z)
+        z = self.b + self.s
+        return self.act.forward(z) if self.act is not None else z
 
     def relevance(self, r, explicit):
-        rv, _ = _per_image(r, self.z)
-        share = rv / _stabilise(self.z)
-        rb = (share * self.b).flatten(0, 1)
-        rs = (share * self.s).flatten(0, 1)
+        b, s = self.b.to(r.dtype), self.s.to(r.dtype)
+        rv, _ = _per_image(r, b)
+        share = rv / _stabilise(b + s)
+        rb = (share * b).flatten(0, 1)
+        rs = (share * s).flatten(0, 1)
         return _relevance(self.branch, rb, explicit) + _relevance(self.shortcut, rs, explicit)
 
 
@@ -230,6 +294,26 @@ def _relevance(steps: list[Step], r: torch.Tensor, explicit: bool) -> torch.Tens
     return r
 
 
+def _flatten_steps(steps: list[Step]) -> list[Step]:
+    out = []
+    for s in steps:
+        out += _flatten_steps(s.branch) + _flatten_steps(s.shortcut) if isinstance(s, ResidualStep) else [s]
+    return out
+
+
+def _mark_signed_inputs(steps: list[Step], nonneg: bool) -> bool:
+    """Flag each linear layer whose input can be negative; returns whether the chain's output is non-negative."""
+    for s in steps:
+        if isinstance(s, LinearStep):
+            s.signed_input, nonneg = not nonneg, False
+        elif isinstance(s, ActivationStep):
+            nonneg = True
+        elif isinstance(s, ResidualStep):
+            both = _mark_signed_inputs(s.branch, nonneg) & _mark_signed_inputs(s.shortcut, nonneg)
+            nonneg = s.act is not None or both
+    return nonneg
+
+
 # ---- model -> steps -------------------------------------------------------------------------------------------
 
 
@@ -240,16 +324,27 @@ def _linear(module: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None, name: str)
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         w = w * scale.view(-1, *([1] * (w.dim() - 1)))
         b = (b - bn.running_mean) * scale + bn.bias
+    w, b = w.detach(), b.detach()
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise UnsupportedLayerError(f"SGLRP: layer '{name}' uses padding {module.padding!r}/{module.padding_mode!r}")
         conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
-        return LinearStep(w, b, conv, name=name)
+        return LinearStep(w, b, conv, same_pad=isinstance(module, Conv2dSame), name=name)
     return LinearStep(w, b, None, name=name)
 
 
+def _activation(module: nn.Module, name: str) -> list[Step]:
+    if isinstance(module, nn.ReLU):
+        return [ActivationStep()]
+    if isinstance(module, nn.ReLU6):
+        return [ActivationStep(6.0)]
+    if isinstance(module, (nn.Identity, nn.Dropout)):
+        return []
+    raise UnsupportedLayerError(f"SGLRP has no rule for layer '{name}' ({type(module).__name__})")
+
+
 def _sequence(modules: list[tuple[str, nn.Module]]) -> list[Step]:
-    """Convert a chain of modules, folding each BatchNorm into the conv just before it."""
+    """Convert a chain of modules, folding each BatchNorm (and its fused activation) into the conv just before it."""
     steps: list[Step] = []
     i = 0
     while i < len(modules):
@@ -258,6 +353,8 @@ def _sequence(modules: list[tuple[str, nn.Module]]) -> list[Step]:
         if isinstance(mod, (nn.Conv2d, nn.Linear)):
             bn = nxt if isinstance(nxt, nn.BatchNorm2d) else None
             steps.append(_linear(mod, bn, name))
+            if isinstance(bn, BatchNormAct2d):
+                steps += _activation(bn.drop, f"{modules[i + 1][0]}.drop") + _activation(bn.act, f"{modules[i + 1][0]}.act")
             i += 2 if bn is not None else 1
             continue
         steps += _convert(mod, name)
@@ -269,6 +366,21 @@ def _children(module: nn.Module, prefix: str, names: list[str]) -> list[tuple[st
     return [(f"{prefix}.{n}" if prefix else n, getattr(module, n)) for n in names if getattr(module, n, None) is not None]
 
 
+def _refuse_extras(module: nn.Module, name: str, parts: tuple[str, ...]) -> None:
+    """Squeeze-excite, anti-aliasing and stochastic-depth modules have no rule here: refuse them by name."""
+    for part in parts:
+        sub = getattr(module, part, None)
+        if sub is not None and not isinstance(sub, nn.Identity):
+            raise UnsupportedLayerError(f"SGLRP has no rule for layer '{name}.{part}' ({type(sub).__name__})")
+
+
+_MOBILE_BLOCKS = {  # the modules of each timm mobile block in forward order (BatchNorm folded into the conv before it)
+    DepthwiseSeparableConv: ["conv_dw", "bn1", "conv_pw", "bn2"],
+    InvertedResidual: ["conv_pw", "bn1", "conv_dw", "bn2", "conv_pwl", "bn3"],
+    ConvBnAct: ["conv", "bn1"],
+}
+
+
 def _convert(module: nn.Module, name: str) -> list[Step]:
     if isinstance(module, VGG):
         return _sequence(_children(module, name, ["features", "pre_logits", "head"]))
@@ -277,15 +389,22 @@ def _convert(module: nn.Module, name: str) -> list[Step]:
         return _sequence(stem + _children(module, name, ["bn1", "act1", "maxpool", "layer1", "layer2", "layer3",
                                                           "layer4", "global_pool", "fc"]))
     if isinstance(module, (BasicBlock, Bottleneck)):
-        for part in ("se", "drop_block", "aa", "drop_path"):
-            sub = getattr(module, part, None)
-            if sub is not None and not isinstance(sub, nn.Identity):
-                raise UnsupportedLayerError(f"SGLRP has no rule for layer '{name}.{part}' ({type(sub).__name__})")
+        _refuse_extras(module, name, ("se", "drop_block", "aa", "drop_path"))
         parts = ["conv1", "bn1", "act1", "conv2", "bn2"]
         if isinstance(module, Bottleneck):
             parts += ["act2", "conv3", "bn3"]
         shortcut = _sequence(list(module.downsample.named_children())) if module.downsample is not None else []
-        return [ResidualStep(_sequence(_children(module, name, parts)), shortcut)]
+        return [ResidualStep(_sequence(_children(module, name, parts)), shortcut, ActivationStep())]
+    if isinstance(module, EfficientNet):
+        return _sequence(_children(module, name, ["conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool",
+                                                  "classifier"]))
+    if isinstance(module, MobileNetV3):
+        return _sequence(_children(module, name, ["conv_stem", "bn1", "blocks", "global_pool", "conv_head",
+                                                  "norm_head", "act2", "flatten", "classifier"]))
+    if type(module) in _MOBILE_BLOCKS:
+        _refuse_extras(module, name, ("se", "aa", "drop_path"))
+        branch = _sequence(_children(module, name, _MOBILE_BLOCKS[type(module)]))
+        return [ResidualStep(branch)] if module.has_skip else branch  # identity skip, no activation after the sum
     if isinstance(module, ConvMlp):
         # timm's VGG head average-pools small maps up to its kernel size; that resampling has no rule here
         return [_ConvMlpGuard(module.input_kernel_size, name)] + _sequence(_children(module, name, ["fc1", "act1", "fc2", "act2"]))
@@ -294,11 +413,9 @@ def _convert(module: nn.Module, name: str) -> list[Step]:
     if isinstance(module, SelectAdaptivePool2d):
         if module.pool_type != "avg":
             raise UnsupportedLayerError(f"SGLRP has no rule for layer '{name}' (global '{module.pool_type}' pooling)")
-        return [AvgPoolStep(None)]
+        return [AvgPoolStep(None)] if isinstance(module.flatten, nn.Flatten) else [AvgPoolStep(None), _Unflatten()]
     if isinstance(module, nn.Sequential):
         return _sequence([(f"{name}.{n}" if name else n, m) for n, m in module.named_children()])
-    if isinstance(module, nn.ReLU):
-        return [ReLUStep()]
     if isinstance(module, nn.MaxPool2d):
         return [MaxPoolStep(module.kernel_size, module.stride, module.padding, module.ceil_mode)]
     if isinstance(module, nn.AvgPool2d):
@@ -306,16 +423,27 @@ def _convert(module: nn.Module, name: str) -> list[Step]:
         if module.stride not in (k, (k, k)) or module.padding not in (0, (0, 0)):
             raise UnsupportedLayerError(f"SGLRP: average pool '{name}' must have stride == kernel and no padding")
         return [AvgPoolStep(k)]
-    if isinstance(module, (nn.Flatten,)):
+    if isinstance(module, nn.Flatten):
         return [FlattenStep()]
-    if isinstance(module, (nn.Dropout, nn.Identity)):
-        return []
     if isinstance(module, nn.BatchNorm2d):
         raise UnsupportedLayerError(f"SGLRP: BatchNorm '{name}' does not follow a conv, so it cannot be folded")
+    if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)):
+        return _activation(module, name)
     raise UnsupportedLayerError(
         f"SGLRP has no rule for layer '{name or type(module).__name__}' ({type(module).__name__}); "
-        "supported: VGG-style (conv, BatchNorm, ReLU, max/avg pool, dense) and ResNet-style networks"
+        "supported: VGG, ResNet and MobileNet/EfficientNet-Lite style networks (conv, BatchNorm, ReLU/ReLU6, "
+        "max/avg pool, dense, residual sums)"
     )
+
+
+class _Unflatten(Step):
+    """A global pool that keeps the 1x1 spatial dims (MobileNetV3's head conv follows it)."""
+
+    def forward(self, a):
+        return a[..., None, None]
+
+    def relevance(self, r, explicit):
+        return r.flatten(1)
 
 
 @dataclass
@@ -336,16 +464,30 @@ class _ConvMlpGuard(Step):
 
 
 class SGLRP(nn.Module):
-    """SGLRP heat maps of an :class:`~model_zoo.zoo.ImageClassifier` (inputs in [0,1])."""
+    """SGLRP heat maps of an :class:`~model_zoo.zoo.ImageClassifier` (inputs in [0,1]).
 
-    def __init__(self, classifier: nn.Module):
+    ``bounds`` and ``relu`` choose between the authors' conventions (the defaults) and the literal reading of the
+    paper, ``inactive_pool`` between a Flatten head's behaviour (default) and plain z+; see the module docstring.
+    """
+
+    def __init__(self, classifier: nn.Module, bounds: str = "image", relu: str = "channel",
+                 inactive_pool: str = "spread"):
         super().__init__()
-        self.classifier = classifier
+        for name, value, allowed in (("bounds", bounds, BOUNDS), ("relu", relu, RELU),
+                                     ("inactive_pool", inactive_pool, INACTIVE_POOL)):
+            if value not in allowed:
+                raise ValueError(f"SGLRP: {name} must be one of {allowed}, not {value!r}")
+        self.classifier, self.relu = classifier, relu
         steps = _convert(classifier.model, "")
+        for step in _flatten_steps(steps):
+            if isinstance(step, AvgPoolStep):
+                step.spread_inactive = inactive_pool == "spread"
         linear = [s for s in _flatten_steps(steps) if isinstance(s, LinearStep)]
         if not isinstance(steps[-1], LinearStep):
             raise UnsupportedLayerError("SGLRP: the model must end in a dense/1x1 logit layer")
-        linear[0].rule, linear[0].bounds = "zb", classifier.input_bounds()
+        _mark_signed_inputs(steps, nonneg=False)
+        first = linear[0]
+        first.rule, first.bounds, first.channel_bounds = "zb", bounds, classifier.input_bounds()
         steps[-1].rule = "wsquare"
         self.steps = steps
 
@@ -355,25 +497,19 @@ class SGLRP(nn.Module):
 
     def heatmaps(self, logits: torch.Tensor, classes: list[torch.Tensor], explicit: bool = True) -> torch.Tensor:
         """``(len(classes), B, H, W)`` SGLRP maps for the last :meth:`forward`; ``classes`` are ``(B,)`` index tensors."""
-        p = logits.float().softmax(1)
+        p = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
         starts = []
         for c in classes:
             target = torch.zeros_like(p).scatter(1, c[:, None], p.gather(1, c[:, None]))
             starts += [target, p - target]  # A_t from p_c alone; A_d from every other class's probability
-        rel = self.input_relevance(torch.cat(starts).to(logits.dtype), explicit).sum(1)
-        maps = rel.view(len(classes), 2, *logits.shape[:1], *rel.shape[-2:])
+        rel = self.input_relevance(torch.cat(starts), explicit)
+        maps = rel.view(len(classes), 2, *logits.shape[:1], *rel.shape[-3:])
         a_t, a_d = maps[:, 0], maps[:, 1]
-        total_t = a_t.flatten(2).sum(2)[..., None, None]
-        total_d = _stabilise(a_d.flatten(2).sum(2)[..., None, None])
-        return F.relu(a_t - a_d * total_t / total_d)
+        total_t = a_t.flatten(2).sum(2)[..., None, None, None]
+        total_d = _stabilise(a_d.flatten(2).sum(2)[..., None, None, None])
+        h = a_t - a_d * total_t / total_d
+        return F.relu(h).sum(2) if self.relu == "channel" else F.relu(h.sum(2))
 
     def input_relevance(self, r: torch.Tensor, explicit: bool = True) -> torch.Tensor:
         """Relevance on the input pixels (per channel) for starting relevance ``r`` (``(m*B, classes)``)."""
         return _relevance(self.steps, r, explicit)
-
-
-def _flatten_steps(steps: list[Step]) -> list[Step]:
-    out = []
-    for s in steps:
-        out += _flatten_steps(s.branch) + _flatten_steps(s.shortcut) if isinstance(s, ResidualStep) else [s]
-    return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attacks import AttackConfig, create_attack, list_attacks, quantize, rmsd
-from attacks.base import gaussian_kernel
+from attacks.base import gaussian_kernel, unit_mean_abs
 from attacks.sglrp import UnsupportedLayerError
 from model_zoo.zoo import ModelSpec, build_model
 
@@ -103,3 +103,78 @@ def test_aoa_lowers_attention_ratio_on_demo_surrogate(trained_zoo, small_world):
     clean_acc = sum(r["pred_before"] == t for r, t in zip(records, y.tolist())) / len(records)
     adv_acc = sum(r["pred_after"] == t for r, t in zip(records, y.tolist())) / len(records)
     assert adv_acc < clean_acc
+
+
+def _copy_gradient(attack, x, y):
+    """The objective's gradient at one (already scaled) copy, computed on its own."""
+    x = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(attack.objective(x, y).sum(), x)
+    return g
+
+
+def test_aoa_si_step_is_the_mean_of_five_normalised_copy_directions(random_surrogate):
+    """The authors' SI: x, x, x/2, x/4, x/8, each gradient L1-normalised (N / ||g||_1), averaged, not re-normalised."""
+    model = random_surrogate.double()
+    try:
+        x, y = quantize(torch.rand(2, 3, 32, 32, dtype=torch.double)), torch.tensor([3, 4])
+        attack = create_attack("aoa", model, AttackConfig(si=4, si_x_twice=True))
+        copies = [x, x, x / 2, x / 4, x / 8]
+        naive = sum(g * g[0].numel() / g.flatten(1).abs().sum(1).view(-1, 1, 1, 1)
+                    for g in (_copy_gradient(attack, c, y) for c in copies)) / 5
+        got = attack.gradient(x, y, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(got, naive.float(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(attack._direction(got), got)  # the step is alpha times this mean
+        assert (got.abs().flatten(1).mean(1) < 1).all()  # shorter than alpha, as in the authors' code
+    finally:
+        random_surrogate.float()
+
+
+def test_si_fgsm_step_is_the_sign_of_the_summed_raw_copy_gradients(random_surrogate):
+    """Lin et al.: the copies' raw gradients are summed (a copy with a large gradient weighs more), then signed."""
+    model = random_surrogate.double()
+    try:
+        x, y = quantize(torch.rand(2, 3, 32, 32, dtype=torch.double)), torch.tensor([3, 4])
+        attack = create_attack("si-fgsm", model, AttackConfig(si=4))
+        raw = sum(_copy_gradient(attack, x / 2**i, y) for i in range(4))
+        got = attack.gradient(x, y, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(attack._direction(got), raw.sign().float(), rtol=0, atol=0)
+        normalised = sum(unit_mean_abs(_copy_gradient(attack, x / 2**i, y)) for i in range(4))
+        assert not torch.equal(normalised.sign().float(), attack._direction(got))  # the rule makes a difference
+    finally:
+        random_surrogate.float()
+
+
+def test_di_transforms_with_exactly_the_configured_probability(random_surrogate):
+    x = torch.rand(2, 3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    for p in (0.3, 1.0):
+        attack = create_attack("di-fgsm", random_surrogate, BUDGET, di=p)
+        changed = sum(not torch.equal(attack._diverse(x, gen), x) for _ in range(1000))
+        sigma = (1000 * p * (1 - p)) ** 0.5
+        assert abs(changed - 1000 * p) <= 3 * sigma + 1e-9  # at p = 1 every draw transforms
+
+
+def test_precision_policy_fp32_is_faithful_and_bf16_is_not(random_surrogate):
+    """The default policy keeps AoA's heat map within 1% of fp64 and the gradient at cosine >= 0.999 (CPU autocast
+    stands in for the GPU's bf16); bf16 autocast does not, which is why it is not AoA's policy."""
+    from attacks.precision import policy_error
+
+    torch.manual_seed(2)
+    x, y = quantize(torch.rand(4, 3, 32, 32)), torch.tensor([0, 3, 5, 7])
+    assert AttackConfig().precision == "fp32" and create_attack("aoa", random_surrogate).config.precision == "fp32"
+    faithful = policy_error(random_surrogate, x, y, "fp32")
+    assert faithful["map_rel_error"] < 0.01 and faithful["grad_cosine"] >= 0.999
+    coarse = policy_error(random_surrogate, x, y, "bf16")
+    assert coarse["map_rel_error"] > 0.01 or coarse["grad_cosine"] < 0.999
+    with pytest.raises(ValueError, match="precision must be one of"):
+        AttackConfig(precision="bf17")
+
+
+def test_aoa_conventions_reach_sglrp_and_the_config_hash(random_surrogate):
+    authors = create_attack("aoa", random_surrogate)
+    literal = create_attack("aoa", random_surrogate, bounds="channel", relu="sum")
+    assert (authors.sglrp.relu, authors.sglrp.steps[0].bounds) == ("channel", "image")
+    assert (literal.sglrp.relu, literal.sglrp.steps[0].bounds) == ("sum", "channel")
+    assert authors.config_hash != literal.config_hash
+    x, y = quantize(torch.rand(2, 3, 32, 32)), torch.tensor([1, 2])
+    assert not torch.equal(authors.gradient(x, y, torch.Generator()), literal.gradient(x, y, torch.Generator()))

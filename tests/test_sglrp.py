@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn as nn
+from lrp_reference import flatten_head_twin, zennit_model_relevance
 
 from attacks.sglrp import SGLRP, UnsupportedLayerError
 from model_zoo.zoo import ImageClassifier, ModelSpec, build_model
@@ -32,13 +34,29 @@ def _model(arch, **kwargs):
     return _randomise_bn(m).double().eval()
 
 
-MODELS = {"vgg": lambda: _model("vgg_demo"), "resnet": lambda: _model("resnet10t", **TINY_RESNET)}
+def _lite(arch, size=64):
+    torch.manual_seed(0)
+    m = build_model(ModelSpec(name=arch, arch=arch, num_classes=10, data={"input_size": (3, size, size)}))
+    return _randomise_bn(m).double().eval()
+
+
+MODELS = {
+    "vgg": lambda: _model("vgg_demo"),
+    "resnet": lambda: _model("resnet10t", **TINY_RESNET),
+    "efficientnet_lite": lambda: _lite("tf_efficientnet_lite0"),
+    "mobilenetv2": lambda: _lite("mobilenetv2_050"),
+    "mobilenetv3_minimal": lambda: _lite("tf_mobilenetv3_small_minimal_100"),
+}
+
+
+def _size(model):
+    return model.data_config["input_size"][-1]
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_forward_equals_model_with_batchnorm_folded(family):
     model = MODELS[family]()
-    x = torch.rand(3, 3, 32, 32, dtype=torch.double)
+    x = torch.rand(3, 3, _size(model), _size(model), dtype=torch.double)
     torch.testing.assert_close(SGLRP(model)(x), model(x), rtol=1e-10, atol=1e-10)
 
 
@@ -61,8 +79,9 @@ def test_heatmaps_non_negative_nonzero_and_class_specific(trained_zoo, name):
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_fast_path_matches_reference_heatmaps_and_loss_gradients(family):
-    lrp = SGLRP(MODELS[family]())
-    x = torch.rand(3, 3, 32, 32, dtype=torch.double, requires_grad=True)
+    model = MODELS[family]()
+    lrp = SGLRP(model)
+    x = torch.rand(3, 3, _size(model), _size(model), dtype=torch.double, requires_grad=True)
     y, y2 = torch.tensor([0, 4, 9]), torch.tensor([3, 3, 1])
     grads, maps = [], []
     for explicit in (True, False):
@@ -91,9 +110,11 @@ def test_zplus_relevance_is_conserved_on_bias_free_relu_network():
     torch.testing.assert_close(relevance.flatten(1).sum(1), r.sum(1), rtol=1e-6, atol=1e-9)
 
 
-def test_heatmap_is_the_sglrp_formula_over_two_separate_passes():
-    """h = ReLU(A_t - A_d * sum(A_t) / sum(A_d)), each map from its own relevance pass, computed naively here."""
-    lrp = SGLRP(MODELS["vgg"]())
+@pytest.mark.parametrize("relu", ["channel", "sum"])
+def test_heatmap_is_the_sglrp_formula_over_two_separate_passes(relu):
+    """h = ReLU(A_t - A_d * sum(A_t) / sum(A_d)) per colour channel then summed (authors), or summed then ReLU;
+    each map from its own relevance pass, computed naively here."""
+    lrp = SGLRP(MODELS["vgg"](), relu=relu)
     x = torch.rand(3, 3, 32, 32, dtype=torch.double)
     logits = lrp(x)
     c = torch.tensor([2, 5, 9])
@@ -105,11 +126,102 @@ def test_heatmap_is_the_sglrp_formula_over_two_separate_passes():
         start_t[0, c[i]] = p[i, c[i]]
         start_d = p[i : i + 1].clone()
         start_d[0, c[i]] = 0
-        a_t = lrp.input_relevance(start_t).sum(1)[0]
-        a_d = lrp.input_relevance(start_d).sum(1)[0]
-        expected.append(torch.relu(a_t - a_d * a_t.sum() / a_d.sum()))
+        a_t = lrp.input_relevance(start_t)[0]
+        a_d = lrp.input_relevance(start_d)[0]
+        diff = a_t - a_d * a_t.sum() / a_d.sum()
+        expected.append(torch.relu(diff).sum(0) if relu == "channel" else torch.relu(diff.sum(0)))
     lrp(x)
-    torch.testing.assert_close(lrp.heatmaps(logits, [c])[0], torch.stack(expected), rtol=1e-7, atol=1e-12)
+    maps = lrp.heatmaps(logits, [c])[0]
+    torch.testing.assert_close(maps, torch.stack(expected), rtol=1e-7, atol=1e-12)
+    assert (maps > 0).any()
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_timm_vgg_head_relevance_equals_flatten_head(explicit):
+    """timm's head (1x1 conv, global pool over a 1x1 map, dense) must give the Flatten head's relevance: w^2 feeds
+    inactive fc7 units too, and the pool may not drop what they get."""
+    torch.manual_seed(0)
+    vgg = build_model(ModelSpec(name="v", arch="vgg_demo", num_classes=10, data={"input_size": (3, 28, 28)}))
+    vgg = _randomise_bn(vgg).double().eval()
+    twin = flatten_head_twin(vgg)
+    x = torch.rand(4, 3, 28, 28, dtype=torch.double)
+    torch.testing.assert_close(twin(x), vgg(x), rtol=1e-10, atol=1e-10)
+    timm_lrp, flat_lrp = SGLRP(vgg), SGLRP(twin)
+    logits = timm_lrp(x)
+    fc7 = torch.relu(vgg.model.pre_logits(vgg.model.features(vgg.normalize(x)))).flatten(1)
+    assert (fc7 == 0).any(), "some fc7 units must be inactive, or the test shows nothing"
+    y, y2 = torch.tensor([0, 3, 5, 9]), torch.tensor([1, 1, 2, 2])
+    maps = timm_lrp.heatmaps(logits, [y, y2], explicit=explicit)
+    twin_maps = flat_lrp.heatmaps(flat_lrp(x), [y, y2], explicit=explicit)
+    scale = twin_maps.amax((2, 3), keepdim=True)  # h is a small difference of large maps: compare on its own scale
+    assert (scale > 0).all()
+    torch.testing.assert_close(maps / scale, twin_maps / scale, rtol=0, atol=1e-9)
+    # every rule on this path conserves: the target map keeps p_t
+    p = logits.softmax(1)
+    start = torch.zeros_like(p).scatter(1, y[:, None], p.gather(1, y[:, None]))
+    kept = timm_lrp.input_relevance(start).flatten(1).sum(1) / start.sum(1)
+    torch.testing.assert_close(kept, torch.ones_like(kept), rtol=1e-5, atol=0)
+
+
+def test_global_pool_spreads_an_inactive_channel_evenly_and_active_ones_by_contribution():
+    from attacks.sglrp import AvgPoolStep
+
+    pool = AvgPoolStep(None)
+    a = torch.zeros(1, 2, 2, 2, dtype=torch.double)
+    a[0, 0] = torch.tensor([[1.0, 3.0], [0.0, 0.0]])
+    pool.forward(a)
+    r = torch.tensor([[4.0, 8.0]], dtype=torch.double)
+    for explicit in (True, False):
+        out = pool.relevance(r, explicit)
+        torch.testing.assert_close(out[0, 0], torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=torch.double))
+        torch.testing.assert_close(out[0, 1], torch.full((2, 2), 2.0, dtype=torch.double))
+
+
+ZENNIT_CASES = {  # timm's VGG pool over a 1x1 map is the Flatten twin's reshape
+    "vgg_flatten_head": lambda: flatten_head_twin(_randomise_bn(build_model(ModelSpec(
+        name="v", arch="vgg_demo", num_classes=10, data={"input_size": (3, 28, 28)}))).double().eval()),
+    "efficientnet_lite": MODELS["efficientnet_lite"],
+    "mobilenetv2": MODELS["mobilenetv2"],
+}
+
+
+@pytest.mark.parametrize("bounds", ["image", "channel"])
+@pytest.mark.parametrize("case", sorted(ZENNIT_CASES))
+def test_input_relevance_matches_zennit(case, bounds):
+    """The same rule set in zennit (an independent LRP implementation), per input pixel and channel. zennit's pool
+    rule drops an all-zero channel's relevance; ours spreads it unless told to drop (tested above)."""
+    torch.manual_seed(1)
+    model = ZENNIT_CASES[case]()
+    lrp = SGLRP(model, bounds=bounds, inactive_pool="drop")
+    size = _size(model)
+    x = torch.rand(2, 3, size, size, dtype=torch.double)
+    with torch.no_grad():
+        logits = lrp(x)
+    start = torch.rand_like(logits) * logits.softmax(1)
+    ours = lrp.input_relevance(start)
+    ref = zennit_model_relevance(model, x, start, bounds)
+    scale = ours.abs().amax()
+    assert scale > 0
+    torch.testing.assert_close(ours / scale, ref / scale, rtol=0, atol=1e-8)
+
+
+def test_relevance_is_conserved_when_every_rule_conserves_on_an_efficientnet_lite():
+    """With non-negative weights every z+ denominator is positive, so inverted residuals, depthwise convs, 'same'
+    padding, the pool and the head together must keep the starting relevance exactly."""
+    model = MODELS["efficientnet_lite"]()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                mod.weight.abs_()
+            if isinstance(mod, nn.BatchNorm2d):  # and every unit active, so no z+ denominator is zero
+                mod.bias.abs_().add_(0.1)
+                mod.running_mean.abs_().neg_()
+    lrp = SGLRP(model)
+    x = 0.5 + 0.5 * torch.rand(3, 3, 64, 64, dtype=torch.double)  # non-negative once normalised (mean = std = 0.5)
+    logits = lrp(x)
+    start = logits.softmax(1)
+    total = lrp.input_relevance(start).flatten(1).sum(1)
+    torch.testing.assert_close(total, start.sum(1), rtol=1e-7, atol=0)  # only the 1e-9 stabilisers differ
 
 
 def test_unsupported_layer_is_named():
@@ -120,3 +232,81 @@ def test_unsupported_layer_is_named():
     convnext = build_model(ModelSpec(name="c", arch="convnext_atto", num_classes=10))
     with pytest.raises(UnsupportedLayerError, match="ConvNeXt"):
         SGLRP(convnext)
+    mobilenetv3 = build_model(ModelSpec(name="m", arch="mobilenetv3_small_050", num_classes=10))  # SE, hard-swish
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'bn1\.act' \(Hardswish\)"):
+        SGLRP(mobilenetv3)
+    efficientnet = build_model(ModelSpec(name="e", arch="efficientnet_b0", num_classes=10))  # SiLU
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'bn1\.act' \(SiLU\)"):
+        SGLRP(efficientnet)
+
+
+# ---- a real photograph and ImageNet-pretrained weights that install offline (dev extra) ---------------------------
+
+ESPRESSO = 967  # ImageNet-1k index of "espresso"
+CUP_BOX = (35, 5, 175, 140)  # x0, y0, x1, y1 of the cup and its coffee in the 224 px crop, drawn by hand
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    from model_zoo.converters import efficientnet_lite_state_dict
+
+    model = build_model(ModelSpec(name="lite0", arch="tf_efficientnet_lite0"))
+    model.model.load_state_dict(efficientnet_lite_state_dict("tf_efficientnet_lite0", model.model))
+    return model
+
+
+@pytest.fixture(scope="module")
+def coffee_photo():
+    """scikit-image's coffee photograph, resized (short side) and centre-cropped to 224 px, in [0,1]."""
+    from PIL import Image
+    from skimage import data
+    from timm.data import create_transform
+
+    crop = create_transform(input_size=224, interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1), crop_pct=1.0)
+    return crop(Image.fromarray(data.coffee()))[None]
+
+
+def test_lite0_package_weights_reproduce_the_package_reference_model(lite0, coffee_photo):
+    import warnings
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from model_zoo.converters import package_weights_file
+
+    with warnings.catch_warnings(), torch.no_grad():
+        reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(package_weights_file(
+            "tf_efficientnet_lite0"))).eval()
+        ours = lite0(coffee_photo)
+        theirs = reference(lite0.normalize(coffee_photo))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert ours.argmax().item() == ESPRESSO
+
+
+def test_pretrained_lite0_heatmap_puts_its_relevance_on_the_cup(lite0, coffee_photo):
+    lrp = SGLRP(lite0)
+    logits = lrp(coffee_photo)
+    h = lrp.heatmaps(logits, [torch.tensor([ESPRESSO])])[0, 0]
+    inside = torch.zeros_like(h, dtype=torch.bool)
+    x0, y0, x1, y1 = CUP_BOX
+    inside[y0:y1, x0:x1] = True
+    assert h[inside].sum() > 0.8 * h.sum()  # the box is 38% of the image
+    assert h[inside].mean() > 5 * h[~inside].mean()
+
+
+def test_precision_policy_on_pretrained_lite0(lite0, coffee_photo):
+    from attacks.precision import policy_error
+
+    faithful = policy_error(lite0, coffee_photo, torch.tensor([ESPRESSO]), "fp32")
+    assert faithful["map_rel_error"] < 0.01 and faithful["grad_cosine"] >= 0.999
+
+
+def test_pretrained_lite0_relevance_matches_zennit_on_the_photo(lite0, coffee_photo):
+    model = copy.deepcopy(lite0).double()
+    x = coffee_photo.double()
+    lrp = SGLRP(model, inactive_pool="drop")
+    with torch.no_grad():
+        p = lrp(x).softmax(1)
+    start = torch.zeros_like(p).scatter(1, torch.tensor([[ESPRESSO]]), p[:, ESPRESSO : ESPRESSO + 1])
+    ours = lrp.input_relevance(start)
+    ref = zennit_model_relevance(model, x, start, "image")
+    assert float((ours - ref).abs().sum() / ref.abs().sum()) < 1e-6

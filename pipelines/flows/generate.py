@@ -84,7 +84,8 @@ def generate_flow(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(options)
-    attack_kwargs = {k: options.pop(k) for k in ("lam",) if k in options}  # attack arguments outside the config
+    aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
+    attack_kwargs = {k: options.pop(k) for k in aoa_arguments if k in options}
     if attack not in list_attacks():
         raise KeyError(f"unknown attack {attack!r}; known attacks: {', '.join(list_attacks())}")
     config = attack_config(budget, options)
