@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from shards.shardset import shard_paths
+from shards.shardset import FIELDS, shard_paths
 
 
 def shardset_hash(root: Path | str) -> str:
@@ -38,6 +38,15 @@ def weights_hash(spec: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def _format_fields_only(sample: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a sample with members the shard format does not define (a ``.pyd`` would be unpickled: code runs)."""
+    extra = sorted(k for k in sample if not k.startswith("__") and k not in FIELDS)
+    if extra:
+        raise ValueError(f"{sample.get('__url__')}: sample {sample['__key__']!r} has members {extra} beyond "
+                         f"{sorted(FIELDS)}; refusing to read it")
+    return sample
+
+
 def _decode(sample):
     return torch.from_numpy(np.array(sample[0])).permute(2, 0, 1), int(sample[1]), sample[2]
 
@@ -49,7 +58,8 @@ def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
         raise FileNotFoundError(f"{root}: no shards")
     ds = (
         wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
-        .decode("rgb8")
+        .map(_format_fields_only)
+        .decode("rgb8", only=["png", "cls"])
         .to_tuple("png", "cls", "__key__")
         .map(_decode)
         .batched(batch_size, partial=True)

@@ -179,8 +179,10 @@ def _serve(args, params):
 def _verify(args, params):
     from shards.verify import verify_shardset
 
-    num_classes = args.num_classes or section(params, "source", args.params).get("num_classes", 1000)
-    problems = verify_shardset(args.shards, num_classes, args.clean)
+    source = section(params, "source", args.params)
+    num_classes = args.num_classes or source.get("num_classes", 1000)
+    budget = params.get("budget") if args.clean else None  # the run's budget, never the samples' own records
+    problems = verify_shardset(args.shards, num_classes, args.clean, budget=budget, size=source.get("size"))
     for p in problems:
         print(p)
     print(f"{args.shards}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
@@ -234,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", _serve, "Serve evaluate+report on a cron schedule (Prefect serve); new models in the list are "
             "evaluated against the published shards, the others come from the cache.")
     p.add_argument("--cron", help="cron schedule (default: report.schedule in params.yaml)")
-    p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, PNG decoding, label range and, "
-            "with --clean, every image's RMSD/L-inf budget. Exits 1 on any problem.")
+    p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, member types, PNG decoding, "
+            "image size (source.size), label range and, with --clean, each label against the clean image's and "
+            "every image's RMSD/L-inf against the budget in params. Exits 1 on any problem.")
     p.add_argument("shards", help="shard set folder, e.g. data/shards/aoa")
     p.add_argument("--clean", help="the clean shard set the attack started from (enables the budget checks)")
     p.add_argument("--num-classes", type=int, help="label range (default: source.num_classes from params)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 
 from attacks import AttackConfig, create_attack
 from model_zoo.zoo import build_model
-from shards.shardset import ShardWriter, read_shard
+from shards.shardset import ShardWriter, read_shard, shard_records, tar_samples
 
 
 def shard_seed(seed: int, name: str) -> int:
@@ -26,7 +27,8 @@ def shard_seed(seed: int, name: str) -> int:
 
 
 def job_digest(unit: dict[str, Any]) -> str:
-    """Everything that decides a shard's bytes except its paths: attack, config, surrogate, batching, seed."""
+    """Everything that decides a shard's bytes except its paths: the clean shard's checksum, attack, config,
+    surrogate, batching, seed."""
     job = {k: v for k, v in unit.items() if k not in ("in_shard", "out_shard")}
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -44,12 +46,16 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
     """
     out = Path(unit["out_shard"])
     digest = job_digest(unit)
+    repaired = None
     if out.exists():
-        made_with = next(read_shard(out))["json"].get("job_digest")
-        if made_with != digest:  # never skip (or silently replace) a shard made with other parameters
-            raise FileExistsError(f"{out}: made with other parameters (job {made_with}, now {digest}); "
-                                  "move the old set away or use another output folder")
-        return {"shard": out.name, "skipped": True, "device": device}
+        state = _existing_output(out, digest, count=sum(1 for _ in tar_samples(unit["in_shard"])))
+        if state == "complete":
+            return {"shard": out.name, "skipped": True, "device": device}
+        if state.startswith("job "):  # never skip (or silently replace) a shard made by another job
+            raise FileExistsError(f"{out}: made with other parameters or from another clean shard ({state}, now "
+                                  f"{digest}); move the old set away or use another output folder")
+        repaired = state
+        out.unlink()  # damaged: regenerate it
     if device == "cpu":
         torch.set_num_threads(1)  # one thread per CPU worker: results do not depend on the worker count
     start = time.perf_counter()
@@ -71,4 +77,20 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
                 sink.write({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
                 count, steps = count + 1, steps + rec["steps"]
     return {"shard": out.name, "skipped": False, "device": device, "count": count, "steps": steps,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "repaired": repaired}
+
+
+def _existing_output(out: Path, digest: str, count: int) -> str:
+    """``"complete"``; ``"job <digest>"`` when another job made it; otherwise what is damaged about it."""
+    try:
+        records = [meta for _, _, meta in shard_records(out)]
+    except (tarfile.TarError, OSError, ValueError, KeyError) as e:  # truncated, zero bytes, garbled members
+        return f"unreadable: {e}"
+    if not records:
+        return "no samples"
+    made_with = {r.get("job_digest") for r in records}
+    if made_with != {digest}:
+        return f"job {', '.join(sorted(map(str, made_with)))}"
+    if len(records) != count:
+        return f"{len(records)} samples, its clean shard has {count}"
+    return "complete"

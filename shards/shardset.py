@@ -10,8 +10,9 @@ Layout of one set (``data/shards/<name>/``)::
     README.md               the dataset card (written by the stage that made the set)
 
 Every tar is byte-identical for the same samples: fixed sample order, ``mtime=0``, fixed PNG settings, JSON with
-sorted keys. A shard is written under a temporary name and renamed when complete, so a crash leaves no half
-shard and a rerun only writes the shards that are missing. Never pickle in published shards.
+sorted keys. A shard is written under a temporary name of its own (``<name>.<pid>-<random>.tmp``) and renamed when
+complete, so a crash leaves no half shard and a rerun only writes the shards that are missing. Never pickle in
+published shards; readers here decode only the fields the format defines and refuse any other.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import webdataset as wds
 from PIL import Image
 
 INDEX_FILES = ("shardindex.json", "_info.json", "manifest.jsonl")
+FIELDS = {"png", "cls", "json"}  # the only members a sample may have
 
 
 def shard_name(set_name: str, index: int) -> str:
@@ -59,7 +62,8 @@ class ShardWriter:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        # a name of its own: two writers of one shard never share (or delete) each other's file
+        self.tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         self.file = open(self.tmp, "wb")
         self.tar = wds.TarWriter(self.file, mtime=0, encoder=False)
         self.count = 0
@@ -100,21 +104,32 @@ def write_shard(path: Path | str, samples: list[dict[str, Any]]) -> None:
 
 
 def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard in order: ``{"key", "image", "cls", "json"}``."""
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    for s in ds:
-        yield {"key": s["__key__"], "image": decode_png(s["png"]), "cls": int(s["cls"]), "json": json.loads(s["json"])}
+    """Samples of one shard in order: ``{"key", "image", "cls", "json"}``. Only ``png``, ``cls`` and ``json`` are
+    decoded (never a pickle); a sample with any other member is refused, naming it."""
+    for key, fields in tar_samples(path):
+        if set(fields) != FIELDS:
+            raise ValueError(f"{path}: sample {key!r} has members {sorted(fields)}; a shard sample holds exactly "
+                             f"{sorted(FIELDS)} (other members, pickles above all, are never decoded)")
+        yield {"key": key, "image": decode_png(fields["png"]), "cls": int(fields["cls"]),
+               "json": json.loads(fields["json"])}
 
 
 def tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: raw bytes})`` in tar order, with the standard library (no decoding, no webdataset)."""
+    """``(key, {ext: raw bytes})`` in tar order, with the standard library (no decoding, no webdataset).
+
+    Raises ``ValueError`` naming the member for anything but a regular file, and for a member that repeats one of
+    the current sample (two adjacent samples with the same key)."""
     current, fields = None, {}
     with tarfile.open(path) as tar:
         for member in tar:
+            if not member.isfile():
+                raise ValueError(f"{path}: member {member.name!r} is not a regular file")
             key, _, ext = member.name.partition(".")
             if key != current and current is not None:
                 yield current, fields
                 fields = {}
+            if ext in fields:
+                raise ValueError(f"{path}: member {member.name!r} repeats (duplicate key {key!r})")
             current = key
             fields[ext] = tar.extractfile(member).read()
     if current is not None:
@@ -144,12 +159,13 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def write_index(root: Path | str, set_name: str) -> dict[str, Any]:
-    """Write shardindex.json, _info.json, manifest.jsonl and SHA256SUMS for the shards in ``root``."""
+def write_index(root: Path | str, set_name: str, shards: list[Path] | None = None) -> dict[str, Any]:
+    """Write shardindex.json, _info.json, manifest.jsonl and SHA256SUMS for ``shards`` (default: every shard in
+    ``root``). Call it only while no other process writes to ``root``: leftover temporary files are removed."""
     root = Path(root)
-    for stale in root.glob("*.tar.tmp"):  # left by an interrupted run
+    for stale in root.glob("*.tar.*.tmp"):  # left by an interrupted run
         stale.unlink()
-    shards = shard_paths(root)
+    shards = sorted(shards) if shards is not None else shard_paths(root)
     counts, manifest = [], []
     for p in shards:
         n = 0

@@ -1,27 +1,32 @@
-"""Check a published shard set: checksums, counts, keys, PNG decoding, labels and (given the clean set) budgets."""
+"""Check a published shard set: checksums, counts, keys, PNG decoding, image size, labels and (given the clean set
+and the run's budget) every image's label and budget. Every problem becomes one line naming the file; nothing in a
+damaged set makes the check itself crash."""
 
 from __future__ import annotations
 
 import json
+import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from shards.shardset import decode_png, sha256_file, shard_paths, tar_samples
+from shards.shardset import FIELDS, decode_png, sha256_file, shard_paths, tar_samples
+
+_SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
 
 
-def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None = None) -> list[str]:
-    """Return a list of problems (empty when the set is sound)."""
+def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None = None,
+                    budget: dict | None = None, size: int | None = None) -> list[str]:
+    """Return a list of problems (empty when the set is sound).
+
+    ``budget`` (``eta``, ``eps`` on the 0-255 scale, from the run's parameters, never from the samples) enables
+    the budget checks against ``clean``; ``clean`` also checks each label against the clean image's. ``size`` is
+    the expected image side (default: the set's most common image size)."""
     root = Path(root)
     problems: list[str] = []
-    sums_file = root / "SHA256SUMS"
-    if not sums_file.is_file():
-        return [f"{sums_file}: missing"]
-    listed = {}
-    for line in sums_file.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        listed[name.strip()] = digest
+    listed = _read_sums(root / "SHA256SUMS", problems)
     for name, digest in listed.items():
         path = root / name
         if not path.is_file():
@@ -31,44 +36,73 @@ def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None
     for p in shard_paths(root):
         if p.name not in listed:
             problems.append(f"{p}: shard not listed in SHA256SUMS")
-    info_path = root / "shardindex.json"
-    expected = {}
-    if info_path.is_file():
-        expected = {s["url"]: s["nsamples"] for s in json.loads(info_path.read_text())["shardlist"]}
-    reference = _clean_images(clean) if clean is not None else None
+    expected = _read_index(root / "shardindex.json", problems)
+    reference = _clean_samples(clean, problems) if clean is not None else None
     seen: set[str] = set()
+    shapes: dict[str, tuple] = {}
     for p in shard_paths(root):
         try:
-            n = _check_shard(p, num_classes, seen, reference, problems)
-        except (tarfile.TarError, OSError) as e:
+            n = _check_shard(p, num_classes, seen, reference, budget, shapes, problems)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             problems.append(f"{p}: unreadable tar ({e})")
             continue
         if p.name in expected and expected[p.name] != n:
             problems.append(f"{p}: {n} samples, index says {expected[p.name]}")
+    if shapes:
+        expected_shape = (size, size, 3) if size else Counter(shapes.values()).most_common(1)[0][0]
+        problems += [f"{where}: image {s[1]}x{s[0]}, the set's images are {expected_shape[1]}x{expected_shape[0]}"
+                     for where, s in shapes.items() if s != expected_shape]
     if reference is not None and len(seen) != len(reference):
         missing = sorted(set(reference) - seen)
         problems.append(f"{root}: {len(missing)} clean key(s) have no adversarial image, e.g. {missing[:3]}")
     return problems
 
 
-def _clean_images(clean: Path | str) -> dict[str, np.ndarray]:
-    images = {}
+def _read_sums(path: Path, problems: list[str]) -> dict[str, str]:
+    if not path.is_file():
+        problems.append(f"{path}: missing")
+        return {}
+    listed = {}
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        m = _SUMS_LINE.fullmatch(line)
+        if not m:
+            problems.append(f"{path}:{lineno}: malformed line {line[:80]!r} (expected '<sha256>  <file>')")
+            continue
+        listed[m.group(2)] = m.group(1)
+    return listed
+
+
+def _read_index(path: Path, problems: list[str]) -> dict[str, int]:
+    if not path.is_file():
+        return {}
+    try:
+        return {s["url"]: int(s["nsamples"]) for s in json.loads(path.read_text())["shardlist"]}
+    except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path}: unreadable wids index ({type(e).__name__}: {e})")
+        return {}
+
+
+def _clean_samples(clean: Path | str, problems: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+    samples = {}
     for p in shard_paths(clean):
-        for key, fields in tar_samples(p):
-            images[key] = decode_png(fields["png"])
-    return images
+        try:
+            for key, fields in tar_samples(p):
+                samples[key] = decode_png(fields["png"]), int(fields["cls"])
+        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+            problems.append(f"{p}: clean shard unreadable ({e}); its keys are not checked")
+    return samples
 
 
-def _check_shard(path: Path, num_classes: int, seen: set[str], reference, problems: list[str]) -> int:
+def _check_shard(path: Path, num_classes: int, seen: set[str], reference, budget, shapes: dict, problems) -> int:
     n = 0
-    for key, fields in tar_samples(path):
+    for key, fields in tar_samples(path):  # raises on non-file members and adjacent duplicate keys
         n += 1
         where = f"{path}:{key}"
         if key in seen:
             problems.append(f"{where}: duplicate key")
         seen.add(key)
-        if set(fields) != {"png", "cls", "json"}:
-            problems.append(f"{where}: fields {sorted(fields)}, expected cls, json, png")
+        if set(fields) != FIELDS:
+            problems.append(f"{where}: fields {sorted(fields)}, expected {', '.join(sorted(FIELDS))}")
             continue
         try:
             image = decode_png(fields["png"])
@@ -76,20 +110,31 @@ def _check_shard(path: Path, num_classes: int, seen: set[str], reference, proble
             problems.append(f"{where}: PNG does not decode ({e})")
             continue
         try:
-            label, meta = int(fields["cls"]), json.loads(fields["json"])
+            label = int(fields["cls"])
+            json.loads(fields["json"])
         except ValueError as e:
             problems.append(f"{where}: unreadable cls/json ({e})")
             continue
+        shapes[where] = image.shape
         if not 0 <= label < num_classes:
             problems.append(f"{where}: label {label} outside 0..{num_classes - 1}")
-        if reference is not None and "eta" in meta:
-            if key not in reference:
-                problems.append(f"{where}: no clean image with this key")
-                continue
-            diff = image.astype(np.float64) - reference[key]
+        if reference is None:
+            continue
+        if key not in reference:
+            problems.append(f"{where}: no clean image with this key")
+            continue
+        clean_image, clean_label = reference[key]
+        if label != clean_label:
+            problems.append(f"{where}: label {label}, the clean image's label is {clean_label}")
+        if clean_image.shape != image.shape:
+            problems.append(f"{where}: image {image.shape[1]}x{image.shape[0]}, its clean image is "
+                            f"{clean_image.shape[1]}x{clean_image.shape[0]}")
+            continue
+        if budget is not None:
+            diff = image.astype(np.float64) - clean_image
             rmsd, linf = float(np.sqrt((diff**2).mean())), float(np.abs(diff).max())
-            if rmsd > meta["eta"] + 1e-6:
-                problems.append(f"{where}: RMSD {rmsd:.3f} exceeds budget {meta['eta']}")
-            if linf > meta["eps"] + 1e-6:
-                problems.append(f"{where}: L-inf {linf:.0f} exceeds budget {meta['eps']}")
+            if rmsd > budget["eta"] + 1e-6:
+                problems.append(f"{where}: RMSD {rmsd:.3f} exceeds the run's budget {budget['eta']}")
+            if linf > budget["eps"] + 1e-6:
+                problems.append(f"{where}: L-inf {linf:.0f} exceeds the run's budget {budget['eps']}")
     return n

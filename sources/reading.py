@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import warnings
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -53,10 +55,27 @@ class Rejects:
         self.items.append((str(path), reason))
 
     def write(self, path: Path | str) -> None:
-        Path(path).write_text("".join(f"{p}\t{r}\n" for p, r in self.items))
+        """``file<TAB>reason`` lines; backslash, tab, newline and carriage return inside a field are escaped
+        (``\\``, ``\t``, ``\n``, ``\r``) so a file name can never break the table."""
+        Path(path).write_text("".join(f"{tsv_escape(p)}\t{tsv_escape(r)}\n" for p, r in self.items))
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+_TSV_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def tsv_escape(field: str) -> str:
+    return "".join(_TSV_ESCAPES.get(c, c) for c in field)
+
+
+def tsv_unescape(field: str) -> str:
+    table = {v[1]: k for k, v in _TSV_ESCAPES.items()}
+    out, chars = [], iter(field)
+    for c in chars:
+        out.append(table.get(next(chars, ""), "") if c == "\\" else c)
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -83,28 +102,41 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _unique(samples: list[SourceSample], rejects: Rejects) -> list[SourceSample]:
-    seen: set[str] = set()
-    kept = []
-    for s in samples:
-        if s.key in seen:
-            rejects.add(s.path, f"duplicate key {s.key!r}: another file already has this name")
-            continue
-        seen.add(s.key)
-        kept.append(s)
-    return kept
+def _unique(samples: list[SourceSample], root: Path) -> list[SourceSample]:
+    """Give every sample a distinct key. Keys that clash, also only by case (a case-insensitive file system, or a
+    consumer's, would merge them) or across class folders, all get a suffix from their relative path."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[s.key.casefold()].append(i)
+    out = list(samples)
+    for members in groups.values():
+        if len(members) > 1:
+            for i in members:
+                s = samples[i]
+                rel = s.path.relative_to(root).as_posix() if s.path.is_relative_to(root) else str(s.path)
+                out[i] = replace(s, key=f"{s.key}_{hashlib.sha256(rel.encode()).hexdigest()[:8]}")
+    return out
 
 
 def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[SourceSample], list[str]]:
-    """Index ``root/<class>/<image>``; returns samples (sorted by class then name) and the class names."""
+    """Index ``root/<class>/<image>``; returns samples (sorted by class then name) and the class names.
+
+    Hidden folders (``.ipynb_checkpoints``, ``.git``) are ignored. Either every class folder is an ImageNet
+    WordNet id (standard 0-999 indices) or none is (sorted order); a mix is an error naming the odd folders,
+    because one stray folder would silently shift every label."""
     root = Path(root)
     if not root.is_dir():
         raise BadSourceError(root, "source folder does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise BadSourceError(root, "no class folders found")
     synsets = imagenet_synsets()
-    if all(f.name in set(synsets) for f in folders):
+    wnids = [f.name for f in folders if f.name in set(synsets)]
+    if wnids and len(wnids) < len(folders):
+        odd = [f.name for f in folders if f.name not in set(synsets)]
+        raise BadSourceError(root, f"{len(wnids)} WordNet-id class folders mixed with {len(odd)} other folder(s) "
+                                   f"{odd[:5]}: remove or rename them (labels would shift)")
+    if wnids:
         index = {wnid: i for i, wnid in enumerate(synsets)}
         class_names = synsets
     else:
@@ -116,7 +148,7 @@ def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[Source
         if not images:
             rejects.add(folder, "empty class folder: no image files")
         samples += [SourceSample(sample_key(p), p, index[folder.name], folder.name) for p in images]
-    return _unique(samples, rejects), class_names
+    return _unique(samples, root), class_names
 
 
 def label_file_source(
@@ -128,15 +160,23 @@ def label_file_source(
         raise BadSourceError(label_file, "label file does not exist")
     synsets = imagenet_synsets() if num_classes == 1000 else None
     samples = []
-    for lineno, line in enumerate(label_file.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(label_file.read_bytes().splitlines(), 1):
+        where = f"{label_file}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rejects.add(where, f"line is not valid UTF-8 ({raw[:40]!r})")
+            continue
         if not line.strip():
             continue
         parts = line.split()
-        where = f"{label_file}:{lineno}"
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1]):
             rejects.add(where, f"malformed line {line!r}: expected 'name index'")
             continue
         name, label = parts[0], int(parts[1])
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            rejects.add(where, f"image name {name!r} points outside {folder}: refused")
+            continue
         path = folder / name
         if not (0 <= label < num_classes):
             rejects.add(where, f"class index {label} out of range 0..{num_classes - 1} for {name}")
@@ -144,7 +184,7 @@ def label_file_source(
             rejects.add(path, f"missing image named in {where}")
         else:
             samples.append(SourceSample(sample_key(path), path, label, synsets[label] if synsets else str(label)))
-    return _unique(samples, rejects)
+    return _unique(samples, folder)
 
 
 def file_sha256(path: Path | str) -> str:
@@ -176,7 +216,7 @@ def load_crop(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # decode now: truncated data fails here, not later
-                img = _to_rgb(img)
+                img = _to_rgb(ImageOps.exif_transpose(img))  # the camera's orientation tag, as viewers show it
     except FileNotFoundError:
         raise BadSourceError(path, "file not found") from None
     except PermissionError:
@@ -238,5 +278,5 @@ def load_image_folder(folder: Path | str, size: int, strict: bool = False) -> to
     paths = sorted(p for p in folder.iterdir() if _is_image(p))
     if not paths:
         raise BadSourceError(folder, "no image files")
-    samples = _unique([SourceSample(sample_key(p), p, -1, folder.name) for p in paths], rejects)
+    samples = _unique([SourceSample(sample_key(p), p, -1, folder.name) for p in paths], folder)
     return load_images(samples, size, rejects, crop_pct=1.0)[0]

@@ -192,8 +192,8 @@ def test_verify_catches_flipped_byte_missing_shard_and_over_budget(clean_set, re
     over = tmp_path / "over"
     shutil.copytree(reference_run[0], over)
     _replace_image(sorted(shard_paths(over))[3], np.zeros((32, 32, 3), np.uint8))
-    problems = verify_shardset(over, 10, clean)
-    assert any("exceeds budget" in p for p in problems)
+    problems = verify_shardset(over, 10, clean, budget=BUDGET)
+    assert any("exceeds the run's budget" in p for p in problems)
 
 
 def _replace_image(shard: Path, image: np.ndarray) -> None:
@@ -215,3 +215,198 @@ def test_verify_cli_exits_nonzero(reference_run, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["--params", str(params), "verify", str(bad)])
     assert e.value.code == 1
+
+
+# ---- reliability cases (each failed before its fix) ----------------------------------------------------------------
+
+
+def _source(root, out, **kw):
+    return {"kind": "class_folder", "root": str(root), "num_classes": 10, "size": 32, "crop_pct": 1.0,
+            "filter": "bicubic", "select": {"mode": "per_class", "n": 1, "seed": 0}, "shard_size": 4,
+            "out": str(out), **kw}
+
+
+def test_a_failed_prepare_keeps_the_previous_clean_set(small_world, prefect_server, tmp_path):
+    out = tmp_path / "clean"
+    prepare_flow(_source(small_world / "val", out), metrics_path=str(tmp_path / "m.json"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(Exception, match="source folder does not exist"):
+        prepare_flow(_source(tmp_path / "no-such-folder", out), metrics_path=str(tmp_path / "m.json"))
+    broken = tmp_path / "broken"
+    shutil.copytree(small_world / "val", broken)
+    (broken / sorted(p.name for p in broken.iterdir())[0] / "aaa_empty.jpg").write_bytes(b"")
+    with pytest.raises(Exception, match="empty file"):
+        prepare_flow(_source(broken, out, select={"mode": "all"}), metrics_path=str(tmp_path / "m.json"), strict=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert verify_shardset(out, 10) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_resume_covers_the_input_shard_and_indexes_this_runs_units_only(small_world, surrogate, prefect_server,
+                                                                         tmp_path):
+    clean, out = tmp_path / "clean", tmp_path / "pgd"
+    prepare_flow(_source(small_world / "val", clean), metrics_path=str(tmp_path / "m.json"))
+    _run(clean, surrogate, out, attack="pgd", devices=["cpu"])
+    prepare_flow(_source(small_world / "val", clean, select={"mode": "per_class", "n": 1, "seed": 1}),
+                 metrics_path=str(tmp_path / "m.json"))  # same shard names, other images
+    with pytest.raises(RuntimeError, match="failed after retry"):
+        _run(clean, surrogate, out, attack="pgd", devices=["cpu"])
+    shutil.rmtree(out)
+    _run(clean, surrogate, out, attack="pgd", devices=["cpu"])
+    assert len(shard_paths(out)) == 3
+    prepare_flow(_source(small_world / "val", clean, shard_size=10), metrics_path=str(tmp_path / "m.json"))
+    shutil.rmtree(out)
+    _run(clean, surrogate, out, attack="pgd", devices=["cpu"])  # 1 shard now: nothing stale may stay indexed
+    assert [p.name for p in shard_paths(out)] == ["pgd-000000.tar"]
+    assert verify_shardset(out, 10, clean, budget=BUDGET) == []
+
+
+def test_a_damaged_output_shard_is_named_and_regenerated(clean_set, surrogate, reference_run, tmp_path, caplog):
+    out = tmp_path / "damaged"
+    shutil.copytree(reference_run[0], out)
+    shards = sorted(shard_paths(out))
+    shards[1].write_bytes(shards[1].read_bytes()[:3000])  # truncated mid-member
+    shards[3].write_bytes(b"")  # zero bytes
+    _run(clean_set[0], surrogate, out, devices=["cpu"])
+    assert _tar_bytes(out) == _tar_bytes(reference_run[0])
+    assert "aoa-000001.tar was damaged" in caplog.text and "aoa-000003.tar was damaged" in caplog.text
+
+
+def test_a_second_generate_run_on_the_same_output_is_refused(clean_set, surrogate, tmp_path):
+    from filelock import FileLock
+
+    from shards.shardset import ShardWriter
+
+    out = tmp_path / "busy"
+    with FileLock(tmp_path / ".busy.lock"):
+        with pytest.raises(RuntimeError, match="another generate run is writing this set"):
+            _run(clean_set[0], surrogate, out, devices=["cpu"])
+    assert ShardWriter(out / "x.tar").tmp != ShardWriter(out / "x.tar").tmp  # two writers never share a temp file
+
+
+def _rewrite(shard: Path, members: list[tuple[str, bytes | None]], link: str | None = None) -> None:
+    """A tar with exactly these members (``None`` content: a directory; ``link``: add a symlink member)."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+
+
+def _members(shard: Path) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def _broken_copy(reference, tmp_path, name, edit):
+    out = tmp_path / name
+    shutil.copytree(reference, out)
+    edit(out, sorted(shard_paths(out))[0])
+    return out
+
+
+def test_verify_reports_every_gap_without_crashing(clean_set, reference_run, tmp_path):
+    from shards.shardset import encode_png, sha256_file
+
+    clean, ref = clean_set[0], reference_run[0]
+
+    def relabel(out, shard):  # wrong but in range
+        m = _members(shard)
+        cls = next(i for i, (n, _) in enumerate(m) if n.endswith(".cls"))
+        m[cls] = (m[cls][0], str((int(m[cls][1]) + 1) % 10).encode())
+        _rewrite(shard, m)
+
+    def duplicate(out, shard):  # the first sample written twice, adjacent
+        m = _members(shard)
+        _rewrite(shard, m[:3] + m)
+
+    def raised_eta(out, shard):  # over budget, with the sample's own record claiming a bigger budget
+        m = _members(shard)
+        key = m[0][0].split(".")[0]
+        meta = json.loads(next(d for n, d in m if n == f"{key}.json"))
+        meta["eta"] = 99.0
+        m = [(n, encode_png(np.zeros((32, 32, 3), np.uint8)) if n == f"{key}.png" else
+              json.dumps(meta).encode() if n == f"{key}.json" else d) for n, d in m]
+        _rewrite(shard, m)
+
+    def wrong_size(out, shard):
+        m = _members(shard)
+        m[[n for n, _ in m].index(next(n for n, _ in m if n.endswith(".png")))] = (
+            next(n for n, _ in m if n.endswith(".png")), encode_png(np.zeros((20, 24, 3), np.uint8)))
+        _rewrite(shard, m)
+
+    cases = {
+        "relabel": (relabel, True, "the clean image's label is"),
+        "duplicate": (duplicate, False, "duplicate key"),
+        "raised_eta": (raised_eta, True, "exceeds the run's budget"),
+        "wrong_size": (wrong_size, False, "the set's images are 32x32"),
+        "wrong_size_clean": (wrong_size, True, "the set's images are 32x32"),
+        "symlink": (lambda out, shard: _rewrite(shard, _members(shard), link="evil.png"), False, "not a regular file"),
+        "directory": (lambda out, shard: _rewrite(shard, [("somedir", None)] + _members(shard)), False,
+                      "not a regular file"),
+        "blank_sums_line": (lambda out, shard: (out / "SHA256SUMS").write_text(
+            (out / "SHA256SUMS").read_text() + "\n"), False, "SHA256SUMS:"),
+        "garbled_index": (lambda out, shard: (out / "shardindex.json").write_text("{not json"), False,
+                          "unreadable wids index"),
+    }
+    for name, (edit, with_clean, expected) in cases.items():
+        out = _broken_copy(ref, tmp_path, name, edit)
+        if name not in ("blank_sums_line", "garbled_index"):  # checksums match: only the content is wrong
+            names = [line.split(maxsplit=1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
+            (out / "SHA256SUMS").write_text("".join(f"{sha256_file(out / n)}  {n}\n" for n in names))
+        problems = verify_shardset(out, 10, clean if with_clean else None, budget=BUDGET if with_clean else None)
+        assert any(expected in p for p in problems), (name, problems)
+    from pipelines.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"source: {{num_classes: 10, size: 32}}\nbudget: {json.dumps(BUDGET)}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--params", str(params), "verify", str(tmp_path / "raised_eta"), "--clean", str(clean)])
+    assert e.value.code == 1
+
+
+def test_pickle_members_are_refused_and_never_run(reference_run, tmp_path):
+    import pickle
+
+    import webdataset as wds
+
+    from evaluators.classification import shard_loader
+    from shards.shardset import read_shard
+
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    out = tmp_path / "pickled"
+    shutil.copytree(reference_run[0], out)
+    shard = sorted(shard_paths(out))[0]
+    m = _members(shard)
+    key = m[0][0].split(".")[0]
+    _rewrite(shard, m[:3] + [(f"{key}.pyd", pickle.dumps(Payload()))] + m[3:])
+    with pytest.raises(ValueError, match=r"members \['cls', 'json', 'png', 'pyd'\]"):
+        list(read_shard(shard))
+    with pytest.raises(ValueError, match=r"members \['pyd'\]"):
+        list(shard_loader(out, batch_size=4))
+    card = (reference_run[0] / "README.md").read_text()
+    snippet = card.split("```python")[1].split("```")[0]
+    assert "{000000..000003}" in snippet  # the set's real shard range
+    scope = {}
+    exec(snippet.replace('"aoa-{000000..000003}.tar"', repr(str(shard))), scope)
+    assert len(list(scope["ds"])) == 5
+    assert not marker.exists()
+    assert wds  # the snippet's import

@@ -199,3 +199,77 @@ def test_crop_equals_timm_eval_transform(tmp_path):
         expected = t(expected)
     np.testing.assert_array_equal(load_crop(p, 32, crop_pct=0.875), np.asarray(expected))
 
+
+
+# ---- reliability cases (each failed before its fix) ----------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored sideways with orientation 6 ("rotate 90 clockwise to view") is cropped as viewed."""
+    stored = np.zeros((40, 64, 3), dtype=np.uint8)
+    stored[:, :32] = (250, 0, 0)  # red left half as stored: after the rotation it is the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    p = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(p, "JPEG", quality=100, exif=exif)
+    crop = load_crop(p, 32, crop_pct=1.0).astype(int)
+    assert crop[:8, :, 0].mean() > 200 and crop[-8:, :, 0].mean() < 50
+
+
+def test_hidden_folders_are_ignored_and_a_wnid_mix_is_an_error(tmp_path):
+    from timm.data import ImageNetInfo
+
+    tench, goldfish = ImageNetInfo().index_to_label_name(0), ImageNetInfo().index_to_label_name(1)
+    for name in (tench, goldfish, ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+        _jpeg(tmp_path / name / f"{name.strip('.')}_0.JPEG")
+    samples, _ = class_folder_source(tmp_path, Rejects())
+    assert [(s.wnid, s.label) for s in samples] == [(tench, 0), (goldfish, 1)]
+    (tmp_path / "scratch").mkdir()
+    _jpeg(tmp_path / "scratch" / "x.JPEG")
+    with pytest.raises(BadSourceError, match=r"mixed with 1 other folder\(s\) \['scratch'\]"):
+        class_folder_source(tmp_path, Rejects())
+
+
+def test_label_file_bad_digits_bytes_and_paths_are_rejected_by_line(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    _jpeg(folder / "good.JPEG")
+    _jpeg(tmp_path / "outside.JPEG")
+    labels = tmp_path / "val.txt"
+    labels.write_bytes("good.JPEG 1\ngood.JPEG \u00b2\n".encode() + b"caf\xe9.JPEG 3\n"
+                       + f"../outside.JPEG 4\n{tmp_path / 'outside.JPEG'} 5\n".encode())
+    rejects = Rejects()
+    samples = label_file_source(folder, labels, rejects)
+    assert [(s.key, s.label) for s in samples] == [("good", 1)]
+    by_line = {where.rsplit(":", 1)[1]: reason for where, reason in rejects.items}
+    assert "malformed line" in by_line["2"] and "not valid UTF-8" in by_line["3"]
+    assert "outside" in by_line["4"] and "outside" in by_line["5"]
+
+
+def test_rejects_tsv_escapes_tabs_and_newlines_in_file_names(tmp_path):
+    from sources.reading import tsv_unescape
+
+    rejects = Rejects()
+    names = [str(tmp_path / "tab\there.JPEG"), str(tmp_path / "new\nline.JPEG"), str(tmp_path / "back\\slash.JPEG")]
+    for n in names:
+        rejects.add(n, "empty file (0 bytes)")
+    out = tmp_path / "rejects.tsv"
+    rejects.write(out)
+    rows = [line.split("\t") for line in out.read_text().split("\n")[:-1]]
+    assert [len(r) for r in rows] == [2, 2, 2]
+    assert [tsv_unescape(r[0]) for r in rows] == names
+
+
+def test_names_differing_in_case_and_same_name_in_two_classes_are_all_kept(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+    paths = [_jpeg(tmp_path / "a" / "IMG_1.JPEG"), _jpeg(tmp_path / "a" / "img_1.jpg"),
+             _jpeg(tmp_path / "b" / "IMG_1.JPEG"), _jpeg(tmp_path / "b" / "other.JPEG")]
+    rejects = Rejects()
+    samples, _ = class_folder_source(tmp_path, rejects)
+    assert len(rejects) == 0 and sorted(s.path for s in samples) == sorted(paths)
+    keys = [s.key for s in samples]
+    assert len({k.casefold() for k in keys}) == 4 and all("." not in k for k in keys)
+    assert "other" in keys  # keys that do not clash stay the file stem
+    assert keys == [s.key for s in class_folder_source(tmp_path, Rejects())[0]]  # deterministic

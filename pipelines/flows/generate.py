@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from attacks import AttackConfig, list_attacks
 from pipelines.params import write_json
 from shards.adversarial import attack_shard_file
-from shards.shardset import shard_name, shard_paths, shard_records, write_index
+from shards.shardset import sha256_file, shard_name, shard_paths, shard_records, write_index
 
 
 def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
@@ -80,9 +81,22 @@ def generate_flow(
 ) -> dict[str, Any]:
     """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``."""
     devices = devices or ["cpu"]
-    log = get_run_logger()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"{out}: another generate run is writing this set (lock {lock.lock_file}); wait for it "
+                           "to finish or use another output folder") from None
+    try:
+        return _generate(attack, budget, options, surrogate, clean_dir, out, batch_size, devices, seed, metrics_path)
+    finally:
+        lock.release()
+
+
+def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed, metrics_path):
+    log = get_run_logger()
     options = dict(options)
     aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
     attack_kwargs = {k: options.pop(k) for k in aoa_arguments if k in options}
@@ -94,23 +108,33 @@ def generate_flow(
         raise FileNotFoundError(f"{clean_dir}: no clean shards (run the prepare stage first)")
     units = [{
         "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": attack,
+        "in_sha256": sha256_file(p),  # part of the job: a re-prepared clean shard is a different job
         "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
         "surrogate": surrogate,
         "batch_size": batch_size, "seed": seed,
     } for i, p in enumerate(inputs)]
+    outputs = [Path(u["out_shard"]) for u in units]
+    for stale in sorted(set(shard_paths(out)) - set(outputs)):  # from a larger clean set of an earlier run
+        log.warning("removing %s: its clean shard no longer exists", stale)
+        stale.unlink()
     start = time.perf_counter()
     results, failed = _run_units(units, devices, log)
     wall = time.perf_counter() - start
+    for r in results:
+        if r.get("repaired"):
+            log.warning("%s was damaged (%s) and has been regenerated", r["shard"], r["repaired"])
     done = [r for r in results if not r["skipped"]]
-    metrics = _metrics(out, attack, done, wall)
+    finished = [p for p in outputs if p.exists()]
+    metrics = _metrics(finished, attack, done, wall)
     metrics["failed_units"] = sorted(Path(u["out_shard"]).name for u in failed)
     if metrics_path:
         write_json(metrics_path, metrics)
     if failed:
         raise RuntimeError(f"generate {attack}: {len(failed)} unit(s) failed after retry: {metrics['failed_units']}; "
                            f"the other {len(units) - len(failed)} shards are complete and kept")
-    (out / "README.md").write_text(_card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir))
-    write_index(out, attack)
+    (out / "README.md").write_text(_card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir,
+                                         len(outputs)))
+    write_index(out, attack, outputs)
     log.info("generate %s: %d images, %d shards written, %d already complete", attack, metrics["images"],
              len(done), len(results) - len(done))
     return metrics
@@ -138,8 +162,8 @@ def _run_units(units, devices, log):
     return results, failed
 
 
-def _metrics(out: Path, attack: str, done: list[dict], wall: float) -> dict[str, Any]:
-    records = [meta for p in shard_paths(out) for _, _, meta in shard_records(p)]
+def _metrics(shards: list[Path], attack: str, done: list[dict], wall: float) -> dict[str, Any]:
+    records = [meta for p in shards for _, _, meta in shard_records(p)]
     if not records:
         return {"attack": attack, "images": 0}
     rmsd = np.array([r["rmsd"] for r in records])
@@ -162,7 +186,7 @@ def _metrics(out: Path, attack: str, done: list[dict], wall: float) -> dict[str,
     }
 
 
-def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir) -> str:
+def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir, shards: int) -> str:
     params = {**config.__dict__, **attack_kwargs}
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
     # run-dependent numbers (throughput) stay out of the card, so the published set is byte-identical across runs
@@ -194,7 +218,9 @@ true-class probability and attention ratio before/after, seed). Index files: `sh
 
 ```python
 import webdataset as wds
-ds = wds.WebDataset("{attack}-{{000000..000009}}.tar", shardshuffle=False).decode("rgb8").to_tuple("png", "cls")
+# only= : decode the format's fields and nothing else (a stray .pyd member would otherwise be unpickled)
+ds = (wds.WebDataset("{attack}-{{000000..{shards - 1:06d}}}.tar", shardshuffle=False)
+      .decode("rgb8", only=["png", "cls", "json"]).to_tuple("png", "cls", "json"))
 ```
 
 Licence: derived from the source images; the source's licence and terms apply (ImageNet: non-commercial research).

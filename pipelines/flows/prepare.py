@@ -6,7 +6,10 @@ images go through exactly the same crop. Bad source files are skipped and listed
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -52,13 +55,38 @@ def select(samples: list[SourceSample], mode: str, n: int, seed: int) -> list[So
     return sorted(chosen, key=lambda s: s.key)
 
 
+def _swap_in(built: Path, out: Path) -> None:
+    """Replace ``out`` by the complete set in ``built``; the old set is removed only after the new one is in place."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(built, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @flow(name="prepare")
 def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.json", strict: bool = False) -> dict:
-    log = get_run_logger()
+    """Write the clean set into a temporary folder beside ``source.out`` and swap it in only when complete, so a
+    failure (missing source, a ``--strict`` reject, a crash) leaves the previous set as it was."""
     out = Path(source["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.tar"):  # the selection may have changed: this set is always rewritten whole
-        old.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    building.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published set gets the usual permissions
+    try:
+        metrics = _build(source, building, strict)
+        _swap_in(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    write_json(metrics_path, metrics)
+    get_run_logger().info("prepared %d clean crops in %d shards (%d rejected, see %s)", metrics["images"],
+                          metrics["shards"], metrics["rejects"], out / "rejects.tsv")
+    return metrics
+
+
+def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
     rejects = Rejects(strict=strict)
     sel = source.get("select", {})
     samples = select(index_source(source, rejects), sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
@@ -86,11 +114,7 @@ def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.js
     rejects.write(out / "rejects.tsv")
     (out / "README.md").write_text(_card(source, kept, len(rejects)))
     index = write_index(out, "clean")
-    metrics = {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples)}
-    write_json(metrics_path, metrics)
-    log.info("prepared %d clean crops in %d shards (%d rejected, see %s)", kept, index["shards"], len(rejects),
-             out / "rejects.tsv")
-    return metrics
+    return {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples)}
 
 
 def _card(source: dict[str, Any], count: int, rejects: int) -> str:
