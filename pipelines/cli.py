@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pipelines  # noqa: F401  (environment defaults before Prefect is imported)
-from pipelines.params import load_params, section
+from pipelines.config import ConfigError
+from pipelines.params import load_params, metrics_dir, section
 
 
 def _demo_data(args, params):
@@ -23,13 +24,14 @@ def _demo_data(args, params):
 def _zoo(args, params):
     from pipelines.flows.zoo import zoo_flow
 
-    zoo_flow(section(params, "zoo", args.params), strict=args.strict)
+    zoo_flow(section(params, "zoo", args.params), metrics_path=str(args.metrics / "zoo.json"), strict=args.strict)
 
 
 def _prepare(args, params):
     from pipelines.flows.prepare import prepare_flow
 
-    prepare_flow(section(params, "source", args.params), strict=args.strict)
+    prepare_flow(section(params, "source", args.params), metrics_path=str(args.metrics / "prepare.json"),
+                 strict=args.strict)
 
 
 def surrogate_spec(params: dict, name: str) -> dict:
@@ -61,7 +63,7 @@ def _generate(args, params):
         cpu_workers=gen["cpu_workers"],
         seed=gen["seed"],
         dask=gen.get("dask"),
-        metrics_path=f"metrics/generate/{args.attack}.json",
+        metrics_path=str(args.metrics / "generate" / f"{args.attack}.json"),
     )
 
 
@@ -79,14 +81,14 @@ def _adv_train(args, params):
     from pipelines.flows.adv_train import adv_train_flow
 
     cfg = section(params, "adv_train", args.params)
-    adv_train_flow(cfg, zoo_spec(params, cfg["model"]))
+    adv_train_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "adv_train.json"))
 
 
 def _ood(args, params):
     from pipelines.flows.ood import ood_flow
 
     cfg = section(params, "ood", args.params)
-    ood_flow(cfg, zoo_spec(params, cfg["model"]))
+    ood_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "ood.json"))
 
 
 def _unlearn(args, params):
@@ -98,7 +100,7 @@ def _unlearn(args, params):
     if not recipe:
         raise SystemExit(f"{args.params}: unlearn needs a retraining recipe (retraining is the reference): give "
                          f"unlearn.retrain_recipe or a zoo recipe for {cfg['model']!r}")
-    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipe)
+    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipe, metrics_dir=str(args.metrics / "unlearn"))
 
 
 def _muso_check(args, params):
@@ -115,7 +117,7 @@ def _optim(args, params):
     from pipelines.flows.optim import optim_flow
 
     cfg = section(params, "optim", args.params)
-    optim_flow(cfg, zoo_spec(params, cfg["model"]))
+    optim_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "optim.json"))
 
 
 def _evaluate_kwargs(params: dict) -> dict:
@@ -154,7 +156,7 @@ def _report_kwargs(params: dict) -> dict:
 def _evaluate(args, params):
     from pipelines.flows.evaluate import evaluate
 
-    result = evaluate(**_evaluate_kwargs(params))
+    result = evaluate(**_evaluate_kwargs(params), metrics_path=str(args.metrics / "evaluate.json"))
     errors = [r for r in result["records"] if "error" in r]
     if errors:
         raise SystemExit(f"evaluate: {len(errors)} model(s) failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in errors))
@@ -196,12 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="DAmageNet pipeline: generate Attack-on-Attention shards and test models against them. "
         "Each subcommand is one DVC stage; `dvc repro` runs them in order.",
     )
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    params_help = ("parameters file (default: params.yaml; accepted before or after the stage name); metrics of "
+                   "another file go to metrics/<its stem>/")
+    parser.add_argument("--params", default="params.yaml", help=params_help)
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     def add(name, fn, help_text, reads_sources=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(run=fn)
+        p.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
         if reads_sources:
             p.add_argument("--strict", action="store_true",
                            help="fail at the first bad source image (naming file and reason) instead of skipping it")
@@ -247,8 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    params = load_params(args.params)
-    args.run(args, params)
+    args.metrics = metrics_dir(args.params)
+    try:
+        params = load_params(args.params)
+        args.run(args, params)
+    except ConfigError as e:  # a parameters problem is one line, not a traceback
+        print(f"damagenet {args.stage}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``params.yaml``, read in one place."""
+"""``params.yaml``, read and validated in one place (schema: :mod:`pipelines.config`)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,35 @@ from typing import Any
 
 import yaml
 
+from pipelines.config import ConfigError, validate_params
+
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The parameters in ``path``, checked against the schema; :class:`ConfigError` (one line) otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: parameters file not found (run from the repository root or pass --params)")
-    with path.open() as f:
-        params = yaml.safe_load(f)
+        raise ConfigError(f"{path}: parameters file not found (run from the repository root or pass --params)")
+    try:
+        with path.open() as f:
+            params = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
-    return params
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
+    return validate_params(params, str(path))
 
 
 def section(params: dict[str, Any], name: str, path: str | Path = "params.yaml") -> dict[str, Any]:
-    if name not in params:
-        raise KeyError(f"{path}: missing section '{name}'")
+    if params.get(name) is None:
+        raise ConfigError(f"{path}: missing section '{name}'")
     return params[name]
+
+
+def metrics_dir(params_path: str | Path) -> Path:
+    """Where a run's metrics go: ``metrics/`` for ``params.yaml`` (what dvc.yaml declares), ``metrics/<stem>/``
+    for any other parameters file, so a profile run never overwrites the default run's metrics."""
+    name = Path(params_path)
+    return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -25,14 +25,73 @@ def test_every_dvc_stage_has_a_documented_subcommand(capsys):
         assert len(capsys.readouterr().out) > 100
 
 
-def test_missing_params_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml: parameters file not found"):
-        main(["--params", str(tmp_path / "nope.yaml"), "prepare"])
+def _params(tmp_path, name="params.yaml", edit=None):
+    """A copy of the demo params, edited."""
+    import yaml
+
+    params = yaml.safe_load(open("params.yaml"))
+    if edit:
+        edit(params)
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(params))
+    return p
+
+
+def _one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_params_file_is_named(tmp_path, capsys):
+    err = _one_line_error(capsys, ["--params", str(tmp_path / "nope.yaml"), "prepare"])
+    assert "nope.yaml: parameters file not found" in err
+
+
+def test_parameter_errors_are_one_line_naming_file_key_and_problem(tmp_path, capsys):
+    def edit(p):
+        p["source"]["min_sidee"] = 3
+        p["source"]["select"]["sed"] = 1
+        p["source"]["shard_size"] = "50"
+        p["budget"]["eta"] = "seven"
+        p["budget"]["eps"] = -1
+        p["attacks"]["aoa"]["precision"] = "bf17"
+
+    p = _params(tmp_path, edit=edit)
+    err = _one_line_error(capsys, ["--params", str(p), "prepare"])
+    assert f"{p}: " in err
+    for expected in ("source.min_sidee: unknown key", "source.select.sed: unknown key",
+                     "source.shard_size: Input should be a valid integer (got '50')",
+                     "budget.eta: Input should be a valid number (got 'seven')",
+                     "budget.eps: Input should be greater than 0 (got -1)", "attacks.aoa.precision: Input should be"):
+        assert expected in err
+
+
+def test_params_are_accepted_after_the_stage_name(tmp_path, capsys):
+    p = _params(tmp_path, "mine.yaml", edit=lambda params: params["budget"].update(eta=-7))
+    err = _one_line_error(capsys, ["prepare", "--params", str(p)])
+    assert f"{p}: budget.eta" in err
+
+
+def test_metrics_of_another_params_file_do_not_overwrite_the_default_runs(small_world, prefect_server, tmp_path,
+                                                                          monkeypatch):
+    from pipelines.params import metrics_dir
+
+    assert metrics_dir("params.yaml") == metrics_dir("/x/params.yaml") == metrics_dir("params.yaml").parent / "metrics"
+    monkeypatch.chdir(tmp_path)
+    source = {"kind": "class_folder", "root": str(small_world / "val"), "num_classes": 10, "size": 32,
+              "crop_pct": 1.0, "select": {"mode": "first", "n": 4}, "shard_size": 4, "out": "clean"}
+    (tmp_path / "real.yaml").write_text(__import__("yaml").safe_dump({"source": source}))
+    main(["prepare", "--params", "real.yaml"])
+    assert (tmp_path / "metrics" / "real" / "prepare.json").is_file()
+    assert not (tmp_path / "metrics" / "prepare.json").exists()
 
 
 def test_generate_names_an_attack_missing_from_params(tmp_path):
-    p = tmp_path / "params.yaml"
-    p.write_text("generate: {}\nattacks: {aoa: {}}\n")
+    p = _params(tmp_path)
     with pytest.raises(SystemExit, match="attack 'cw' has no entry under 'attacks'"):
         main(["--params", str(p), "generate", "--attack", "cw"])
 
@@ -55,9 +114,12 @@ def test_muso_check_prints_the_three_distances(capsys):
 
 
 def test_downstream_stages_name_a_missing_model_or_recipe(tmp_path):
-    p = tmp_path / "params.yaml"
-    zoo = ("zoo: {out: z, img_size: 32, num_classes: 10, models: [{name: pre, arch: resnet18, weights: hf-hub}]}\n")
-    p.write_text(zoo + "unlearn: {model: pre}\n" + "ood: {model: missing}\n")
+    def edit(params):
+        params["zoo"]["models"] = [{"name": "pre", "arch": "resnet18", "weights": "hf-hub"}]
+        params["unlearn"]["model"] = "pre"
+        params["ood"]["model"] = "missing"
+
+    p = _params(tmp_path, edit=edit)
     with pytest.raises(SystemExit, match="unlearn needs a retraining recipe.*'pre'"):
         main(["--params", str(p), "unlearn"])
     with pytest.raises(SystemExit, match="no zoo model named 'missing'"):

@@ -36,5 +36,5 @@ def test_empty_shard_and_dotted_key_are_refused_without_leftovers(tmp_path):
 def test_shard_appears_only_when_complete(tmp_path):
     with ShardWriter(tmp_path / "s.tar") as sink:
         sink.write(_samples()[0])
-        assert not (tmp_path / "s.tar").exists() and (tmp_path / "s.tar.tmp").exists()
-    assert (tmp_path / "s.tar").exists() and not (tmp_path / "s.tar.tmp").exists()
+        assert not (tmp_path / "s.tar").exists() and sink.tmp.exists() and sink.tmp.name.startswith("s.tar.")
+    assert (tmp_path / "s.tar").exists() and list(tmp_path.iterdir()) == [tmp_path / "s.tar"]
