@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pipelines  # noqa: F401  (environment defaults before Prefect is imported)
@@ -120,7 +121,7 @@ def _optim(args, params):
     optim_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "optim.json"))
 
 
-def _evaluate_kwargs(params: dict) -> dict:
+def evaluate_kwargs(params: dict) -> dict:
     from pipelines.flows.evaluate import resolve_models
     from pipelines.flows.generate import resolve_devices
 
@@ -132,6 +133,7 @@ def _evaluate_kwargs(params: dict) -> dict:
         "sets": shard_sets(params, ev["sets"]),
         "out": ev["out"], "batch_size": ev["batch_size"], "workers": ev["workers"],
         "devices": resolve_devices(ev["devices"], 1),
+        "crop": {k: section(params, "source")[k] for k in ("size", "crop_pct", "filter")},
     }
 
 
@@ -141,7 +143,7 @@ def shard_sets(params: dict, names: list[str]) -> dict[str, str]:
     return {n: section(params, "source")["out"] if n == "clean" else str(root / n) for n in names}
 
 
-def _report_kwargs(params: dict) -> dict:
+def report_kwargs(params: dict) -> dict:
     ev, rep = section(params, "evaluate"), section(params, "report")
     return {
         "eval_dir": ev["out"], "shards_root": section(params, "generate")["out_root"],
@@ -156,26 +158,25 @@ def _report_kwargs(params: dict) -> dict:
 def _evaluate(args, params):
     from pipelines.flows.evaluate import evaluate
 
-    result = evaluate(**_evaluate_kwargs(params), metrics_path=str(args.metrics / "evaluate.json"))
-    errors = [r for r in result["records"] if "error" in r]
-    if errors:
-        raise SystemExit(f"evaluate: {len(errors)} model(s) failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in errors))
+    try:
+        evaluate(**evaluate_kwargs(params), metrics_path=str(args.metrics / "evaluate.json"))
+    except RuntimeError as e:  # the flow run is Failed; its message names each failed model
+        raise SystemExit(str(e)) from None
 
 
 def _report(args, params):
     from pipelines.flows.report import report_flow
 
-    report_flow(**_report_kwargs(params))
+    report_flow(**report_kwargs(params))
 
 
 def _serve(args, params):
-    from pipelines.flows.report import evaluate_and_report_flow
+    from pipelines.flows.report import scheduled_evaluation_flow
 
     cron = args.cron or section(params, "report")["schedule"]
-    print(f"serving evaluate-and-report on cron {cron!r} (Ctrl-C to stop)")
-    evaluate_and_report_flow.serve(name="scheduled-evaluation", cron=cron,
-                                   parameters={"evaluate_kwargs": _evaluate_kwargs(params),
-                                               "report_kwargs": _report_kwargs(params)})
+    print(f"serving evaluate-and-report on cron {cron!r}, re-reading {args.params} at every run (Ctrl-C to stop)")
+    scheduled_evaluation_flow.serve(name="scheduled-evaluation", cron=cron,
+                                    parameters={"params_path": str(Path(args.params).resolve())})
 
 
 def _verify(args, params):
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     params_help = ("parameters file (default: params.yaml; accepted before or after the stage name); metrics of "
                    "another file go to metrics/<its stem>/")
     parser.add_argument("--params", default="params.yaml", help=params_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('damagenet-pipeline')}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     def add(name, fn, help_text, reads_sources=False):
@@ -252,10 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from prefect import tags
+
     args.metrics = metrics_dir(args.params)
     try:
         params = load_params(args.params)
-        args.run(args, params)
+        labels = [f"profile:{params.get('profile', 'demo')}", f"stage:{args.stage}"]
+        if getattr(args, "attack", None):
+            labels.append(f"attack:{args.attack}")
+        with tags(*labels):  # every flow and task run of this command carries them (Prefect UI filters)
+            args.run(args, params)
     except ConfigError as e:  # a parameters problem is one line, not a traceback
         print(f"damagenet {args.stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -96,13 +96,20 @@ def test_generate_names_an_attack_missing_from_params(tmp_path):
         main(["--params", str(p), "generate", "--attack", "cw"])
 
 
-def test_serve_builds_a_cron_scheduled_deployment():
-    from pipelines.flows.report import evaluate_and_report_flow
+def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
+    from pipelines.cli import evaluate_kwargs
+    from pipelines.flows.report import scheduled_evaluation_flow
+    from pipelines.params import load_params
 
-    deployment = evaluate_and_report_flow.to_deployment(
-        name="scheduled-evaluation", cron="0 3 * * *", parameters={"evaluate_kwargs": {}, "report_kwargs": {}})
+    p = _params(tmp_path)
+    deployment = scheduled_evaluation_flow.to_deployment(
+        name="scheduled-evaluation", cron="0 3 * * *", parameters={"params_path": str(p)})
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
-    assert deployment.flow_name == "evaluate-and-report"
+    assert deployment.parameters == {"params_path": str(p)}  # nothing frozen at start: the file is read per run
+    before = [m["name"] for m in evaluate_kwargs(load_params(p))["models"]]
+    _params(tmp_path, edit=lambda params: params["evaluate"]["models"].append("resnet10t_extra"))
+    after = [m["name"] for m in evaluate_kwargs(load_params(p))["models"]]
+    assert after == before + ["resnet10t_extra"]
 
 
 def test_muso_check_prints_the_three_distances(capsys):
@@ -143,3 +150,11 @@ def test_profiles_define_every_parameter_dvc_yaml_uses(profile):
         for part in dotted.split("."):
             assert isinstance(node, dict) and part in node, f"{profile}: {dotted} missing"
             node = node[part]
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"damagenet {version('damagenet-pipeline')}"

@@ -85,7 +85,8 @@ def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, p
     third = evaluate_flow(models=[a, b], **{**kw, "sets": {"clean": sets["clean"], "noisy": str(changed)}})
     assert cached(third) == {"a": {"clean": False, "noisy": False}, "b": {"clean": True, "noisy": False}}
     csv_rows = (out / "results" / "results-noisy.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("model,top1,top1_err,top5,top5_err,top1_diff,top5_diff,rank_diff,param_count")
+    assert csv_rows[0] == ("model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation,"
+                           "top1_diff,top5_diff,rank_diff")  # timm's order
     assert json.loads((out / "models" / "b.json").read_text())["accuracy"]["clean"]["n"] == 30
 
 
@@ -95,11 +96,14 @@ def test_unknown_model_and_unreadable_set_are_reported_while_others_report(sets,
     broken = tmp_path / "broken"
     shutil.copytree(sets["noisy"], broken)
     sorted(broken.glob("*.tar"))[1].write_bytes(b"garbage")
-    result = evaluate_flow(models=models + [{**good, "name": "good_on_broken"}], sets={"clean": sets["clean"]},
-                           out=str(tmp_path / "e"), batch_size=16, metrics_path=str(tmp_path / "m.json"))
-    by_name = {r["name"]: r for r in result["records"]}
-    assert "unknown model 'not_in_zoo'" in by_name["not_in_zoo"]["error"]
-    assert by_name["good"]["results"]["clean"]["n"] == 30
+    state = evaluate_flow(models=models + [{**good, "name": "good_on_broken"}], sets={"clean": sets["clean"]},
+                          out=str(tmp_path / "e"), batch_size=16, metrics_path=str(tmp_path / "m.json"),
+                          return_state=True)
+    assert state.is_failed() and "1 model(s) failed" in state.message  # a failed model fails the flow run
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert "unknown model 'not_in_zoo'" in metrics["errors"]["not_in_zoo"]
+    assert set(metrics["top1_err"]) == {"good", "good_on_broken"}  # the others' results are still written
+    assert json.loads((tmp_path / "e" / "models" / "good.json").read_text())["accuracy"]["clean"]["n"] == 30
     with pytest.raises(Exception, match="broken"):
         evaluate_shardset(build_model(good), broken)
 
@@ -157,3 +161,18 @@ def _assert_images_loaded(chromium, page, tmp_path):
                           "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert "<title>true,true,true</title>" in dom
+
+
+def test_results_csv_rank_diff_is_signed_and_crop_columns_describe_the_shards(sets, tmp_path, prefect_server):
+    import csv
+
+    models = [_spec(tmp_path, f"m{i}", i) for i in range(4)]
+    evaluate_flow(models=models, sets=sets, out=str(tmp_path / "e"), batch_size=16,
+                  metrics_path=str(tmp_path / "m.json"), crop={"size": 24, "crop_pct": 0.875, "filter": "bicubic"})
+    rows = {s: list(csv.DictReader(open(tmp_path / "e" / "results" / f"results-{s}.csv"))) for s in sets}
+    clean_rank = {r["model"]: i for i, r in enumerate(rows["clean"])}
+    for i, r in enumerate(rows["noisy"]):
+        expected = clean_rank[r["model"]] - i
+        assert r["rank_diff"] == (f"{expected:+d}" if expected else "0")
+        model_size = build_model(models[0]).data_config["input_size"][-1]  # what the model saw: 24 px resized
+        assert (r["img_size"], r["crop_pct"], r["interpolation"]) == (str(model_size), "0.875", "bicubic+bicubic")

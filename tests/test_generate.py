@@ -412,3 +412,13 @@ def test_pickle_members_are_refused_and_never_run(reference_run, tmp_path):
     assert len(list(scope["ds"])) == 5
     assert not marker.exists()
     assert wds  # the snippet's import
+
+
+def test_prefect_runs_are_named_after_the_stage_attack_and_shard(reference_run):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_runs = {r.name for r in client.read_flow_runs()}
+        task_runs = {t.name for t in client.read_task_runs()}
+    assert "generate-aoa" in flow_runs
+    assert {f"attack-aoa-{i:06d}" for i in range(4)} <= task_runs

@@ -3,12 +3,16 @@ byte-identical in another clone with `dvc pull`."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 
 from shards.shardset import shard_name, write_index, write_shard
+
+DVC = [sys.executable, "-m", "dvc"]
 
 
 def _run(cmd, cwd):
@@ -18,7 +22,7 @@ def _run(cmd, cwd):
 
 
 def test_push_pull_round_trip_is_byte_identical(tmp_path):
-    dvc = [sys.executable, "-m", "dvc"]
+    dvc = DVC
     repo, remote, clone, staged = tmp_path / "repo", tmp_path / "remote", tmp_path / "clone", tmp_path / "staged"
     rng = np.random.default_rng(0)
     for s in range(2):
@@ -46,3 +50,16 @@ def test_push_pull_round_trip_is_byte_identical(tmp_path):
     assert published == pulled and len(pulled) == 7  # 2 shards + shardindex, _info, manifest, SHA256SUMS + .gitignore
     for rel in published:
         assert (repo / "data" / rel).read_bytes() == (clone / "data" / rel).read_bytes()
+
+
+def test_dvc_metrics_show_reads_every_declared_metric(tmp_path):
+    """Only JSON is declared as metrics (a Markdown report folder made `dvc metrics show` fail)."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(name, tmp_path / name)
+    shutil.copytree("metrics", tmp_path / "metrics")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(DVC + ["init", "-q"], cwd=tmp_path, check=True)
+    shown = subprocess.run(DVC + ["metrics", "show", "--json"], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    files = {f for entry in json.loads(shown.stdout).values() for f in entry["data"]}
+    assert "metrics/adv_train.json" in files and not any(f.startswith("reports") for f in files)

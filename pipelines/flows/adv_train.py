@@ -34,7 +34,7 @@ def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) 
     return images[idx].float().div(255), labels[idx]
 
 
-@task(name="adversarial-training-run", cache_policy=NO_CACHE)  # tensors are not cache keys
+@task(name="adversarial-training-run", task_run_name="adv-train-{name}", cache_policy=NO_CACHE)  # tensors are not cache keys
 def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any],
                              data) -> dict[str, Any]:
     log = get_run_logger()
@@ -85,7 +85,7 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
     }
 
 
-@flow(name="adv-train")
+@flow(name="adv-train", flow_run_name="adv-train-{spec[name]}")
 def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/adv_train.json",
                    report_dir: str = "reports") -> dict[str, Any]:
     size = spec["data"]["input_size"][-1]

@@ -46,7 +46,7 @@ def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, 
     return specs
 
 
-@task(name="evaluate-model")
+@task(name="evaluate-model", task_run_name="evaluate-{spec[name]}")
 def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, batch_size: int, device: str,
                    workers: int) -> dict[str, Any]:
     """All shard sets for one model (the model is built once); cached results are reused."""
@@ -82,10 +82,13 @@ def evaluate(**kwargs) -> dict[str, Any]:
     return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(**kwargs)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name="evaluate-{out}")
 def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, batch_size: int = 256,
                   devices: list[str] | None = None, workers: int = 0,
-                  metrics_path: str = "metrics/evaluate.json") -> dict[str, Any]:
+                  metrics_path: str = "metrics/evaluate.json", crop: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every model on every set. ``crop`` (``size``, ``crop_pct``, ``filter`` of the prepare stage) describes how
+    the shard images were made, for the results files. Results of the models that worked are always written; the
+    run then fails (state Failed) when any model failed."""
     log = get_run_logger()
     devices = devices or ["cpu"]
     out_dir = Path(out)
@@ -99,14 +102,25 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
         else:
             cached = sum(v["cached"] for v in r["results"].values())
             log.info("model %s: %d set(s) evaluated, %d from cache", r["name"], len(sets) - cached, cached)
-    _write_results(out_dir, ok, list(sets))
+    _write_results(out_dir, ok, list(sets), crop or {})
     summary = {r["name"]: {s: round(100 - v["top1"], 3) for s, v in r["results"].items()} for r in ok}
-    write_json(metrics_path, {"top1_err": summary, "errors": {r["name"]: r["error"] for r in records if "error" in r}})
+    errors = {r["name"]: r["error"] for r in records if "error" in r}
+    write_json(metrics_path, {"top1_err": summary, "errors": errors})
+    if errors:
+        raise RuntimeError(f"evaluate: {len(errors)} model(s) failed (the others' results are written): "
+                           + "; ".join(f"{n}: {e}" for n, e in errors.items()))
     return {"records": records, "top1_err": summary}
 
 
-def _write_results(out: Path, records: list[dict], set_names: list[str]) -> None:
-    """timm-style results CSV per set, one JSON record per model, per-sample predictions per (model, set)."""
+RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                   "interpolation", "top1_diff", "top5_diff", "rank_diff"]  # timm's results CSVs
+
+
+def _write_results(out: Path, records: list[dict], set_names: list[str], crop: dict[str, Any]) -> None:
+    """timm-style results CSV per set, one JSON record per model, per-sample predictions per (model, set).
+
+    ``img_size``, ``crop_pct`` and ``interpolation`` say how the images were actually made for each model: the
+    prepare stage's crop (``crop``), then, when the model's input size differs, one bicubic resize."""
     out.mkdir(parents=True, exist_ok=True)
     clean_rank = _ranks(records, "clean") if "clean" in set_names else {}
     for set_name in set_names:
@@ -114,17 +128,19 @@ def _write_results(out: Path, records: list[dict], set_names: list[str]) -> None
         rows = []
         for r in sorted(records, key=lambda r: -r["results"][set_name]["top1"]):
             res, clean = r["results"][set_name], r["results"].get("clean", r["results"][set_name])
+            rank_diff = clean_rank.get(r["name"], 0) - ranks[r["name"]] if clean_rank else 0
+            resized = crop.get("size") not in (None, r["img_size"])
             rows.append({
                 "model": r["name"], "top1": res["top1"], "top1_err": round(100 - res["top1"], 3),
                 "top5": res["top5"], "top5_err": round(100 - res["top5"], 3),
+                "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": crop.get("crop_pct"),
+                "interpolation": f"{crop.get('filter')}+bicubic" if resized else crop.get("filter"),
                 "top1_diff": round(res["top1"] - clean["top1"], 3), "top5_diff": round(res["top5"] - clean["top5"], 3),
-                "rank_diff": clean_rank.get(r["name"], 0) - ranks[r["name"]] if clean_rank else 0,
-                "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": r["crop_pct"],
-                "interpolation": r["interpolation"],
+                "rank_diff": f"{rank_diff:+d}" if rank_diff else "0",  # signed, as timm writes it
             })
         (out / "results").mkdir(exist_ok=True)
         with open(out / "results" / f"results-{set_name}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
+            writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
     for r in records:

@@ -40,7 +40,13 @@ def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
     return list(devices)
 
 
-@task(name="attack-shard")
+def _shard_task_name() -> str:
+    from prefect.runtime import task_run
+
+    return f"attack-{Path(task_run.parameters['unit']['out_shard']).stem}"  # e.g. attack-aoa-000003
+
+
+@task(name="attack-shard", task_run_name=_shard_task_name)
 def attack_shard(unit: dict[str, Any], device: str) -> dict[str, Any]:
     """Attack one clean shard on ``device`` and write the adversarial shard (skipped when already complete)."""
     return attack_shard_file(unit, device)
@@ -66,7 +72,7 @@ def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, das
     return generate_flow.with_options(task_runner=runner)(*args, devices=device_list, **kwargs)
 
 
-@flow(name="generate")
+@flow(name="generate", flow_run_name="generate-{attack}")
 def generate_flow(
     attack: str,
     budget: dict[str, Any],

@@ -111,7 +111,7 @@ def fine_tune(model, method, data: dict[str, Any], recipe: Recipe, seed: int) ->
     return time.perf_counter() - start
 
 
-@task(name="ood-fine-tune", cache_policy=NO_CACHE)  # models and tensors are not cache keys
+@task(name="ood-fine-tune", task_run_name="ood-{name}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
 def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg) -> dict[str, Any]:
     model = copy.deepcopy(base)
     seconds = 0.0
@@ -129,7 +129,7 @@ def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg) -> di
     return {**result, "score": score, "train_seconds": round(seconds, 1)}
 
 
-@flow(name="ood")
+@flow(name="ood", flow_run_name="ood-{spec[name]}")
 def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/ood.json",
              report_dir: str = "reports") -> dict[str, Any]:
     log = get_run_logger()

@@ -42,7 +42,7 @@ def shard_accuracy(model, sets: dict[str, str]) -> dict[str, float]:
     return {name: evaluate_shardset(model, root)["top1"] for name, root in sets.items()}
 
 
-@task(name="optimizer-run", cache_policy=NO_CACHE)
+@task(name="optimizer-run", task_run_name="optim-{name}", cache_policy=NO_CACHE)
 def optimizer_run(name: str, overrides: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any], data) -> dict[str, Any]:
     (x, y), (xv, yv) = data
     torch.manual_seed(cfg["seed"])
@@ -54,7 +54,7 @@ def optimizer_run(name: str, overrides: dict[str, Any], cfg: dict[str, Any], spe
             "train_seconds": round(info["train_seconds"], 1), **shard_accuracy(model, cfg["shard_sets"])}
 
 
-@task(name="lora-run", cache_policy=NO_CACHE)
+@task(name="lora-run", task_run_name="lora-{name}", cache_policy=NO_CACHE)
 def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any], data) -> dict[str, Any]:
     (x, y), (xv, yv) = data
     lora = cfg["lora"]
@@ -74,7 +74,7 @@ def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any],
             **shard_accuracy(model, cfg["shard_sets"])}
 
 
-@flow(name="optim")
+@flow(name="optim", flow_run_name="optim-{spec[name]}")
 def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/optim.json",
                report_dir: str = "reports") -> dict[str, Any]:
     log = get_run_logger()

@@ -1,7 +1,8 @@
 """Stage ``report``: the robustness report (Markdown + HTML), also published as a Prefect artifact.
 
-``evaluate_and_report_flow`` chains evaluate and report; ``damagenet serve`` runs it on a cron schedule so models
-added to the list are evaluated against the published shards (cached results are reused for the others).
+``scheduled_evaluation_flow`` chains evaluate and report from a parameters file that it reads at the start of every
+run; ``damagenet serve`` runs it on a cron schedule, so a model added to ``evaluate.models`` is evaluated against the
+published shards at the next run, without a restart (cached results are reused for the others).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from evaluators.report import build_report
 from pipelines.flows.evaluate import evaluate
 
 
-@flow(name="report")
+@flow(name="report", flow_run_name="report-{profile}")
 def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
                 eta: float, out_dir: str, profile: str = "demo", examples: int = 4,
                 victims: list[str] | None = None) -> dict[str, Any]:
@@ -26,7 +27,11 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
     return result
 
 
-@flow(name="evaluate-and-report")
-def evaluate_and_report_flow(evaluate_kwargs: dict[str, Any], report_kwargs: dict[str, Any]) -> dict[str, Any]:
-    evaluate(**evaluate_kwargs)
-    return report_flow(**report_kwargs)
+@flow(name="scheduled-evaluation", flow_run_name="scheduled-evaluation-{params_path}")
+def scheduled_evaluation_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    from pipelines.cli import evaluate_kwargs, report_kwargs  # the CLI's reading of params, at run time
+    from pipelines.params import load_params
+
+    params = load_params(params_path)
+    evaluate(**evaluate_kwargs(params))
+    return report_flow(**report_kwargs(params))

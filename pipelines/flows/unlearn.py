@@ -52,7 +52,7 @@ def split(x, y, xt, yt, scenario, seed):
     return (x[f], y[f]), (x[keep], y[keep]), (xt[test], yt[test])
 
 
-@task(name="unlearning-run", cache_policy=NO_CACHE)  # models and tensors are not cache keys
+@task(name="unlearning-run", task_run_name="unlearn-{scenario}-{name}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
 def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], original, data: UnlearningData, test,
                    reference: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     model = copy.deepcopy(original)
@@ -69,7 +69,7 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
     return metrics
 
 
-@flow(name="unlearn")
+@flow(name="unlearn", flow_run_name="unlearn-{spec[name]}")
 def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dict[str, Any],
                  metrics_dir: str = "metrics/unlearn", report_dir: str = "reports") -> dict[str, Any]:
     log = get_run_logger()

@@ -27,7 +27,7 @@ def zoo_specs(zoo: dict[str, Any]) -> list[dict[str, Any]]:
     return specs
 
 
-@task(name="train-zoo-model")
+@task(name="train-zoo-model", task_run_name="train-{spec[name]}")
 def train_zoo_model(spec: dict[str, Any], recipe: dict[str, Any], zoo: dict[str, Any], strict: bool) -> dict[str, Any]:
     log = get_run_logger()
     torch.manual_seed(zoo["seed"])
@@ -48,7 +48,7 @@ def train_zoo_model(spec: dict[str, Any], recipe: dict[str, Any], zoo: dict[str,
     }
 
 
-@flow(name="zoo")
+@flow(name="zoo", flow_run_name="zoo-{zoo[out]}")
 def zoo_flow(zoo: dict[str, Any], metrics_path: str = "metrics/zoo.json", strict: bool = False) -> dict[str, Any]:
     recipes = {m["name"]: m.get("recipe") for m in zoo["models"]}
     specs = zoo_specs(zoo)
