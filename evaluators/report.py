@@ -1,20 +1,25 @@
-"""The robustness report: Markdown plus a self-contained HTML page (figures embedded as data URIs).
+"""The robustness report: Markdown, and the same text rendered to a self-contained HTML page (figures embedded as
+data URIs) with the ``markdown`` library; the downstream stages' pages are rendered the same way.
 
-Sections: error of every model on every shard set; clean vs adversarial error per model (bar chart); AoA against
-each baseline at the same RMSD over the held-out victims; RMSD histogram; examples (clean, adversarial,
-perturbation amplified, SGLRP heat map before and after); the published DAmageNet table on ImageNet runs.
+Opening: the threat model (surrogate, budget, every attack's options), images per set, and the commit. Sections:
+error of every model on every shard set; clean vs adversarial error per model (bar chart); AoA against each
+baseline at the same RMSD over the held-out victims; RMSD histogram; examples with class names (clean,
+adversarial, perturbation amplified, SGLRP heat map before and after); the published DAmageNet table joined with
+ours model by model on ImageNet runs; links to this run's downstream pages.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import markdown
 import matplotlib
 
 matplotlib.use("Agg")
@@ -63,11 +68,12 @@ def _bar_chart(errors, sets) -> bytes:
     width = 0.8 / len(sets)
     for i, s in enumerate(sets):
         ax.bar(np.arange(len(models)) + i * width, [errors[m].get(s, np.nan) for m in models], width, label=s)
-    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=20)
+    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=30, ha="right")
     ax.set_ylabel("top-1 error (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=len(sets))
     ax.set_title("Clean vs adversarial error per model")
+    fig.tight_layout()  # rotated labels stay inside the figure
     return png_bytes(fig)
 
 
@@ -82,7 +88,21 @@ def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
     return png_bytes(fig)
 
 
-def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int) -> bytes:
+def class_names(clean_dir: Path) -> dict[int, str]:
+    """Class index -> readable name: ImageNet descriptions for WordNet ids, else the class folder's name."""
+    from timm.data import ImageNetInfo
+
+    names = {}
+    for p in shard_paths(clean_dir):
+        for _, label, meta in shard_records(p):
+            names[label] = meta.get("wnid", str(label))
+    if names and all(re.fullmatch(r"n\d{8}", w) for w in names.values()):
+        info = ImageNetInfo()
+        return {i: info.index_to_description(i).split(",")[0] for i in range(1000)}
+    return names
+
+
+def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int, names: dict[int, str]) -> bytes:
     clean = {s["key"]: s for s in iter_shardset(clean_dir)}
     adv, classes = [], set()
     for s in iter_shardset(aoa_dir):  # one example per class, for variety
@@ -111,7 +131,9 @@ def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int) -> bytes:
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=7)
-        axes[i, 0].set_ylabel(f"{adv[i]['key']}\ny={adv[i]['cls']} -> {adv[i]['json']['pred_after']}", fontsize=6)
+        true, pred = adv[i]["cls"], adv[i]["json"]["pred_after"]
+        axes[i, 0].set_ylabel(f"{adv[i]['key']}\n{names.get(true, true)} ({true})\n-> {names.get(pred, pred)} ({pred})",
+                              fontsize=6)
     return png_bytes(fig)
 
 
@@ -121,10 +143,52 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _published() -> list[list[str]]:
+def _published() -> list[dict[str, str]]:
     with open(PUBLISHED) as f:
-        rows = list(csv.reader(line for line in f if not line.startswith("#")))
-    return rows[1:]
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def published_join(errors: dict[str, dict[str, float]], archs: dict[str, str]) -> list[list[Any]]:
+    """The published table with our clean and AoA error beside each victim that we evaluated too (matched by timm
+    architecture, any pretrained tag)."""
+    ours = {archs[m].split(".")[0]: m for m in errors if m in archs}
+    rows = []
+    for r in _published():
+        m = ours.get(r["timm_arch"]) if r["timm_arch"] else None
+        rows.append([r["victim"], r["clean_top1_err"], r["damagenet_top1_err"], f"{m} (`{archs[m]}`)" if m else "-",
+                     errors[m].get("clean", "-") if m else "-", errors[m].get("aoa", "-") if m else "-"])
+    return rows
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cs"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "not a git checkout"
+    return " of ".join(out.stdout.split()) if out.returncode == 0 and out.stdout.strip() else "not a git checkout"
+
+
+def _options(options: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items())) or "defaults"
+
+
+def render_html(md_text: str, title: str, base: Path) -> str:
+    """Markdown to a self-contained HTML page: local images under ``base`` become data URIs."""
+    body = markdown.markdown(md_text, extensions=["tables"])
+
+    def inline(m: re.Match) -> str:
+        path = base / m.group(1)
+        if not path.is_file():
+            return m.group(0)
+        kind = "svg+xml" if path.suffix == ".svg" else path.suffix.lstrip(".").replace("jpg", "jpeg")
+        return f'src="data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="(?!data:|https?:)([^"]+)"', inline, body)
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{title}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;"
+            "padding:0 1em}table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
+            "padding:3px 8px}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}</style>"
+            f"</head><body>\n{body}\n</body></html>\n")
 
 
 DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", "ood": "OOD fine-tuning",
@@ -132,31 +196,41 @@ DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", 
 
 
 def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
-                 eta: float, out_dir: str, profile: str = "demo", examples: int = 4,
-                 victims: list[str] | None = None) -> dict[str, Any]:
-    """Write report.md, report.html and figures/ under ``out_dir``; returns the numbers shown. ``victims``: the
-    models of the transfer comparison (default: every evaluated model but the surrogate)."""
+                 budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
+                 victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
+                 downstream: list[str] | None = None) -> dict[str, Any]:
+    """Write report.md, report.html and figures/ under ``out_dir`` (and index.html beside each downstream page);
+    returns the numbers shown. ``budget``: eta, eps, alpha, max_steps on the 0-255 scale; ``attacks``: each attack's
+    options; ``victims``: the models of the transfer comparison (default: every evaluated model but the
+    surrogate); ``downstream``: the downstream stages of this run (pages of other runs are not linked)."""
     eval_path, out = Path(eval_dir), Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     errors = error_table(eval_path, sets)
-    attacks = [s for s in sets if s != "clean"]
+    archs = {json.loads(f.read_text())["name"]: json.loads(f.read_text())["arch"]
+             for f in sorted((eval_path / "models").glob("*.json"))}
+    adversarial = [s for s in sets if s != "clean"]
     victims = [m for m in errors if m != surrogate["name"] and (victims is None or m in victims)]
-    transfer = transfer_comparison(errors, victims, attacks) if "aoa" in attacks and victims else []
+    transfer = transfer_comparison(errors, victims, adversarial) if "aoa" in adversarial and victims else []
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
-            for a in attacks}
+            for a in adversarial}
+    n_clean = sum(1 for p in shard_paths(clean_dir) for _ in shard_records(p))
+    names = class_names(Path(clean_dir))
     figures = {
         "errors.png": _bar_chart(errors, sets),
-        "rmsd.png": _rmsd_histogram(rmsd, eta),
+        "rmsd.png": _rmsd_histogram(rmsd, budget["eta"]),
     }
-    if "aoa" in attacks:
-        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / "aoa", surrogate, examples)
+    if "aoa" in adversarial:
+        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / "aoa", surrogate, examples, names)
     for name, data in figures.items():
         (out / "figures" / name).write_bytes(data)
 
-    main_rows = [[m + (" (surrogate)" if m == surrogate["name"] else "")] + [errors[m].get(s, "") for s in sets]
-                 for m in errors]
+    def model_cell(m: str) -> str:
+        return f"{m} (`{archs[m]}`)" + (" surrogate" if m == surrogate["name"] else "") if m in archs else m
+
     sections = [
-        ("Top-1 error (%) per model and shard set", md_table(["model"] + sets, main_rows), None),
+        ("Top-1 error (%) per model and shard set",
+         md_table(["model (timm id)"] + sets, [[model_cell(m)] + [errors[m].get(s, "") for s in sets] for m in errors]),
+         None),
         ("Clean vs adversarial error", "", "errors.png"),
     ]
     if transfer:
@@ -164,43 +238,43 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
             ["baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher"],
             [[t["baseline"], t["aoa_mean_err"], t["baseline_mean_err"], f"{t['aoa_wins']}/{t['victims']}"]
              for t in transfer]), None))
-    sections.append((f"RMSD of the published images (budget {eta})", md_table(
+    sections.append((f"RMSD of the published images (budget {budget['eta']})", md_table(
         ["attack", "mean RMSD", "max RMSD", "images"],
         [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)] for a, v in rmsd.items()]), "rmsd.png"))
     if "examples.png" in figures:
-        sections.append(("Examples (surrogate's SGLRP attention on the true class)", "", "examples.png"))
+        sections.append(("Examples (surrogate's SGLRP attention on the true class; true -> predicted after AoA)",
+                         "", "examples.png"))
     if profile == "imagenet":
-        sections.append(("Published DAmageNet (TPAMI 2020, Table 5), for comparison", md_table(
-            ["victim", "clean top-1 err", "DAmageNet top-1 err"], _published()), None))
+        sections.append(("Published DAmageNet (TPAMI 2020, Table 5) beside ours", md_table(
+            ["victim (published)", "published clean err", "published DAmageNet err", "our model", "our clean err",
+             "our AoA err"], published_join(errors, archs)), None))
+    else:
+        sections.append(("Published DAmageNet", "The published numbers (ImageNet val, pretrained VGG19 surrogate, "
+                         "224 px) cannot be compared with this profile: other images, classes and models.", None))
 
-    pages = [(title, f"{stage}/index.md") for stage, title in DOWNSTREAM.items() if (out / stage / "index.md").is_file()]
+    stages = DOWNSTREAM if downstream is None else {k: v for k, v in DOWNSTREAM.items() if k in downstream}
+    pages = []
+    for stage, title in stages.items():
+        page = out / stage / "index.md"
+        if page.is_file():
+            (out / stage / "index.html").write_text(render_html(page.read_text(), title, page.parent))
+            pages.append((title, stage))
     if pages:
-        sections.append(("Downstream stages", "\n".join(f"- [{t}]({p})" for t, p in pages), None))
+        sections.append(("Downstream stages", "\n".join(f"- [{t}]({s}/index.html) ([Markdown]({s}/index.md))"
+                                                          for t, s in pages), None))
+    threat = [f"| {a} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
     md = [f"# Robustness report ({profile} profile)\n",
-          f"Surrogate `{surrogate['name']}`; attacks share one budget (RMSD <= {eta}, 0-255 scale). "
-          "Metrics: `metrics/evaluate.json`; per-set CSVs and per-model records in the evaluate outputs.\n"]
-    body = []
-    for title, table, fig in sections:
-        md.append(f"## {title}\n\n{table}\n" + (f"\n![{title}](figures/{fig})\n" if fig else ""))
-        img = (f'<img alt="{html.escape(title)}" src="data:image/png;base64,'
-               f'{base64.b64encode(figures[fig]).decode()}">' if fig else "")
-        body.append(f"<h2>{html.escape(title)}</h2>\n{_html_table(table)}\n{img}")
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>DAmageNet robustness report</title>"
-        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"
-        f"<h1>Robustness report ({html.escape(profile)} profile)</h1>{''.join(body)}</body></html>\n")
-    return {"errors": errors, "transfer": transfer, "markdown": "\n".join(md)}
-
-
-def _html_table(md_table: str) -> str:
-    if not md_table:
-        return ""
-    if md_table.startswith("- ["):  # a list of links: "- [title](path)"
-        items = [line[3:-1].split("](") for line in md_table.splitlines()]
-        return "<ul>" + "".join(f'<li><a href="{html.escape(p)}">{html.escape(t)}</a></li>' for t, p in items) + "</ul>"
-    lines = [line.strip("|").split("|") for line in md_table.splitlines()]
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in lines[0])
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in lines[2:])
-    return f"<table><tr>{head}</tr>{rows}</table>"
+          f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`). Every attack has the same threat model: "
+          f"RMSD at most η = {budget['eta']} and L∞ at most ε = {budget['eps']} after rounding to uint8, step "
+          f"α = {budget['alpha']} (0-255 scale), at most {budget.get('max_steps', '?')} steps. {n_clean} clean images.\n",
+          "| attack | options | images |\n|---|---|---|\n" + "\n".join(threat) + "\n",
+          f"Code: commit {_commit()}. Metrics: `metrics/evaluate.json`; per-set CSVs (timm format) and per-model "
+          "records in the evaluate outputs.\n"]
+    for title, text, fig in sections:
+        md.append(f"## {title}\n\n{text}\n" + (f"\n![{title}](figures/{fig})\n" if fig else ""))
+    md_text = "\n".join(md)
+    (out / "report.md").write_text(md_text)
+    (out / "report.html").write_text(render_html(md_text, "DAmageNet robustness report", out))
+    inline = re.sub(r"\]\(figures/([^)]+)\)", lambda m: "](data:image/png;base64,"
+                    + base64.b64encode(figures[m.group(1)]).decode() + ")", md_text)
+    return {"errors": errors, "transfer": transfer, "markdown": md_text, "markdown_inline": inline}

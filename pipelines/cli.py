@@ -149,9 +149,10 @@ def report_kwargs(params: dict) -> dict:
         "eval_dir": ev["out"], "shards_root": section(params, "generate")["out_root"],
         "clean_dir": section(params, "source")["out"], "sets": ev["sets"],
         "surrogate": surrogate_spec(params, section(params, "generate")["surrogate"]),
-        "eta": section(params, "budget")["eta"], "out_dir": rep["out"], "profile": params.get("profile", "demo"),
-        "examples": rep["examples"],
+        "budget": section(params, "budget"), "attacks": section(params, "attacks"),
+        "out_dir": rep["out"], "profile": params.get("profile", "demo"), "examples": rep["examples"],
         "victims": [m["name"] for m in section(params, "zoo")["models"]],
+        "downstream": [s for s in ("adv_train", "ood", "unlearn", "optim") if params.get(s)],
     }
 
 

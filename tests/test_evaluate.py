@@ -130,13 +130,24 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     sets = {n: str(tmp_path / "shards" / n) for n in ("clean", "aoa", "pgd")}
     evaluate_flow(models=list(specs.values()), sets=sets, out=str(tmp_path / "eval"), batch_size=16,
                   metrics_path=str(tmp_path / "e.json"))
+    for stage in ("ood", "optim"):  # a page of this run and one of another run
+        (tmp_path / "report" / stage).mkdir(parents=True)
+        (tmp_path / "report" / stage / "index.md").write_text(f"# {stage}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     result = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
-                          specs["vgg_demo"], 7.0, str(tmp_path / "report"))
+                          specs["vgg_demo"], budget, str(tmp_path / "report"), attacks={"aoa": {"si": 2}, "pgd": {}},
+                          downstream=["ood"])
     assert set(result["errors"]) == {"vgg_demo", "resnet10t"}
     assert [t["baseline"] for t in result["transfer"]] == ["pgd"]
     page = tmp_path / "report" / "report.html"
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3 and "<table>" in text
+    # the opening sentence and threat model reach the HTML; names, not only indices
+    for expected in ("Surrogate <code>vgg_demo</code>", "η = 7.0", "ε = 25.5", "α = 2.0", "at most 8 steps",
+                     "si 2", "<td>10</td>", "vgg_demo (<code>vgg_demo</code>) surrogate", "cannot be compared"):
+        assert expected in text, expected
+    assert 'href="ood/index.html"' in text and "optim/index" not in text  # only this run's pages
+    assert "<table>" in (tmp_path / "report" / "ood" / "index.html").read_text()
+    assert "data:image/png;base64," in result["markdown_inline"] and "](figures/" not in result["markdown_inline"]
     shot = tmp_path / "screenshot.png"
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                           "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
@@ -176,3 +187,14 @@ def test_results_csv_rank_diff_is_signed_and_crop_columns_describe_the_shards(se
         assert r["rank_diff"] == (f"{expected:+d}" if expected else "0")
         model_size = build_model(models[0]).data_config["input_size"][-1]  # what the model saw: 24 px resized
         assert (r["img_size"], r["crop_pct"], r["interpolation"]) == (str(model_size), "0.875", "bicubic+bicubic")
+
+
+def test_published_table_is_joined_with_ours_model_by_model():
+    from evaluators.report import published_join
+
+    rows = published_join({"vgg16_tv": {"clean": 30.0, "aoa": 91.5}, "mine": {"clean": 1.0, "aoa": 2.0}},
+                           {"vgg16_tv": "vgg16.tv_in1k", "mine": "resnet10t"})
+    by_victim = {r[0]: r for r in rows}
+    assert by_victim["VGG16"] == ["VGG16", "38.51", "99.85", "vgg16_tv (`vgg16.tv_in1k`)", 30.0, 91.5]
+    assert by_victim["ResNet50"][3:] == ["-", "-", "-"]  # not evaluated here
+    assert len(rows) == 19

@@ -18,10 +18,13 @@ from pipelines.flows.evaluate import evaluate
 
 @flow(name="report", flow_run_name="report-{profile}")
 def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
-                eta: float, out_dir: str, profile: str = "demo", examples: int = 4,
-                victims: list[str] | None = None) -> dict[str, Any]:
-    result = build_report(eval_dir, shards_root, clean_dir, sets, surrogate, eta, out_dir, profile, examples, victims)
-    create_markdown_artifact(key="damagenet-robustness-report", markdown=result["markdown"],
+                budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
+                victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
+                downstream: list[str] | None = None) -> dict[str, Any]:
+    result = build_report(eval_dir, shards_root, clean_dir, sets, surrogate, budget, out_dir, profile, examples,
+                          victims, attacks, downstream)
+    # figures inline: the Prefect UI cannot follow links to files on this machine
+    create_markdown_artifact(key="damagenet-robustness-report", markdown=result["markdown_inline"],
                              description="DAmageNet robustness report")
     get_run_logger().info("report written to %s/report.md and report.html", out_dir)
     return result
