@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from attacks.sglrp import SGLRP  # noqa: E402
 from model_zoo.zoo import build_model  # noqa: E402
-from shards.shardset import iter_shardset, shard_paths, shard_records  # noqa: E402
+from shards.shardset import class_names, iter_shardset, shard_paths, shard_records  # noqa: E402
 
 PUBLISHED = Path(__file__).with_name("published_damagenet.csv")
 
@@ -86,20 +86,6 @@ def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
     ax.set_ylabel("images")
     ax.legend(fontsize=7)
     return png_bytes(fig)
-
-
-def class_names(clean_dir: Path) -> dict[int, str]:
-    """Class index -> readable name: ImageNet descriptions for WordNet ids, else the class folder's name."""
-    from timm.data import ImageNetInfo
-
-    names = {}
-    for p in shard_paths(clean_dir):
-        for _, label, meta in shard_records(p):
-            names[label] = meta.get("wnid", str(label))
-    if names and all(re.fullmatch(r"n\d{8}", w) for w in names.values()):
-        info = ImageNetInfo()
-        return {i: info.index_to_description(i).split(",")[0] for i in range(1000)}
-    return names
 
 
 def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int, names: dict[int, str]) -> bytes:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -140,6 +141,48 @@ def shard_records(path: Path | str) -> Iterator[tuple[str, int, dict[str, Any]]]
     """``(key, cls, json)`` of each sample, without decoding its image (for indexes and metrics)."""
     for key, fields in tar_samples(path):
         yield key, int(fields["cls"]), json.loads(fields["json"])
+
+
+def class_names(root: Path | str) -> dict[int, str]:
+    """Class index -> readable name for a set: ImageNet descriptions when its samples carry WordNet ids, else the
+    source's class folder names (from the samples' ``wnid`` field)."""
+    names = {}
+    for p in shard_paths(root):
+        for _, label, meta in shard_records(p):
+            names[label] = meta.get("wnid", str(label))
+    if names and all(re.fullmatch(r"n\d{8}", w) for w in names.values()):
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return {i: info.index_to_description(i).split(",")[0] for i in range(1000)}
+    return dict(sorted(names.items()))
+
+
+def dataset_card_header(set_name: str, names: dict[int, str], description: str) -> str:
+    """Hugging Face dataset-card front matter: ``load_dataset("webdataset", ...)`` or the Hub then give named
+    classes (``cls`` as a ``class_label``) and one ``validation`` split of this set's shards."""
+    labels = "\n".join(f"          '{i}': {json.dumps(n)}" for i, n in sorted(names.items()))
+    return f"""---
+pretty_name: {json.dumps(description)}
+license: other
+task_categories:
+- image-classification
+configs:
+- config_name: default
+  data_files:
+  - split: validation
+    path: "{set_name}-*.tar"
+dataset_info:
+  features:
+  - name: png
+    dtype: image
+  - name: cls
+    dtype:
+      class_label:
+        names:
+{labels}
+---
+"""
 
 
 def shard_paths(root: Path | str) -> list[Path]:

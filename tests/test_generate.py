@@ -422,3 +422,16 @@ def test_prefect_runs_are_named_after_the_stage_attack_and_shard(reference_run):
         task_runs = {t.name for t in client.read_task_runs()}
     assert "generate-aoa" in flow_runs
     assert {f"attack-aoa-{i:06d}" for i in range(4)} <= task_runs
+
+
+def test_dataset_card_header_names_the_classes_and_the_shards(clean_set, reference_run):
+    import yaml
+
+    from sources.demo_world import CLASSES
+
+    for folder, name in ((clean_set[0], "clean"), (reference_run[0], "aoa")):
+        card = (folder / "README.md").read_text()
+        header = yaml.safe_load(card.split("---\n")[1])
+        names = header["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
+        assert names == {str(i): f"{i:02d}_{c}" for i, c in enumerate(CLASSES)}  # the class folders, in index order
+        assert header["configs"][0]["data_files"][0] == {"split": "validation", "path": f"{name}-*.tar"}

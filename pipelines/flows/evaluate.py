@@ -15,6 +15,7 @@ from typing import Any
 import timm
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
 
 from evaluators.classification import evaluate_shardset, shardset_hash, weights_hash
 from model_zoo.zoo import build_model
@@ -94,7 +95,7 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
     out_dir = Path(out)
     futures = [evaluate_model.submit(spec, sets, str(out_dir / "cache"), batch_size, devices[i % len(devices)], workers)
                for i, spec in enumerate(models)]
-    records = [f.result() for f in futures]
+    records = [f.result() for f in tqdm(futures, desc="evaluate", unit="model")]
     ok = [r for r in records if "error" not in r]
     for r in records:
         if "error" in r:

@@ -20,11 +20,20 @@ import torch
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
+from tqdm import tqdm
 
 from attacks import AttackConfig, list_attacks
 from pipelines.params import write_json
 from shards.adversarial import attack_shard_file
-from shards.shardset import sha256_file, shard_name, shard_paths, shard_records, write_index
+from shards.shardset import (
+    class_names,
+    dataset_card_header,
+    sha256_file,
+    shard_name,
+    shard_paths,
+    shard_records,
+    write_index,
+)
 
 
 def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
@@ -124,7 +133,7 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
         log.warning("removing %s: its clean shard no longer exists", stale)
         stale.unlink()
     start = time.perf_counter()
-    results, failed = _run_units(units, devices, log)
+    results, failed = _run_units(units, devices, log, f"generate {attack}")
     wall = time.perf_counter() - start
     for r in results:
         if r.get("repaired"):
@@ -146,12 +155,12 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
     return metrics
 
 
-def _run_units(units, devices, log):
+def _run_units(units, devices, log, desc: str):
     """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed)."""
     futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)]))
                for i, u in enumerate(units)]
     results, retry = [], []
-    for u, dev, fut in futures:
+    for u, dev, fut in tqdm(futures, desc=desc, unit="shard"):
         try:
             results.append(fut.result())
         except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
@@ -198,7 +207,9 @@ def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir, 
     # run-dependent numbers (throughput) stay out of the card, so the published set is byte-identical across runs
     nums = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items())
                      if k not in ("attack", "failed_units", "images_per_second"))
-    return f"""# {attack} shards (DAmageNet-style adversarial set)
+    header = dataset_card_header(attack, class_names(clean_dir), f"{attack} adversarial images (DAmageNet-style)")
+    return header + f"""
+# {attack} shards (DAmageNet-style adversarial set)
 
 Adversarial versions of the clean crops in `{clean_dir}`, made by the `{attack}` attack on the surrogate
 `{surrogate['name']}` (timm `{surrogate['arch']}`), under one budget shared by every attack of this run:
@@ -228,6 +239,9 @@ import webdataset as wds
 ds = (wds.WebDataset("{attack}-{{000000..{shards - 1:06d}}}.tar", shardshuffle=False)
       .decode("rgb8", only=["png", "cls", "json"]).to_tuple("png", "cls", "json"))
 ```
+Also readable with `wids` (its own package: `pip install wids`; `wids.ShardListDataset("shardindex.json")`),
+timm's `wds/` reader (`_info.json`) and Hugging Face `datasets` (`load_dataset("webdataset", data_dir=...)`, named
+classes from this card's header).
 
 Licence: derived from the source images; the source's licence and terms apply (ImageNet: non-commercial research).
 """

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from tqdm import tqdm
 
 from pipelines.params import write_json
-from shards.shardset import shard_name, write_index, write_shard
+from shards.shardset import class_names, dataset_card_header, shard_name, write_index, write_shard
 from sources.reading import (
     BadSourceError,
     Rejects,
@@ -112,7 +112,8 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
     if buffer:
         flush()
     rejects.write(out / "rejects.tsv")
-    (out / "README.md").write_text(_card(source, kept, len(rejects)))
+    header = dataset_card_header("clean", class_names(out), "clean crops (DAmageNet source images)")
+    (out / "README.md").write_text(header + "\n" + _card(source, kept, len(rejects)))
     index = write_index(out, "clean")
     return {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples)}
 
