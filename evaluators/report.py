@@ -185,7 +185,8 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
                  budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
                  victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
                  downstream: list[str] | None = None) -> dict[str, Any]:
-    """Write report.md, report.html and figures/ under ``out_dir`` (and index.html beside each downstream page);
+    """Write report.md, report.html, figures/ and pages/<stage>.html (each downstream page, self-contained) under
+    ``out_dir``;
     returns the numbers shown. ``budget``: eta, eps, alpha, max_steps on the 0-255 scale; ``attacks``: each attack's
     options; ``victims``: the models of the transfer comparison (default: every evaluated model but the
     surrogate); ``downstream``: the downstream stages of this run (pages of other runs are not linked)."""
@@ -240,13 +241,16 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
 
     stages = DOWNSTREAM if downstream is None else {k: v for k, v in DOWNSTREAM.items() if k in downstream}
     pages = []
+    (out / "pages").mkdir(exist_ok=True)
+    for stale in (out / "pages").glob("*.html"):  # a page of an earlier run must not stay linked or published
+        stale.unlink()
     for stage, title in stages.items():
         page = out / stage / "index.md"
-        if page.is_file():
-            (out / stage / "index.html").write_text(render_html(page.read_text(), title, page.parent))
+        if page.is_file():  # rendered here, beside the report: the stage's own folder is that stage's output
+            (out / "pages" / f"{stage}.html").write_text(render_html(page.read_text(), title, page.parent))
             pages.append((title, stage))
     if pages:
-        sections.append(("Downstream stages", "\n".join(f"- [{t}]({s}/index.html) ([Markdown]({s}/index.md))"
+        sections.append(("Downstream stages", "\n".join(f"- [{t}](pages/{s}.html) ([Markdown]({s}/index.md))"
                                                           for t, s in pages), None))
     threat = [f"| {a} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
     md = [f"# Robustness report ({profile} profile)\n",

@@ -145,8 +145,9 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     for expected in ("Surrogate <code>vgg_demo</code>", "η = 7.0", "ε = 25.5", "α = 2.0", "at most 8 steps",
                      "si 2", "<td>10</td>", "vgg_demo (<code>vgg_demo</code>) surrogate", "cannot be compared"):
         assert expected in text, expected
-    assert 'href="ood/index.html"' in text and "optim/index" not in text  # only this run's pages
-    assert "<table>" in (tmp_path / "report" / "ood" / "index.html").read_text()
+    assert 'href="pages/ood.html"' in text and "pages/optim.html" not in text  # only this run's pages
+    assert "<table>" in (tmp_path / "report" / "pages" / "ood.html").read_text()
+    assert not (tmp_path / "report" / "ood" / "index.html").exists()  # another stage's output folder is left alone
     assert "data:image/png;base64," in result["markdown_inline"] and "](figures/" not in result["markdown_inline"]
     shot = tmp_path / "screenshot.png"
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
