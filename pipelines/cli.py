@@ -180,6 +180,18 @@ def _serve(args, params):
                                     parameters={"params_path": str(Path(args.params).resolve())})
 
 
+def _publish(args, params):
+    from pipelines.publish import publish
+
+    raise SystemExit(publish(args.targets))
+
+
+def _fetch(args, params):
+    from pipelines.publish import fetch
+
+    raise SystemExit(fetch(args.targets))
+
+
 def _verify(args, params):
     from shards.verify import verify_shardset
 
@@ -244,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", _serve, "Serve evaluate+report on a cron schedule (Prefect serve); new models in the list are "
             "evaluated against the published shards, the others come from the cache.")
     p.add_argument("--cron", help="cron schedule (default: report.schedule in params.yaml)")
+    p = add("publish", _publish, "dvc push to the default remote (printed first; a missing local remote folder is "
+            "created): how shard sets and reports are published.")
+    p.add_argument("targets", nargs="*", help="DVC outputs or stages (default: everything)")
+    p = add("fetch", _fetch, "dvc pull from the default remote, with a clear error when a local remote is missing.")
+    p.add_argument("targets", nargs="*", help="DVC outputs or stages, e.g. data/shards/aoa (default: everything)")
     p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, member types, PNG decoding, "
             "image size (source.size), label range and, with --clean, each label against the clean image's and "
             "every image's RMSD/L-inf against the budget in params. Exits 1 on any problem.")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from shards.shardset import shard_name, write_index, write_shard
 
@@ -63,3 +64,19 @@ def test_dvc_metrics_show_reads_every_declared_metric(tmp_path):
     assert shown.returncode == 0, shown.stderr
     files = {f for entry in json.loads(shown.stdout).values() for f in entry["data"]}
     assert "metrics/adv_train.json" in files and not any(f.startswith("reports") for f in files)
+
+
+def test_fetch_names_a_missing_local_remote_and_publish_creates_it(tmp_path, capsys):
+    from pipelines.config import ConfigError
+    from pipelines.publish import default_remote, fetch, publish
+
+    repo, remote = tmp_path / "repo", tmp_path / "nowhere" / "remote"
+    repo.mkdir()
+    _run(["git", "init", "-q"], repo)
+    _run(DVC + ["init", "-q"], repo)
+    _run(DVC + ["remote", "add", "-d", "shared", "../nowhere/remote"], repo)  # a relative path, as ours
+    assert default_remote(repo) == ("shared", str(tmp_path / "nowhere" / "remote"))
+    with pytest.raises(ConfigError, match=r"DVC remote 'shared' is .*nowhere/remote, which does not exist"):
+        fetch([], repo)
+    assert publish([], repo) == 0 and remote.is_dir()
+    assert f"publishing to DVC remote 'shared': {remote}" in capsys.readouterr().out

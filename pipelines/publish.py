@@ -1,0 +1,51 @@
+"""Publishing shard sets with DVC: ``damagenet publish`` (``dvc push``) and ``damagenet fetch`` (``dvc pull``), with
+the remote spelled out first and a clear error when a local remote is missing (DVC alone says "Is your cache up to
+date?"). The default remote is a folder ``damagenet-dvc-remote`` beside the checkout (``.dvc/config``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError
+
+
+def default_remote(root: str | Path = ".") -> tuple[str, str]:
+    """``(name, url)`` of the repository's default DVC remote; a local path comes back absolute."""
+    from dvc.repo import Repo
+
+    config = Repo(str(root)).config
+    name = config["core"].get("remote")
+    if not name or name not in config["remote"]:
+        raise ConfigError(f"{Path(root).resolve() / '.dvc' / 'config'}: no default DVC remote; add one with "
+                          "`dvc remote add -d NAME URL`")
+    return name, config["remote"][name]["url"]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url
+
+
+def _dvc(args: list[str], root: str | Path) -> int:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root).returncode
+
+
+def publish(targets: list[str], root: str | Path = ".") -> int:
+    """``dvc push`` to the default remote (a missing local remote folder is created)."""
+    name, url = default_remote(root)
+    if _is_local(url):
+        Path(url).mkdir(parents=True, exist_ok=True)
+    print(f"publishing to DVC remote '{name}': {url}")
+    return _dvc(["push", *targets], root)
+
+
+def fetch(targets: list[str], root: str | Path = ".") -> int:
+    """``dvc pull`` from the default remote; a local remote that does not exist is named as such."""
+    name, url = default_remote(root)
+    if _is_local(url) and not Path(url).is_dir():
+        raise ConfigError(f"DVC remote '{name}' is {url}, which does not exist: publish there first "
+                          f"(`damagenet publish`), or point the remote at the published copy with "
+                          f"`dvc remote modify {name} url PATH_OR_URL`")
+    print(f"fetching from DVC remote '{name}': {url}")
+    return _dvc(["pull", *targets], root)
