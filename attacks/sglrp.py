@@ -23,8 +23,9 @@ Details that decide whether the maps are the authors':
 
 The target map A_t starts from p_c on class c, the dual map A_d from p_i on every other class; both starts are
 batched into one relevance pass. The totals ``sum(A_t)``, ``sum(A_d)`` are measured at the input rather than taken as
-p_c and 1 - p_c, because the rules do not conserve relevance (w^2 reaches units with no positive contributions, and
-the first layer's z^B can lose or add some).
+p_c and 1 - p_c: every rule conserves, except that a z+ (or z^B) unit with a zero denominator (no positive
+contribution at all) drops what it received. VGG19 (224 px, random weights) keeps p_t to six digits; the pretrained
+EfficientNet-Lite0 keeps 4% of it on a real photo, the rest lost in depthwise convs (nine inputs a unit).
 
 Two ways to run the pass, which must agree:
 - ``explicit=True`` (the fast path): each layer's transpose is written out (conv-transpose with the positive
