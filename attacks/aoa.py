@@ -28,11 +28,12 @@ class AoA(Attack):
         """``lam`` weighs the cross-entropy term (1 in the authors' code); ``explicit=False`` takes the reference
         (double-backward) gradient path instead of the explicit relevance pass; ``bounds``, ``relu`` and
         ``inactive_pool`` are the SGLRP conventions (:class:`attacks.sglrp.SGLRP`)."""
-        super().__init__(model, config, **overrides)
-        # raises the UnsupportedLayerError that names the layer
-        self.sglrp = SGLRP(model, bounds=bounds, relu=relu, inactive_pool=inactive_pool)
-        self.lam, self.explicit = lam, explicit
         self.conventions = {"bounds": bounds, "relu": relu, "inactive_pool": inactive_pool}
+        self.lam, self.explicit = lam, explicit
+        super().__init__(model, config, **overrides)
+
+    def _attention(self, model):
+        return SGLRP(model, **self.conventions)  # AoA needs it: raises the UnsupportedLayerError naming the layer
 
     @classmethod
     def default_config(cls) -> AttackConfig:

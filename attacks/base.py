@@ -105,14 +105,19 @@ class Attack:
 
     name = "attack"
     step_rule = "sign"
+    conventions: dict = {}  # SGLRP conventions of the recorded attention (default: the authors')
 
     def __init__(self, model: torch.nn.Module, config: AttackConfig | None = None, **overrides):
         self.model = model
         self.config = replace(config or self.default_config(), **overrides)
-        try:  # attention is recorded for every attack whose surrogate SGLRP can explain
-            self.sglrp = SGLRP(model)
+        self.sglrp = self._attention(model)
+
+    def _attention(self, model: torch.nn.Module) -> SGLRP | None:
+        """Attention is recorded for every attack whose surrogate SGLRP can explain."""
+        try:
+            return SGLRP(model, **self.conventions)
         except UnsupportedLayerError:
-            self.sglrp = None
+            return None
 
     @classmethod
     def default_config(cls) -> AttackConfig:

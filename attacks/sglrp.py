@@ -480,10 +480,11 @@ class SGLRP(nn.Module):
                 raise ValueError(f"SGLRP: {name} must be one of {allowed}, not {value!r}")
         self.classifier, self.relu = classifier, relu
         steps = _convert(classifier.model, "")
-        for step in _flatten_steps(steps):
+        flat = _flatten_steps(steps)
+        for step in flat:
             if isinstance(step, AvgPoolStep):
                 step.spread_inactive = inactive_pool == "spread"
-        linear = [s for s in _flatten_steps(steps) if isinstance(s, LinearStep)]
+        linear = [s for s in flat if isinstance(s, LinearStep)]
         if not isinstance(steps[-1], LinearStep):
             raise UnsupportedLayerError("SGLRP: the model must end in a dense/1x1 logit layer")
         _mark_signed_inputs(steps, nonneg=False)

@@ -34,13 +34,10 @@ from shards.shardset import class_names, iter_shardset, shard_paths, shard_recor
 PUBLISHED = Path(__file__).with_name("published_damagenet.csv")
 
 
-def error_table(eval_dir: Path, sets: list[str]) -> dict[str, dict[str, float]]:
+def error_table(records: list[dict[str, Any]], sets: list[str]) -> dict[str, dict[str, float]]:
     """{model: {set: top-1 error}} from the evaluate stage's per-model records."""
-    table = {}
-    for f in sorted((eval_dir / "models").glob("*.json")):
-        rec = json.loads(f.read_text())
-        table[rec["name"]] = {s: round(100 - rec["accuracy"][s]["top1"], 2) for s in sets if s in rec["accuracy"]}
-    return table
+    return {r["name"]: {s: round(100 - r["accuracy"][s]["top1"], 2) for s in sets if s in r["accuracy"]}
+            for r in records}
 
 
 def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str], attacks: list[str]) -> list[dict]:
@@ -192,15 +189,15 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     surrogate); ``downstream``: the downstream stages of this run (pages of other runs are not linked)."""
     eval_path, out = Path(eval_dir), Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    errors = error_table(eval_path, sets)
-    archs = {json.loads(f.read_text())["name"]: json.loads(f.read_text())["arch"]
-             for f in sorted((eval_path / "models").glob("*.json"))}
+    records = [json.loads(f.read_text()) for f in sorted((eval_path / "models").glob("*.json"))]
+    errors = error_table(records, sets)
+    archs = {r["name"]: r["arch"] for r in records}
     adversarial = [s for s in sets if s != "clean"]
     victims = [m for m in errors if m != surrogate["name"] and (victims is None or m in victims)]
     transfer = transfer_comparison(errors, victims, adversarial) if "aoa" in adversarial and victims else []
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
             for a in adversarial}
-    n_clean = sum(1 for p in shard_paths(clean_dir) for _ in shard_records(p))
+    n_clean = json.loads((Path(clean_dir) / "_info.json").read_text())["splits"]["validation"]["num_samples"]
     names = class_names(Path(clean_dir))
     figures = {
         "errors.png": _bar_chart(errors, sets),
