@@ -1,4 +1,5 @@
-# The two commands: `make demo` (whole pipeline on the embedded demo world) and `make test` (the test suite).
+# The two commands: `make demo` (whole pipeline on the embedded demo world) and `make test` (the test suite);
+# `make real` runs the real-photo profile.
 # Both create and reuse .venv and install the project (editable) from pyproject.toml.
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test bench install lint clean
+.PHONY: demo real test bench install lint clean
 
 install: $(STAMP)
 
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	scripts/with-prefect-server dvc repro
+
+# the real offline world (profiles/real.yaml) in its own workspace, runs/real: this checkout's outputs stay as they are
+real: $(STAMP)
+	scripts/run-profile profiles/real.yaml
 
 test: $(STAMP)
 	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)

@@ -47,6 +47,7 @@ class AttackConfig:
     mi: float = 0.0  # MI momentum decay (0 = off; MI-FGSM uses 1.0)
     precision: str = "fp32"  # fp32 (IEEE, no TF32) | bf16 (autocast): see attacks.precision
     seed: int = 0
+    sub_batch: int = 0  # images (SI copies included) per forward/backward pass; 0: all at once. Bounds memory
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -147,15 +148,15 @@ class Attack:
 
     # ---- shared mechanics ---------------------------------------------------------------------------------
 
-    def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """DI: with probability exactly ``di``, resize to a random 90-99% size and zero-pad back at a random place."""
+    def _diverse(self, h: int, w: int, gen: torch.Generator):
+        """DI, drawn once per gradient: with probability exactly ``di``, a transform that resizes to a random 90-99%
+        size and zero-pads back at a random place; otherwise the identity."""
         if self.config.di <= 0 or torch.rand(1, generator=gen).item() >= self.config.di:
-            return x
-        h, w = x.shape[-2:]
+            return lambda x: x
         size = int(torch.randint(int(h * 0.9), h, (1,), generator=gen))  # always smaller: every draw transforms
         top, left = (int(v) for v in torch.randint(0, h - size + 1, (2,), generator=gen))
-        small = F.interpolate(x, size=(size, size), mode="nearest")
-        return F.pad(small, (left, w - size - left, top, h - size - top))
+        return lambda x: F.pad(F.interpolate(x, size=(size, size), mode="nearest"),
+                               (left, w - size - left, top, h - size - top))
 
     def gradient(self, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Objective gradient with SI/DI/TI applied and the copies combined as the step rule needs (module doc).
@@ -163,11 +164,16 @@ class Attack:
         With ``si_x_twice`` the unscaled copy gets a double share instead of a second identical computation."""
         cfg = self.config
         m = cfg.si
-        copies = torch.cat([x / 2**i for i in range(m)]).detach().requires_grad_()
-        with forward_precision(cfg.precision, x.device.type):
-            value = self.objective(self._diverse(copies, gen), labels.repeat(m)).float().sum()
-            (g,) = torch.autograd.grad(value, copies)
-        g = g.float()
+        copies, copy_labels = torch.cat([x / 2**i for i in range(m)]).detach(), labels.repeat(m)
+        diverse = self._diverse(*x.shape[-2:], gen)
+        chunk = cfg.sub_batch or len(copies)
+        grads = []
+        for part, part_labels in zip(copies.split(chunk), copy_labels.split(chunk)):  # the objective is per image
+            part = part.detach().requires_grad_()
+            with forward_precision(cfg.precision, x.device.type):
+                value = self.objective(diverse(part), part_labels).float().sum()
+                grads.append(torch.autograd.grad(value, part)[0])
+        g = torch.cat(grads).float()
         if cfg.ti:
             k = gaussian_kernel(cfg.ti).to(g)
             g = F.conv2d(g, k.expand(g.shape[1], 1, -1, -1), padding=cfg.ti // 2, groups=g.shape[1])

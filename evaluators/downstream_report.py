@@ -12,7 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evaluators.claims import REFUTES, REPRODUCES, seeds_standard_error, verdict  # noqa: E402
 from evaluators.report import md_table, png_bytes  # noqa: E402
+from evaluators.unlearning import CHANCE_MARGIN  # noqa: E402
 
 
 def _write(report_dir: Path, stage: str, markdown: str, figures: dict[str, bytes]) -> str:
@@ -65,8 +67,8 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
         "# Adversarial training and catastrophic overfitting\n\n"
         f"Checks every {mon['every']} steps on a fixed training batch and a fixed validation subset ({mon['n']} images "
         f"each): PGD-{mon['pgd_steps']} (step eps/4, random start) and FGSM accuracy. CO is flagged when PGD accuracy on "
-        f"the training batch falls by more than {mon['threshold']} points since the previous check while FGSM accuracy "
-        "rises. The self-fitting quantities are **proxies** (the paper's exact metrics are unpublished): accuracy on the "
+        f"the training batch has lost {mon['drop']:.0%} of its running peak (and at least {mon['min_drop']} points) "
+        "while FGSM accuracy fell by less than half as much. The self-fitting quantities are **proxies** (the paper's exact metrics are unpublished): accuracy on the "
         "FGSM perturbation alone on a grey image, and the share of activation mass in the top 10% of channels of the "
         "first two conv layers. Robustness on the clean/AoA/PGD shard sets: the `at-*` rows of the evaluate stage.\n\n"
         + md_table(["run", "method", "eps", "val acc", "val PGD acc (last)", "val FGSM acc (last)",
@@ -74,7 +76,28 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
                     "train s"], rows)
         + "\n\n![curves](curves.png)\n\nRed dashed lines: flagged CO events.\n"
     )
+    md += "\n" + _co_claim(metrics) + "\n"
     return _write(report_dir, "adv_train", md, {"curves.png": _adv_curves(histories, events)})
+
+
+def _co_claim(metrics: dict[str, dict[str, Any]]) -> str:
+    """The CO papers' claim: plain FGSM training collapses; N-FGSM, GradAlign (and PGD-AT) do not."""
+    plain = [n for n, m in metrics.items() if m["method"] == "fgsm"]
+    guarded = [n for n, m in metrics.items() if m["method"] in ("n-fgsm", "gradalign", "pgd-at")]
+    if not plain or not guarded:
+        return "**Seed claim** (FGSM collapses, N-FGSM / GradAlign do not): cannot tell (no run of each kind)."
+    collapsed = {n: bool(metrics[n]["co_events"]) for n in plain + guarded}
+    if not any(collapsed[n] for n in plain):
+        gaps = {n: round(metrics[n]["final_val_fgsm_acc"] - metrics[n]["final_val_pgd_acc"], 1) for n in plain + guarded}
+        result = ("cannot tell: plain FGSM did not collapse from a robust peak in this setting, so there was nothing "
+                  "to avoid (final val FGSM minus PGD accuracy, points: "
+                  + ", ".join(f"{n} {g}" for n, g in gaps.items()) + ")")
+    elif any(collapsed[n] for n in guarded):
+        result = REFUTES + ": " + ", ".join(n for n in guarded if collapsed[n]) + " collapsed too"
+    else:
+        result = REPRODUCES
+    runs = ", ".join(f"{n} {'CO' if c else 'no CO'}" for n, c in collapsed.items())
+    return f"**Seed claim** (FGSM collapses, N-FGSM / GradAlign do not; one seed): {result} ({runs})."
 
 
 def _roc_figure(scores: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, Any]) -> bytes:
@@ -95,24 +118,56 @@ def _roc_figure(scores: dict[str, dict[str, dict[str, Any]]], metrics: dict[str,
     return png_bytes(fig)
 
 
+def _orthloss_claim(methods: dict[str, Any], sets: list[str]) -> str:
+    """OrthLoss's claim: lower FPR95 than OE, per test set, judged over seeds."""
+    if "orthloss" not in methods or "oe" not in methods:
+        return "**Seed claim** (OrthLoss detects OOD better than OE): cannot tell (needs both methods)."
+    a, b = methods["orthloss"], methods["oe"]
+    lines = []
+    for s in sets:
+        fa, fb = a["sets"][s]["fpr95"], b["sets"][s]["fpr95"]
+        se = seeds_standard_error(fa["std"], a["seeds"], fb["std"], b["seeds"])
+        lines.append(f"- {s}: FPR95 {fa['mean']} vs {fb['mean']}: {verdict(fa['mean'], fb['mean'], se, False)}")
+    return "**Seed claim** (OrthLoss detects OOD better than OE, lower FPR95), over seeds:\n\n" + "\n".join(lines)
+
+
 def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, Any]]], cfg: dict[str, Any],
                 report_dir: Path) -> str:
     methods = metrics["methods"]
     sets = list(next(iter(methods.values()))["sets"])
-    rows = [[name + (" (no fine-tuning)" if name == "baseline" else ""), m["score"], m["id_acc"]]
-            + [f"{m['sets'][s]['fpr95']:.1f} / {m['sets'][s]['auroc']:.1f}" for s in sets]
+
+    def cell(v: dict[str, float]) -> str:
+        return f"{v['mean']:.1f}" + (f" ± {v['std']:.1f}" if v["std"] else "")
+
+    rows = [[name + (" (no fine-tuning)" if name == "baseline" else ""), m["score"], m["seeds"], cell(m["id_acc"])]
+            + [f"{cell(m['sets'][s]['fpr95'])} / {cell(m['sets'][s]['auroc'])}" for s in sets]
             for name, m in methods.items()]
+    searched = metrics.get("margin_search", {})
+    search_md = "".join(
+        f"\n\n{n}: margins chosen on held-out ID training images vs held-out auxiliary outliers (energy FPR95), "
+        f"around the base model's median ID energy {r['median_id_energy']}: m_in = {r['m_in']}, m_out = {r['m_out']} "
+        "(searched with seed " + str(metrics["seeds"][0]) + "; every seed then trains with them).\n\n"
+        + md_table(["m_in", "m_out", "val FPR95", "val AUROC"],
+                   [[c["m_in"], c["m_out"], c["fpr95"], c["auroc"]] for c in r["candidates"]])
+        for n, r in searched.items())
     md = (
         "# OOD fine-tuning\n\n"
         f"Positive class: **{metrics['positive']}** (the OE/OrthLoss papers' convention; OpenOOD and pytorch-ood "
         "take OOD as positive, which swaps AUPR-in and AUPR-out). Each method is read with its own score; "
-        "`metrics/ood.json` has every score (MSP, energy, max logit, OrthLoss) and AUPR-in/out for every method and "
-        f"set. ID classes: {cfg['id_classes'] or 'all'}.\n\n"
+        "`metrics/downstream/ood.json` has every score (MSP, energy, max logit, OrthLoss) and AUPR-in/out for every method and "
+        f"set (first seed). ID classes: {cfg['id_classes'] or 'all'}. Fine-tuned methods: mean ± sample std over "
+        f"seeds {metrics['seeds']}; the ROC curves are the first seed's.\n\n"
         "FPR95 (lower is better) / AUROC (higher is better), in %:\n\n"
-        + md_table(["method", "score", "ID acc"] + sets, rows)
+        + md_table(["method", "score", "seeds", "ID acc"] + sets, rows)
+        + search_md
+        + "\n\n" + _orthloss_claim(methods, sets)
         + "\n\n![ROC curves](roc.png)\n"
     )
     return _write(report_dir, "ood", md, {"roc.png": _roc_figure(scores, metrics)})
+
+
+def _or_chance(value: float | None) -> Any:
+    return "n/a (attack at chance)" if value is None else value
 
 
 def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dict[str, Any], report_dir: Path) -> str:
@@ -122,31 +177,75 @@ def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dic
           "MIA-member = the entropy attack's member rate (lower = more forgotten). Avg Gap = mean |metric - retrain| "
           "over UA, RA, TA, MIA (lower is better); KL/JS: forget-set outputs against the retrained model's. "
           "For a class scenario TA covers the other classes. MIA attack acc: the confidence attack's balanced accuracy "
-          "on remaining vs test; near 50% its verdicts on the forget set carry no information.\n"]
+          f"on remaining vs test ({cfg.get('mia_attack', 'logistic')}); within {CHANCE_MARGIN:g} points of 50% its "
+          "verdicts on the forget set carry no information, so MIA is n/a and left out of Avg Gap.\n"]
     for scenario, rows in results.items():
         md.append(f"## {scenario} ({cfg['scenarios'][scenario]})\n")
         md.append(md_table(["method", "UA", "RA", "TA", "MIA", "MIA-member", "MIA attack acc", "Avg Gap", "KL", "JS",
                             "time (s)"],
-                           [[n, r["UA"], r["RA"], r["TA"], r["MIA"], r["MIA_member_rate"], r["MIA_attack_acc"],
+                           [[n, r["UA"], r["RA"], r["TA"], _or_chance(r["MIA"]), _or_chance(r["MIA_member_rate"]),
+                             r["MIA_attack_acc"],
                              r["avg_gap"], r["KL"], r["JS"], r["seconds"]] for n, r in rows.items()]) + "\n")
+    md.append(_unlearning_claim(results))
     return _write(report_dir, "unlearn", "\n".join(md), {})
 
 
+def _unlearning_claim(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """NatMU, SFR-on and MUSO's claim: closer to retraining (lower Avg Gap) than plain fine-tuning."""
+    lines = []
+    for scenario, rows in results.items():
+        if "ft" not in rows:
+            continue
+        for m in ("natmu", "sfr-on", "muso"):
+            if m in rows:
+                lines.append(f"- {scenario}, {m} vs ft: Avg Gap {rows[m]['avg_gap']} vs {rows['ft']['avg_gap']}: "
+                             + verdict(rows[m]["avg_gap"], rows["ft"]["avg_gap"], None, higher_is_better=False))
+    return ("**Seed claims** (NatMU, SFR-on, MUSO get closer to retraining than fine-tuning):\n\n"
+            + ("\n".join(lines) or "cannot tell (no fine-tuning baseline in this run)") + "\n")
+
+
 def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path) -> str:
+    def cell(r: dict[str, Any], key: str) -> Any:
+        if key not in r:
+            return ""
+        return f"{r[key]} ± {r[f'{key}_std']}" if r.get(f"{key}_std") else r[key]
+
     def rows(runs):
-        return [[n, r["val_acc"], r["clean"], r["aoa"], round(r["aoa"] - r["clean"], 2), r["train_seconds"]]
+        return [[n, r.get("seeds", 1), cell(r, "val_acc"), cell(r, "train_acc"), cell(r, "clean"), cell(r, "aoa"),
+                 round(r["aoa"] - r["clean"], 2) if "aoa" in r and "clean" in r else "", r["train_seconds"]]
                 for n, r in runs.items()]
 
-    header = ["run", "val acc", "acc on clean shards", "acc on AoA shards", "change under AoA", "train s"]
+    header = ["run", "seeds", "val acc", "train acc", "acc on clean shards", "acc on AoA shards", "change under AoA",
+              "train s"]
+    noise = (f" Training labels: {metrics['label_noise']:.0%} replaced by a random other class (train acc is on "
+             "those labels: memorisation)." if metrics.get("label_noise") else "")
     md = (
         "# Optimisers: SGD vs SAM vs F-SAM, LoRA vs Flat-LoRA\n\n"
         f"## From scratch, same epochs and schedule ({cfg['recipe']})\n\n"
-        "SAM and F-SAM take two forward/backward passes per step (about twice the compute of SGD).\n\n"
+        "SAM and F-SAM take two forward/backward passes per step (about twice the compute of SGD). Mean ± sample std "
+        f"over seeds {metrics.get('seeds', [cfg.get('seed', 0)])}.{noise}\n\n"
         + md_table(header, rows(metrics["optimizers"]))
         + f"\n\n## Adapting the zoo model to a shifted split ({cfg['lora']['shift']}), "
-        f"rank {cfg['lora']['rank']}, {cfg['lora']['train_images']} shifted training images\n\n"
+        f"rank {cfg['lora']['rank']}, {cfg['lora']['train_images']} shifted training images, BatchNorm statistics "
+        "frozen (only the adapters adapt)\n\n"
         f"Zoo model on the shifted val split before adaptation: {metrics['lora_base_shifted_val_acc']}%. "
         "Val acc below is on the shifted val split; the shard sets are the unshifted clean/AoA sets.\n\n"
-        + md_table(header, rows(metrics["lora"])) + "\n"
+        + md_table(header, rows(metrics["lora"])) + "\n\n"
+        + _flatness_claims(metrics) + "\n"
     )
     return _write(report_dir, "optim", md, {})
+
+
+def _flatness_claims(metrics: dict[str, Any]) -> str:
+    """SAM / F-SAM over SGD (over seeds) and Flat-LoRA over LoRA (one seed): higher validation accuracy."""
+    opt, lora = metrics["optimizers"], metrics["lora"]
+    lines = []
+    for a, b in (("sam", "sgd"), ("fsam", "sgd"), ("fsam", "sam")):
+        if a in opt and b in opt:
+            se = seeds_standard_error(opt[a]["val_acc_std"], opt[a]["seeds"], opt[b]["val_acc_std"], opt[b]["seeds"])
+            lines.append(f"- {a} vs {b}: val acc {opt[a]['val_acc']} vs {opt[b]['val_acc']}: "
+                         + verdict(opt[a]["val_acc"], opt[b]["val_acc"], se))
+    if "flat-lora" in lora and "lora" in lora:
+        lines.append(f"- flat-lora vs lora: val acc {lora['flat-lora']['val_acc']} vs {lora['lora']['val_acc']}: "
+                     + verdict(lora["flat-lora"]["val_acc"], lora["lora"]["val_acc"], None))
+    return "**Seed claims** (flatter minima generalise better):\n\n" + ("\n".join(lines) or "cannot tell")

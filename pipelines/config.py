@@ -8,9 +8,10 @@ them, which knows their keys.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from attacks.precision import PRECISIONS
 from attacks.sglrp import BOUNDS, INACTIVE_POOL, RELU
@@ -38,12 +39,15 @@ class _AsGiven(_Section):
 
 
 class DemoWorld(_Section):
-    root: str
     seed: int
     size: Positive
     train: Positive
     val: Positive
     outliers: NonNegative = 0
+
+
+class RealWorld(_Section):
+    photos: list[str] | None = None  # photo names (sources.real_world.PHOTOS); null: all
 
 
 class ZooModel(_AsGiven):
@@ -57,14 +61,31 @@ class ZooModel(_AsGiven):
     recipe: dict[str, Any] | None = None
 
 
+def _inside(path: str, folder: str) -> bool:
+    return PurePosixPath(path) == PurePosixPath(folder) or PurePosixPath(folder) in PurePosixPath(path).parents
+
+
 class Zoo(_Section):
     out: str
+    data: str  # the folder the zoo stage reads (training images, local weight files): its DVC dependency
     train_root: str | None = None
     val_root: str | None = None
     img_size: Positive | None = None
     num_classes: Positive = 1000
     seed: int = 0
     models: list[ZooModel]
+
+    @model_validator(mode="after")
+    def _reads_inside_data(self):
+        trains = any(m.recipe is not None for m in self.models)
+        if trains and not (self.train_root and self.val_root):
+            raise ValueError("models with a recipe are trained here: give train_root and val_root")
+        local = [m.weights for m in self.models if m.weights not in (None, "hf-hub", "pypi")]
+        for path in [*local, *([self.train_root, self.val_root] if trains else [])]:
+            if not _inside(path, self.data):
+                raise ValueError(f"{path} is outside zoo.data ({self.data}), so DVC would not see it change; "
+                                 "move it under that folder or change zoo.data")
+        return self
 
 
 class Select(_Section):
@@ -121,6 +142,7 @@ class Dask(_Section):
 class Generate(_Section):
     surrogate: str
     batch_size: Positive
+    sub_batch: NonNegative = 0  # images (SI copies included) per forward/backward pass; 0: the whole batch
     devices: Devices = "auto"
     cpu_workers: Positive = 1
     seed: int = 0
@@ -147,7 +169,8 @@ class Monitor(_Section):
     every: Positive
     n: Positive
     pgd_steps: Positive
-    threshold: PositiveFloat
+    drop: Annotated[float, Field(gt=0, lt=1)] = 0.5  # CO: share of the running peak PGD accuracy lost ...
+    min_drop: PositiveFloat = 5.0  # ... and at least these points
     response: Literal["log", "rollback"] = "log"
     step_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
     layers: list[str] | None = None
@@ -157,8 +180,6 @@ class AdvTrain(_Section):
     model: str
     train_root: str
     val_root: str
-    out: str
-    plots: str
     seed: int = 0
     mix_shards: list[str] | None = None
     recipe: dict[str, Any]
@@ -176,8 +197,8 @@ class Ood(_Section):
     test_ood: dict[str, dict[str, Any]]
     recipe: dict[str, Any]
     methods: dict[str, dict[str, Any]]
-    seed: int = 0
-    out: str
+    seed: int = 0  # the ID base model (pretrain)
+    seeds: list[int] = [0]  # fine-tuning seeds: every method runs once per seed, reported as mean ± std
 
 
 class Unlearn(_Section):
@@ -188,8 +209,9 @@ class Unlearn(_Section):
     scenarios: dict[str, dict[str, Any]]
     recipe: dict[str, Any]
     retrain_recipe: dict[str, Any] | None = None
+    original: dict[str, Any] | None = None  # {train_images, recipe}: train the original here (and retrain with it)
     methods: dict[str, dict[str, Any] | None]
-    out: str
+    mia_attack: Literal["logistic", "svc"] = "logistic"  # SalUn's code uses an RBF SVC
 
 
 class Optim(_Section):
@@ -199,9 +221,10 @@ class Optim(_Section):
     seed: int = 0
     recipe: dict[str, Any]
     optimizers: dict[str, dict[str, Any] | None]
+    seeds: list[int] = [0]  # every optimiser runs once per seed (mean ± std)
+    label_noise: Annotated[float, Field(ge=0, lt=1)] = 0.0  # share of training labels flipped (memorisation test)
     lora: dict[str, Any]
     shard_sets: dict[str, str]
-    out: str
 
 
 class Params(_Section):
@@ -209,7 +232,9 @@ class Params(_Section):
     whose section is missing fails naming it."""
 
     profile: str = "demo"
+    worlds: dict[Literal["demo", "real"], str] = {}  # embedded worlds to build -> their folder (dvc.yaml foreach)
     demo_world: DemoWorld | None = None
+    real_world: RealWorld | None = None
     zoo: Zoo | None = None
     source: Source | None = None
     budget: Budget | None = None
@@ -221,6 +246,23 @@ class Params(_Section):
     ood: Ood | None = None
     unlearn: Unlearn | None = None
     optim: Optim | None = None
+    # downstream stages this profile runs -> the folder of images each reads (dvc.yaml makes one stage per entry)
+    downstream: dict[Literal["adv_train", "ood", "unlearn", "optim"], str] = {}
+
+    @model_validator(mode="after")
+    def _listed_sections_exist(self):
+        for world in self.worlds:
+            if getattr(self, f"{world}_world") is None:
+                raise ValueError(f"worlds lists {world!r} but section '{world}_world' is missing")
+        for stage, folder in self.downstream.items():
+            cfg = getattr(self, stage)
+            if cfg is None:
+                raise ValueError(f"downstream lists {stage!r} but section '{stage}' is missing")
+            for path in (cfg.train_root, cfg.val_root):
+                if not _inside(path, folder):
+                    raise ValueError(f"{stage}: {path} is outside {folder} (downstream.{stage}), so DVC would not "
+                                     "see it change")
+        return self
 
 
 def validate_params(params: Any, path: str) -> dict[str, Any]:
@@ -232,6 +274,9 @@ def validate_params(params: Any, path: str) -> dict[str, Any]:
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "list[")))
             msg = "unknown key (not a parameter of this section)" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "value_error":  # a cross-field rule: its message says what is wrong
+                problems.append(f"{key or 'parameters'}: {msg.removeprefix('Value error, ')}")
+                continue
             value = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r})"
             problems.append(f"{key}: {msg}{value}")
         raise ConfigError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None

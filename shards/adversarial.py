@@ -10,6 +10,7 @@ import hashlib
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,14 @@ def _surrogate(spec_json: str, device: str):
     return build_model(json.loads(spec_json), device=device)
 
 
-def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
+def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
+                      on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Attack ``unit["in_shard"]`` on ``device`` into ``unit["out_shard"]``; a complete output is left alone.
 
     ``unit`` holds paths and small configs only: attack name, ``config`` (AttackConfig fields), ``attack_kwargs``,
-    ``budget`` (0-255 scale, for provenance), ``surrogate`` (zoo spec), ``batch_size`` and ``seed``.
+    ``budget`` (0-255 scale, for provenance), ``surrogate`` (zoo spec), ``batch_size`` and ``seed``. ``threads``:
+    intra-op CPU threads (the caller gives every concurrent worker the same number); ``on_batch(done, total)``:
+    called after each batch with the shard's image counts.
     """
     out = Path(unit["out_shard"])
     digest = job_digest(unit)
@@ -57,7 +61,7 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
         repaired = state
         out.unlink()  # damaged: regenerate it
     if device == "cpu":
-        torch.set_num_threads(1)  # one thread per CPU worker: results do not depend on the worker count
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     model = _surrogate(json.dumps(unit["surrogate"], sort_keys=True), device)
     attack = create_attack(unit["attack"], model, AttackConfig(**unit["config"]), **unit.get("attack_kwargs", {}))
@@ -76,6 +80,8 @@ def attack_shard_file(unit: dict[str, Any], device: str) -> dict[str, Any]:
                               **{k: unit["budget"][k] for k in ("eta", "eps", "alpha")}}
                 sink.write({"key": s["key"], "image": img, "cls": s["cls"], "json": provenance})
                 count, steps = count + 1, steps + rec["steps"]
+            if on_batch:
+                on_batch(count, len(clean))
     return {"shard": out.name, "skipped": False, "device": device, "count": count, "steps": steps,
             "seconds": time.perf_counter() - start, "repaired": repaired}
 

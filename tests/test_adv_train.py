@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from training.adversarial import METHODS, create_method
 from training.adversarial.monitors import (
+    CODetector,
     COMonitor,
-    is_collapse,
     restore,
     robustness_check,
     snapshot,
@@ -110,15 +110,46 @@ def _levels(pgd, fgsm):
     return [{"pgd_acc": p, "fgsm_acc": f} for p, f in zip(pgd, fgsm)]
 
 
-def test_co_detector_fires_on_a_collapse_and_not_on_smooth_curves():
-    collapse = _levels([10, 20, 30, 35, 8, 2], [15, 25, 35, 40, 70, 80])
-    fired = [i for i in range(1, 6) if is_collapse(collapse[i - 1], collapse[i], 20)]
-    assert fired == [4]
-    smooth = _levels([10, 15, 20, 24, 27, 29], [12, 18, 24, 30, 34, 37])
-    assert not any(is_collapse(smooth[i - 1], smooth[i], 20) for i in range(1, 6))
-    both_drop = _levels([40, 10], [50, 20])  # everything falls (e.g. a learning-rate spike): not CO
-    assert not is_collapse(both_drop[0], both_drop[1], 20)
-    assert not is_collapse(None, collapse[0], 20)
+def _fired(pgd, fgsm, **kwargs) -> list[int]:
+    detector = CODetector(**kwargs)
+    return [i for i, level in enumerate(_levels(pgd, fgsm)) if detector.update(level) is not None]
+
+
+# (PGD accuracy, FGSM accuracy) on the training batch at successive checks, and the checks where CO must be flagged
+COLLAPSES = {
+    "sharp collapse, FGSM rising": ([10, 20, 30, 35, 8, 2], [15, 25, 35, 40, 70, 80], [4]),
+    "low peak (<= 20%, as on the demo)": ([8, 14, 18, 17, 6, 3], [10, 16, 21, 22, 30, 40], [4]),
+    "collapse spread over three checks": ([30, 40, 33, 26, 19, 12], [35, 45, 47, 50, 55, 60], [4]),
+    "FGSM dips at the collapse": ([25, 38, 40, 4, 3], [30, 44, 48, 37, 60], [3]),
+}
+NOT_COLLAPSES = {
+    "smooth rise": ([10, 15, 20, 24, 27, 29], [12, 18, 24, 30, 34, 37]),
+    "noisy plateau": ([18, 21, 19, 22, 18, 20], [25, 27, 24, 28, 26, 25]),
+    "everything falls (a learning-rate spike)": ([30, 40, 10, 12], [40, 50, 20, 22]),
+    "at chance": ([3, 1, 4, 0, 2], [4, 2, 5, 1, 3]),
+}
+
+
+@pytest.mark.parametrize("name", COLLAPSES)
+def test_co_detector_flags_each_scripted_collapse_once(name):
+    pgd, fgsm, expected = COLLAPSES[name]
+    assert _fired(pgd, fgsm) == expected
+
+
+@pytest.mark.parametrize("name", NOT_COLLAPSES)
+def test_co_detector_stays_quiet_without_a_collapse(name):
+    assert _fired(*NOT_COLLAPSES[name]) == []
+
+
+def test_the_previous_rule_missed_three_of_the_four_collapses():
+    """The old detector (a > 20-point fall since the previous check while FGSM rose) on the same curves: it caught
+    only the sharp collapse, which is why the rule changed."""
+    def old_rule(pgd, fgsm):
+        return [i for i in range(1, len(pgd)) if pgd[i - 1] - pgd[i] > 20 and fgsm[i] > fgsm[i - 1]]
+
+    caught = {name: old_rule(pgd, fgsm) == expected for name, (pgd, fgsm, expected) in COLLAPSES.items()}
+    assert caught == {"sharp collapse, FGSM rising": True, "low peak (<= 20%, as on the demo)": False,
+                      "collapse spread over three checks": False, "FGSM dips at the collapse": False}
 
 
 class _ScriptedMonitor(COMonitor):
@@ -182,15 +213,16 @@ def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_pat
 
     cfg = {
         "model": "tiny", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
-        "out": str(tmp_path / "adv"), "plots": str(tmp_path / "plots"), "seed": 0, "mix_shards": None,
+        "out": str(tmp_path / "adv"), "seed": 0, "mix_shards": None,
         "recipe": {"epochs": 2, "lr": 0.1, "batch_size": 100, "optimizer": "sgd", "weight_decay": 5e-4,
                    "schedule": "cyclic", "warmup_epochs": 0, "label_smoothing": 0.0},
-        "monitor": {"every": 3, "n": 32, "pgd_steps": 3, "threshold": 20, "response": "log"},
+        "monitor": {"every": 3, "n": 32, "pgd_steps": 3, "drop": 0.5, "min_drop": 5.0, "response": "log"},
         "runs": {"fgsm": {"method": "fgsm", "eps": 16}, "n-fgsm": {"method": "n-fgsm", "eps": 16}},
     }
     spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10,
             "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
-    metrics = adv_train_flow(cfg, spec, metrics_path=str(tmp_path / "m.json"), report_dir=str(tmp_path / "reports"))
+    metrics = adv_train_flow(cfg, spec, metrics_path=str(tmp_path / "m.json"), report_dir=str(tmp_path / "reports"),
+                             plots_dir=str(tmp_path / "plots"))
     assert set(metrics) == {"fgsm", "n-fgsm"}
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(metrics))
     specs = json.loads((tmp_path / "adv" / "models.json").read_text())
@@ -199,6 +231,7 @@ def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_pat
     # the saved checkpoint is the trained model: the evaluate stage rebuilds it from the spec
     assert accuracy(build_model(specs[0]), xv, yv) == pytest.approx(metrics["fgsm"]["val_acc"], abs=0.01)
     rows = list(csv.DictReader(open(tmp_path / "plots" / "fgsm.csv")))
+    assert list(rows[0])[-1] == "train_pgd_acc"  # the column DVC plots as y
     assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]  # 600 images / 100 = 6 steps per epoch, 2 epochs
     assert all(0 <= float(r["val_pgd_acc"]) <= 100 and math.isfinite(float(r["train_channel_share_fgsm_proxy"]))
                for r in rows)
@@ -238,3 +271,45 @@ def test_shard_images_mix_in_every_image_and_label(tmp_path):
     with pytest.raises(ValueError, match="no samples"):
         (tmp_path / "empty").mkdir()
         shard_images([str(tmp_path / "empty")])
+
+
+def test_gradalign_treats_the_clean_gradient_as_a_constant_as_the_official_code():
+    """Parameter gradients of the regulariser equal a by-hand version with the clean-input gradient detached and
+    differ from the version that backpropagates through it too."""
+    from training.adversarial.base import input_gradient
+
+    x, y = _batch()
+    model = _cnn()
+    ga = create_method("gradalign", eps=EPS)
+
+    def param_grads(detach_clean: bool):
+        ga.gen.manual_seed(3)
+        g_clean = input_gradient(model, x.clone().requires_grad_(True), y, create_graph=not detach_clean)
+        g_clean = g_clean.detach() if detach_clean else g_clean
+        noisy = (x + ((x + (torch.rand(x.shape, generator=ga.gen) * 2 - 1) * EPS).clamp(0, 1) - x)).requires_grad_(True)
+        g_noisy = input_gradient(model, noisy, y, create_graph=True)
+        value = (1 - nn.functional.cosine_similarity(g_clean.flatten(1), g_noisy.flatten(1), dim=1, eps=1e-12)).mean()
+        return torch.autograd.grad(value, list(model.parameters()))
+
+    ga.gen.manual_seed(3)
+    ours = torch.autograd.grad(ga.alignment(model, x, y).mean(), list(model.parameters()))
+    for a, b in zip(ours, param_grads(detach_clean=True)):
+        torch.testing.assert_close(a, b)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(ours, param_grads(detach_clean=False)))
+
+
+def test_fgsm_rs_start_is_clamped_to_the_image_as_wong_et_al():
+    """Wong et al.'s loop, written out: delta ~ U(-eps, eps) clamped so x + delta is an image, one step of alpha,
+    projection to the eps ball and the image. On a near-white image the unclamped start would differ."""
+    from training.adversarial.base import input_gradient
+
+    x, y = _batch()
+    x = (x * 0.1 + 0.9)  # near the top of the range: starts would leave the image
+    model = _cnn()
+    rs = create_method("fgsm-rs", eps=EPS, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * EPS
+    delta = torch.max(torch.min(delta, 1 - x), -x)
+    delta = (delta + 1.25 * EPS * input_gradient(model, x + delta, y).sign()).clamp(-EPS, EPS)
+    expected = torch.max(torch.min(delta, 1 - x), -x)
+    torch.testing.assert_close(rs.perturb(model, x, y), expected, rtol=0, atol=1e-7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ def test_di_transforms_with_exactly_the_configured_probability(random_surrogate)
     gen = torch.Generator().manual_seed(0)
     for p in (0.3, 1.0):
         attack = create_attack("di-fgsm", random_surrogate, BUDGET, di=p)
-        changed = sum(not torch.equal(attack._diverse(x, gen), x) for _ in range(1000))
+        changed = sum(not torch.equal(attack._diverse(*x.shape[-2:], gen)(x), x) for _ in range(1000))
         sigma = (1000 * p * (1 - p)) ** 0.5
         assert abs(changed - 1000 * p) <= 3 * sigma + 1e-9  # at p = 1 every draw transforms
 
@@ -178,3 +179,24 @@ def test_aoa_conventions_reach_sglrp_and_the_config_hash(random_surrogate):
     assert authors.config_hash != literal.config_hash
     x, y = quantize(torch.rand(2, 3, 32, 32)), torch.tensor([1, 2])
     assert not torch.equal(authors.gradient(x, y, torch.Generator()), literal.gradient(x, y, torch.Generator()))
+
+
+@pytest.mark.parametrize("name,options", [("aoa", {"si": 4, "si_x_twice": True}), ("di-fgsm", {"di": 1.0, "si": 2})])
+def test_sub_batches_give_the_whole_batch_gradient(name, options, random_surrogate):
+    """Memory is bounded by running the SI copies a few images at a time; DI is drawn once for all of them."""
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    whole = create_attack(name, random_surrogate, BUDGET, **options)
+    split = create_attack(name, random_surrogate, replace(BUDGET, sub_batch=2), **options)
+    g_whole = whole.gradient(x, y, torch.Generator().manual_seed(5))
+    g_split = split.gradient(x, y, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(g_split, g_whole, rtol=1e-4, atol=1e-6 * g_whole.abs().max().item())
+
+
+def test_cpu_workers_share_the_cores_only_with_workers_that_can_run(monkeypatch):
+    from pipelines.flows.generate import cpu_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert cpu_threads(["cpu"] * 4, units=10) == 4
+    assert cpu_threads(["cpu"] * 4, units=1) == 16  # one shard: one worker runs, with every core
+    assert cpu_threads(["cpu"] * 4, units=3) == 5
+    assert cpu_threads(["cuda:0", "cuda:1"], units=5) == 16  # GPU workers do not take CPU threads

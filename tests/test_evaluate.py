@@ -131,8 +131,8 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     evaluate_flow(models=list(specs.values()), sets=sets, out=str(tmp_path / "eval"), batch_size=16,
                   metrics_path=str(tmp_path / "e.json"))
     for stage in ("ood", "optim"):  # a page of this run and one of another run
-        (tmp_path / "report" / stage).mkdir(parents=True)
-        (tmp_path / "report" / stage / "index.md").write_text(f"# {stage}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+        (tmp_path / "report" / "downstream" / stage).mkdir(parents=True)
+        (tmp_path / "report" / "downstream" / stage / "index.md").write_text(f"# {stage}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     result = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
                           specs["vgg_demo"], budget, str(tmp_path / "report"), attacks={"aoa": {"si": 2}, "pgd": {}},
                           downstream=["ood"])
@@ -146,8 +146,19 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
                      "si 2", "<td>10</td>", "vgg_demo (<code>vgg_demo</code>) surrogate", "cannot be compared"):
         assert expected in text, expected
     assert 'href="pages/ood.html"' in text and "pages/optim.html" not in text  # only this run's pages
+    # a set this small gets a table per image (victims fooled per set, recounted here) and the note on what it shows
+    fooled = sum(json.loads(line)["top5"][0] != json.loads(line)["label"]
+                 for line in (tmp_path / "eval" / "predictions" / "resnet10t" / "aoa.jsonl").read_text().splitlines())
+    table = result["markdown"].split("Per image: victims fooled out of 1 (resnet10t)")[1].split("With 10 images")[0]
+    assert sum(int(row.split("|")[4]) for row in table.strip().splitlines()[2:]) == fooled  # aoa column
+    assert "±31.0 points" in text
+    card = json.loads((tmp_path / "report" / "robustbench" / "resnet10t.json").read_text())
+    record = json.loads((tmp_path / "eval" / "models" / "resnet10t.json").read_text())["accuracy"]
+    assert card["clean_acc"] == f"{record['clean']['top1']:.2f}" and card["aoa_acc"] == f"{record['aoa']['top1']:.2f}"
+    assert card["adversarial_acc"] == f"{min(record['aoa']['top1'], record['pgd']['top1']):.2f}"  # worst attack
+    assert card["eps"] == "25.5/255" and card["threat_model"] == "transfer"
     assert "<table>" in (tmp_path / "report" / "pages" / "ood.html").read_text()
-    assert not (tmp_path / "report" / "ood" / "index.html").exists()  # another stage's output folder is left alone
+    assert not (tmp_path / "report" / "downstream" / "ood" / "index.html").exists()  # another stage's output folder is left alone
     assert "data:image/png;base64," in result["markdown_inline"] and "](figures/" not in result["markdown_inline"]
     shot = tmp_path / "screenshot.png"
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

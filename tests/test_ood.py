@@ -129,21 +129,36 @@ def test_ood_stage_on_the_small_world(small_world, outlier_folders, prefect_serv
            "aux_outliers": {"classes": [3, 8], "folders": [str(outlier_folders / "smooth_noise")]},
            "test_ood": {"held-out-classes": {"classes": [4, 9]}, "blobs": {"folder": str(outlier_folders / "blobs")}},
            "recipe": {"epochs": 1, "lr": 0.001, "warmup_epochs": 0},
-           "methods": {"oe": {"method": "oe"}, "orthloss": {"method": "orthloss"}}, "seed": 0,
-           "out": str(tmp_path / "ood")}
+           "methods": {"oe": {"method": "oe"}, "orthloss": {"method": "orthloss"},
+                       "energy-oe": {"method": "energy-oe", "search": {"m_in": [-2.0, 0.0], "m_out": [2.0]}}},
+           "seed": 0, "seeds": [0, 1], "out": str(tmp_path / "ood")}
     spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10, "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
-    metrics = ood_flow(cfg, spec, metrics_path=str(tmp_path / "ood.json"), report_dir=str(tmp_path / "reports"))
+    metrics = ood_flow(cfg, spec, metrics_path=str(tmp_path / "ood.json"), report_dir=str(tmp_path / "reports"),
+                       plots_dir=str(tmp_path / "plots"))
     assert metrics["positive"] == "in-distribution"
-    assert list(metrics["methods"]) == ["baseline", "oe", "orthloss"]
-    assert [m["score"] for m in metrics["methods"].values()] == ["msp", "msp", "orthloss"]
+    assert list(metrics["methods"]) == ["baseline", "oe", "orthloss", "energy-oe"]
+    assert [m["score"] for m in metrics["methods"].values()] == ["msp", "msp", "orthloss", "energy"]
+    assert [m["seeds"] for m in metrics["methods"].values()] == [1, 2, 2, 2]
+    import statistics
+
+    oe = metrics["methods"]["oe"]
+    fprs = [run["blobs"]["fpr95"] for run in oe["per_seed"]]
+    assert oe["sets"]["blobs"]["fpr95"] == {"mean": round(statistics.mean(fprs), 2),
+                                           "std": round(statistics.stdev(fprs), 2)}
+    search = metrics["margin_search"]["energy-oe"]
+    best = min(search["candidates"], key=lambda c: (c["fpr95"], -c["auroc"]))
+    assert (search["m_in"], search["m_out"]) == (best["m_in"], best["m_out"])
+    options = metrics["methods"]["energy-oe"]["options"]
+    assert (options["m_in"], options["m_out"]) == (best["m_in"], best["m_out"])  # the runs used the chosen margins
+    assert [c["m_in"] - search["median_id_energy"] for c in search["candidates"]] == pytest.approx([-2.0, 0.0])
     data = load_ood_data(cfg, 32)
     assert len(data["id_test"][0]) == 120 and set(data["id_test"][1].tolist()) == set(range(6))  # relabelled
     assert len(data["outliers"]) == 120 + 40 and len(data["tests"]["blobs"]) == 40
     # the saved checkpoint reproduces the reported numbers
     model = build_model({**spec, "num_classes": 6, "weights": str(tmp_path / "ood" / "orthloss.safetensors")})
     again = evaluate_detector(model, data)
-    assert again["id_acc"] == metrics["methods"]["orthloss"]["id_acc"] > 100 / 6
-    assert again["sets"]["blobs"]["orthloss"] == metrics["methods"]["orthloss"]["sets"]["blobs"]
+    assert again["sets"]["blobs"]["orthloss"] == metrics["methods"]["orthloss"]["per_seed"][0]["blobs"]  # seed 0
+    assert again["id_acc"] > 100 / 6
     page = (tmp_path / "reports" / "ood" / "index.md").read_text()
-    assert "in-distribution" in page and "| orthloss | orthloss |" in page
+    assert "in-distribution" in page and "| orthloss | orthloss | 2 |" in page and "m_in" in page
     assert (tmp_path / "reports" / "ood" / "roc.png").is_file()

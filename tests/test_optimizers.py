@@ -43,15 +43,26 @@ def test_sam_step_is_the_closed_form():
 
 
 def test_fsam_step_is_the_closed_form_with_the_previous_ema_subtracted():
+    """The official code: the first step is SAM's and starts the EMA at that gradient; later steps subtract the
+    previous EMA, then update it."""
     sigma, lam = 0.7, 0.9
-    w, m = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    w, m = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64), None
     for _ in range(4):
         g = grad(w)
-        d = g - sigma * m  # previous EMA first ...
-        m = lam * m + (1 - lam) * g  # ... then the update
+        d = g if m is None else g - sigma * m  # previous EMA first ...
+        m = g.clone() if m is None else lam * m + (1 - lam) * g  # ... then the update
         w = w - LR * grad(w + RHO * d / d.norm())
     torch.testing.assert_close(run("fsam", 4, sigma=sigma, lam=lam), w, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(run("fsam", 4, sigma=sigma, lam=lam), run("sam", 4))  # the EMA does change the path
+
+
+def test_label_noise_flips_exactly_the_share_to_other_classes():
+    from pipelines.flows.optim import noisy_labels
+
+    labels = torch.arange(1000) % 10
+    noisy = noisy_labels(labels, 0.3, 10, seed=0)
+    assert int((noisy != labels).sum()) == 300  # every chosen label changes class
+    assert torch.equal(noisy, noisy_labels(labels, 0.3, 10, seed=0))
 
 
 def test_fsam_with_sigma_zero_is_sam():
@@ -227,19 +238,31 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
            "lora": {"shift": {"contrast": 0.35, "blur": 3, "tint": [150, 110, 90]}, "train_images": 200, "rank": 2,
                     "alpha": 4, "recipe": {"epochs": 1, "lr": 0.003, "optimizer": "adamw", "warmup_epochs": 0},
                     "runs": {"lora": {"sigma": 0.0}, "flat-lora": {"sigma": 0.05}}},
-           "shard_sets": sets, "out": str(tmp_path / "optim")}
-    metrics = optim_flow(cfg, spec, metrics_path=str(tmp_path / "optim.json"), report_dir=str(tmp_path / "reports"))
+           "shard_sets": sets, "out": str(tmp_path / "optim"), "seeds": [0, 1], "label_noise": 0.2}
+    metrics = optim_flow(cfg, spec, metrics_path=str(tmp_path / "optim.json"), report_dir=str(tmp_path / "reports"),
+                       plots_dir=str(tmp_path / "plots"))
     assert list(metrics["optimizers"]) == ["sgd", "fsam"] and list(metrics["lora"]) == ["lora", "flat-lora"]
     assert metrics["lora"]["flat-lora"]["sigma"] == 0.05
+    import csv
+
+    finals = [float(list(csv.DictReader(open(tmp_path / "plots" / f"sgd-seed{seed}.csv")))[-1]["val_acc"])
+              for seed in (0, 1)]  # per-epoch curves end where the metrics are; the metrics are their mean ± std
+    assert metrics["optimizers"]["sgd"]["val_acc"] == pytest.approx(sum(finals) / 2, abs=0.01)
+    assert metrics["optimizers"]["sgd"]["val_acc_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5, abs=0.01)
+    rows = list(csv.DictReader(open(tmp_path / "plots" / "flat-lora.csv")))
+    assert list(rows[0])[-1] == "val_acc"
+    assert float(rows[-1]["val_acc"]) == pytest.approx(metrics["lora"]["flat-lora"]["val_acc"], abs=0.01)
     specs = json.loads((tmp_path / "optim" / "models.json").read_text())
-    assert [s["name"] for s in specs] == ["opt-sgd", "opt-fsam", "opt-lora", "opt-flat-lora"]
+    assert [s["name"] for s in specs] == ["opt-sgd-seed0", "opt-sgd-seed1", "opt-fsam-seed0", "opt-fsam-seed1",
+                                          "opt-lora", "opt-flat-lora"]
     # the merged checkpoint is a plain timm model that the evaluate stage can load and that scores as reported
     from evaluators.classification import evaluate_shardset
     from model_zoo.zoo import build_model
 
-    merged = build_model(specs[3])
+    merged = build_model(specs[5])
     assert evaluate_shardset(merged, sets["aoa"])["top1"] == metrics["lora"]["flat-lora"]["aoa"]
-    assert "| flat-lora |" in (tmp_path / "reports" / "optim" / "index.md").read_text()
+    page = (tmp_path / "reports" / "optim" / "index.md").read_text()
+    assert "| flat-lora |" in page and "fsam vs sgd" in page and "20% replaced" in page
 
 
 def test_sam_state_dict_carries_the_base_momentum_and_the_fsam_ema():

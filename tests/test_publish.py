@@ -63,7 +63,7 @@ def test_dvc_metrics_show_reads_every_declared_metric(tmp_path):
     shown = subprocess.run(DVC + ["metrics", "show", "--json"], cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     files = {f for entry in json.loads(shown.stdout).values() for f in entry["data"]}
-    assert "metrics/adv_train.json" in files and not any(f.startswith("reports") for f in files)
+    assert "metrics/downstream/adv_train.json" in files and not any(f.startswith("reports") for f in files)
 
 
 def test_fetch_names_a_missing_local_remote_and_publish_creates_it(tmp_path, capsys):
@@ -80,3 +80,28 @@ def test_fetch_names_a_missing_local_remote_and_publish_creates_it(tmp_path, cap
         fetch([], repo)
     assert publish([], repo) == 0 and remote.is_dir()
     assert f"publishing to DVC remote 'shared': {remote}" in capsys.readouterr().out
+
+
+def test_plots_render_offline_to_svg_with_vega_bundled(tmp_path, monkeypatch):
+    """`damagenet plots`: DVC's CSV curves become SVG files (no CDN script), image plots are inlined, missing files
+    are listed, and nothing is left in the working folder."""
+    import base64
+
+    from pipelines.plots import render_plots
+
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves" / "sgd.csv").write_text("step,loss,val_acc\n1,2.0,10\n2,1.5,31\n3,1.2,47\n")
+    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+    (tmp_path / "fig.png").write_bytes(png)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    plots:\n      - curves:\n"
+                                       "          cache: false\n          x: step\nplots:\n  - fig.png\n  - gone.png\n")
+    subprocess.run(DVC + ["init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    files = render_plots("out")
+    assert [f.name for f in files] == ["curves_sgd.csv.svg", "index.html"]
+    svg = files[0].read_text()
+    assert svg.startswith("<svg") and "val_acc" in svg and "<script" not in svg  # y: the last column
+    index = files[1].read_text()
+    assert 'src="curves_sgd.csv.svg"' in index and base64.b64encode(png).decode() in index
+    assert "gone.png" in index.split("Not shown")[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dvc", ".dvcignore", "curves", "dvc.yaml", "fig.png", "out"]

@@ -228,16 +228,15 @@ def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_serv
     cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,
            "scenarios": {"class-2": {"kind": "class", "class": 2}},
            "recipe": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 64},
-           "methods": {"ft": {}, "muso": {}}, "out": str(tmp_path / "unlearn")}
-    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, metrics_dir=str(tmp_path / "metrics"),
-                           report_dir=str(tmp_path / "reports"))
+           "methods": {"ft": {}, "muso": {}}, "out": str(tmp_path / "unlearn"), "mia_attack": "logistic"}
+    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, metrics_path=str(tmp_path / "unlearn.json"),
+                           report_dir=str(tmp_path / "reports"), plots_dir=str(tmp_path / "plots"))
     rows = results["class-2"]
     assert list(rows) == ["retrain", "original", "ft", "muso"]
     assert rows["retrain"]["avg_gap"] == 0.0
     assert rows["retrain"]["UA"] == 100.0  # a model that never saw class 2 cannot name it
     assert rows["original"]["UA"] < 50  # the original still knows it
-    for name, row in rows.items():
-        assert json.loads((tmp_path / "metrics" / "class-2" / f"{name}.json").read_text()) == row
+    assert json.loads((tmp_path / "unlearn.json").read_text()) == json.loads(json.dumps(results))
     assert (tmp_path / "unlearn" / "class-2" / "muso.safetensors").is_file()
     page = (tmp_path / "reports" / "unlearn" / "index.md").read_text()
     assert "| muso |" in page and "Avg Gap" in page
@@ -254,3 +253,69 @@ def test_mia_attack_accuracy_is_chance_when_members_and_nonmembers_look_alike():
                      "forget": (confident[:50], labels[:50])})
     assert separable["mia_efficacy_attack_balanced_acc"] == 100.0
     assert separable["mia_efficacy"] == 0.0  # forget samples as confident as members: all called members
+
+
+def test_mia_features_are_float64_because_float32_confidences_round_to_one():
+    """Members at logit margin 20, non-members at 17: in float32 both confidences are exactly 1.0 and the attack
+    is at chance; in float64 it separates them. ``unlearning_metrics`` must hand the attack float64."""
+    from evaluators.unlearning import unlearning_metrics
+
+    labels = torch.zeros(200, dtype=torch.long)
+
+    def logits(margin):
+        return torch.tensor([[margin, 0.0]]).repeat(100, 1)
+
+    for dtype, expected in ((torch.float32, 50.0), (torch.float64, 100.0)):
+        out = {"remain": (logits(20.0).to(dtype).softmax(1), labels[:100]),
+               "test": (logits(17.0).to(dtype).softmax(1), labels[100:]), "forget": (logits(20.0).softmax(1), labels[:100])}
+        assert mia(out)["mia_efficacy_attack_balanced_acc"] == expected, dtype
+
+    class Margin(torch.nn.Module):  # logit margin = 20 x the image's mean intensity in [0,1]
+        def forward(self, x):
+            m = x.mean((1, 2, 3)) * 20
+            return torch.stack([m, torch.zeros_like(m)], 1)
+
+    members = torch.full((100, 3, 4, 4), 255, dtype=torch.uint8)
+    nonmembers = torch.full((100, 3, 4, 4), 217, dtype=torch.uint8)  # margin 17.0
+    metrics, probs = unlearning_metrics(Margin(), (members[:20], labels[:20]), (members, labels[:100]),
+                                        (nonmembers, labels[100:]))
+    assert probs.dtype == torch.float64 and metrics["MIA_attack_acc"] == 100.0 and metrics["MIA"] == 0.0
+
+
+def test_an_attack_at_chance_gives_no_mia_and_avg_gap_leaves_it_out():
+    from evaluators.unlearning import unlearning_metrics
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[3.0, 0.0]]).repeat(len(x), 1)
+
+    images, labels = torch.zeros(100, 3, 4, 4, dtype=torch.uint8), torch.zeros(100, dtype=torch.long)
+    metrics, _ = unlearning_metrics(Constant(), (images[:10], labels[:10]), (images, labels), (images, labels))
+    assert metrics["MIA_attack_acc"] == 50.0 and metrics["MIA"] is None and metrics["MIA_member_rate"] is None
+    assert avg_gap({"UA": 10, "RA": 90, "TA": 80, "MIA": None}, {"UA": 14, "RA": 92, "TA": 80, "MIA": 10}) == 2.0
+
+
+def test_svc_attack_option_separates_what_it_should_and_unknown_attacks_are_named():
+    labels = torch.zeros(400, dtype=torch.long)
+    confident, unsure = torch.tensor([[0.97, 0.03]]).repeat(300, 1), torch.tensor([[0.4, 0.6]]).repeat(100, 1)
+    out = {"remain": (confident, labels[:300]), "test": (unsure, labels[300:]), "forget": (unsure[:50], labels[:50])}
+    svc = mia(out, attack="svc")
+    assert svc["mia_efficacy_attack_balanced_acc"] == 100.0 and svc["mia_efficacy"] == 100.0  # non-member-like
+    assert type(svc["mia_efficacy_attack"]).__name__ == "SVC"
+    with pytest.raises(ValueError, match="unknown MIA attack 'svm'"):
+        mia(out, attack="svm")
+
+
+def test_salun_draws_random_labels_from_every_class_and_rl_from_the_others():
+    from training.unlearning import create_method
+    from training.unlearning.base import UnlearningData
+
+    labels = torch.zeros(3000, dtype=torch.long)
+    data = UnlearningData((torch.zeros(3000, 3, 2, 2, dtype=torch.uint8), labels),
+                          (torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)), 4)
+    for name, keeps_true in (("salun", True), ("rl", False)):
+        _, new = create_method(name, {"epochs": 1}, seed=0).relabelled(data)
+        counts = torch.bincount(new[:3000], minlength=4).tolist()
+        assert (counts[0] > 0) == keeps_true and all(c > 0 for c in counts[1:]), (name, counts)
+        if keeps_true:  # uniform over the 4 classes: each count within 4 sigma of 750
+            assert all(abs(c - 750) < 4 * (3000 * 0.25 * 0.75) ** 0.5 for c in counts)

@@ -76,3 +76,53 @@ def test_zoo_flow_trains_saves_and_reports(trained_zoo):
         model = build_model(spec)  # reloaded from the saved safetensors
         assert accuracy(model, xv, yv) == pytest.approx(metrics[spec["name"]]["val_acc"], abs=0.01)
         assert metrics[spec["name"]]["val_acc"] > 50  # well above 10% chance even after a few epochs on 600 images
+
+
+def test_training_history_has_one_row_per_epoch_with_the_epoch_end_measurements(tmp_path):
+    """Per-epoch rows: the mean of the epoch's step losses (recomputed from a callback), the measurements taken in
+    eval mode, and the curve file with the plotted column last."""
+    import csv
+
+    from model_zoo.training import Recipe, train_classifier, write_curve
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name="t", arch="test_resnet", num_classes=3,
+                                  data={"input_size": [3, 16, 16], "crop_pct": 1.0}))
+    images = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (40,))
+    modes, losses = [], []
+    info = train_classifier(model, images, labels, Recipe(epochs=2, lr=0.01, batch_size=16, warmup_epochs=0),
+                            callback=lambda step, m, opt: losses.append(None),
+                            epoch_end=lambda m: modes.append(m.training) or {"val_acc": 12.5})
+    assert [(r["epoch"], r["step"], r["val_acc"]) for r in info["history"]] == [(1, 3, 12.5), (2, 6, 12.5)]
+    assert modes == [False, False] and len(losses) == 6
+    assert all(r["train_loss"] > 0 for r in info["history"])
+    write_curve(tmp_path / "c.csv", info["history"], last="train_loss")
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    assert list(rows[0]) == ["epoch", "step", "val_acc", "train_loss"] and len(rows) == 2
+
+
+def test_frozen_norm_keeps_batchnorm_statistics_and_plain_training_moves_them():
+    from model_zoo.training import Recipe, train_classifier
+
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (32,))
+    stats = {}
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(name="t", arch="test_resnet", num_classes=3,
+                                      data={"input_size": [3, 16, 16], "crop_pct": 1.0}))
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        train_classifier(model, images, labels, Recipe(epochs=1, lr=0.01, batch_size=16, warmup_epochs=0,
+                                                       freeze_norm=freeze))
+        stats[freeze] = all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert stats == {True: True, False: False}
+
+
+def test_a_tiny_last_batch_is_skipped_and_a_reasonable_one_kept():
+    from model_zoo.training import batch_starts
+
+    assert batch_starts(450, 64) == [0, 64, 128, 192, 256, 320, 384]  # 2 images left over: skipped
+    assert batch_starts(500, 64) == [0, 64, 128, 192, 256, 320, 384, 448]  # 52 left over: a batch
+    assert batch_starts(40, 16) == [0, 16, 32]  # 8 = batch / 2: kept
+    assert batch_starts(3, 64) == [0]  # the only batch is never skipped

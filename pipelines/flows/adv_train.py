@@ -10,7 +10,6 @@ evaluate stage reads, so the trained models are measured on the clean/AoA/PGD sh
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import adv_training_section
-from model_zoo.training import Recipe, accuracy, train_classifier
+from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
 from pipelines.params import write_json
 from sources.reading import load_split
 from training.adversarial import create_method
-from training.adversarial.monitors import COMonitor, early_conv_layers
+from training.adversarial.monitors import CODetector, COMonitor, early_conv_layers
 from training.data import shard_images
 
 
@@ -36,7 +35,7 @@ def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) 
 
 @task(name="adversarial-training-run", task_run_name="adv-train-{name}", cache_policy=NO_CACHE)  # tensors are not cache keys
 def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any],
-                             data) -> dict[str, Any]:
+                             data, plots_dir: str) -> dict[str, Any]:
     log = get_run_logger()
     (x, y), (xv, yv) = data
     torch.manual_seed(cfg["seed"])
@@ -47,18 +46,19 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
     mon = cfg["monitor"]
 
     def alert(event: dict[str, Any]) -> None:
-        log.warning("%s: catastrophic overfitting at step %d: PGD acc %.1f -> %.1f, FGSM acc %.1f -> %.1f (%s)", name,
-                    event["step"], event["pgd_acc_before"], event["pgd_acc"], event["fgsm_acc_before"],
+        log.warning("%s: catastrophic overfitting at step %d: PGD acc %.1f (peak) -> %.1f, FGSM acc %.1f -> %.1f (%s)",
+                    name, event["step"], event["pgd_acc_peak"], event["pgd_acc"], event["fgsm_acc_at_peak"],
                     event["fgsm_acc"], event["response"])
         create_markdown_artifact(
             key=f"co-event-{name}".lower().replace("_", "-"),
             markdown=f"**Catastrophic overfitting** in `{name}` ({method}) at step {event['step']}: PGD accuracy "
-                     f"{event['pgd_acc_before']:.1f} -> {event['pgd_acc']:.1f}, FGSM accuracy "
-                     f"{event['fgsm_acc_before']:.1f} -> {event['fgsm_acc']:.1f}; response: {event['response']}.",
+                     f"{event['pgd_acc_peak']:.1f} (peak) -> {event['pgd_acc']:.1f}, FGSM accuracy "
+                     f"{event['fgsm_acc_at_peak']:.1f} -> {event['fgsm_acc']:.1f}; response: {event['response']}.",
             description=f"CO alert: {name}")
 
     monitor = COMonitor(
-        method=method, eps=eps, every=mon["every"], pgd_steps=mon["pgd_steps"], threshold=mon["threshold"],
+        method=method, eps=eps, every=mon["every"], pgd_steps=mon["pgd_steps"],
+        detector=CODetector(drop=mon["drop"], min_drop=mon["min_drop"]),
         response=run.get("response", mon["response"]), step_factor=mon.get("step_factor", 1.0),
         train_batch=fixed_subset(x, y, mon["n"], cfg["seed"]), val_batch=fixed_subset(xv, yv, mon["n"], cfg["seed"] + 1),
         layers=mon.get("layers") or early_conv_layers(model, 2), on_event=alert)
@@ -67,12 +67,7 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
     info = train_classifier(model, x, y, recipe, seed=cfg["seed"], desc=name, objective=method.loss, callback=monitor)
     weights = Path(cfg["out"]) / "models" / f"{name}.safetensors"
     save_weights(model, weights)
-    curve = Path(cfg["plots"]) / f"{name}.csv"
-    curve.parent.mkdir(parents=True, exist_ok=True)
-    with curve.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(monitor.history[0]))
-        writer.writeheader()
-        writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in monitor.history)
+    write_curve(Path(plots_dir) / f"{name}.csv", monitor.history, last="train_pgd_acc")
     last = monitor.history[-1]
     return {
         "spec": {**spec, "name": f"at-{name}", "weights": str(weights)},
@@ -86,8 +81,8 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
 
 
 @flow(name="adv-train", flow_run_name="adv-train-{spec[name]}")
-def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/adv_train.json",
-                   report_dir: str = "reports") -> dict[str, Any]:
+def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/adv_train.json",
+                   report_dir: str = "reports", plots_dir: str = "plots/downstream/adv_train") -> dict[str, Any]:
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg["train_root"], size)
     xv, yv, _ = load_split(cfg["val_root"], size)
@@ -96,7 +91,7 @@ def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str 
         get_run_logger().info("%d DAmageNet images mixed into %d training images", len(xs), len(x))
         x, y = torch.cat([x, xs]), torch.cat([y, ys])
     data = ((x, y), (xv, yv))  # loaded once, shared by every run
-    results = {name: adversarial_training_run(name, run, cfg, spec, data) for name, run in cfg["runs"].items()}
+    results = {name: adversarial_training_run(name, run, cfg, spec, data, plots_dir) for name, run in cfg["runs"].items()}
     write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(metrics_path, metrics)

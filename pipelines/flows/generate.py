@@ -6,11 +6,15 @@ threads when there is none; with a Dask address (or a local cluster size) the sa
 prefect-dask. A unit that fails is retried once on the next device and reported; the others still complete.
 
 Output bytes depend only on the inputs and parameters: each shard's seed comes from the run seed and the shard
-name, batches are fixed per shard, CPU workers use one thread each, and a complete shard is never rewritten.
+name, batches are fixed per shard, and a complete shard is never rewritten. CPU workers share the cores: each uses
+cores / min(workers, shards) intra-op threads, fixed by the machine and the set (so on one machine a rerun, or a
+resumed run, gives the same bytes; another core count may differ in the last bits before rounding).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
@@ -56,9 +61,21 @@ def _shard_task_name() -> str:
 
 
 @task(name="attack-shard", task_run_name=_shard_task_name)
-def attack_shard(unit: dict[str, Any], device: str) -> dict[str, Any]:
+def attack_shard(unit: dict[str, Any], device: str, threads: int = 1) -> dict[str, Any]:
     """Attack one clean shard on ``device`` and write the adversarial shard (skipped when already complete)."""
-    return attack_shard_file(unit, device)
+    log, name, start = get_run_logger(), Path(unit["out_shard"]).stem, time.perf_counter()
+
+    def batch_done(done: int, total: int) -> None:
+        log.info("%s: %d/%d images (%.0f s)", name, done, total, time.perf_counter() - start)
+
+    return attack_shard_file(unit, device, threads, on_batch=batch_done)
+
+
+def cpu_threads(devices: list[str], units: int) -> int:
+    """Intra-op threads for each CPU worker: the cores shared by the workers that can run at once (fewer units
+    than workers leave cores to the ones that run)."""
+    workers = min(sum(d == "cpu" for d in devices), units) or 1
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _task_runner(dask: dict[str, Any] | None, workers: int):
@@ -156,25 +173,33 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
 
 
 def _run_units(units, devices, log, desc: str):
-    """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed)."""
-    futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)]))
+    """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed).
+    Progress: a terminal bar and a Prefect progress artifact per finished shard; per-batch lines in the task logs."""
+    threads = cpu_threads(devices, len(units))
+    futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)], threads))
                for i, u in enumerate(units)]
     results, retry = [], []
-    for u, dev, fut in tqdm(futures, desc=desc, unit="shard"):
+    progress = create_progress_artifact(0.0, key=_artifact_key(desc), description=desc)
+    for k, (u, dev, fut) in enumerate(tqdm(futures, desc=desc, unit="shard"), 1):
         try:
             results.append(fut.result())
         except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
             log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
             retry.append((u, devices[(devices.index(dev) + 1) % len(devices)]))
+        update_progress_artifact(progress, 100.0 * k / len(futures))
     failed = []
     for u, dev in retry:
         try:
-            results.append(attack_shard.submit(u, dev).result())
+            results.append(attack_shard.submit(u, dev, threads).result())
             log.info("unit %s succeeded on retry on %s", Path(u["out_shard"]).name, dev)
         except Exception as e:  # noqa: BLE001
             log.error("unit %s failed again on %s: %s", Path(u["out_shard"]).name, dev, e)
             failed.append(u)
     return results, failed
+
+
+def _artifact_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")  # artifact keys: lowercase, digits and dashes
 
 
 def _metrics(shards: list[Path], attack: str, done: list[dict], wall: float) -> dict[str, Any]:

@@ -10,7 +10,6 @@ zoo models have seen every class) or the zoo weights as they are.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
-from model_zoo.training import Recipe, train_classifier
+from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
 from pipelines.params import write_json
 from sources.reading import load_image_folder, load_split
@@ -87,8 +86,9 @@ def evaluate_detector(model, data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def fine_tune(model, method, data: dict[str, Any], recipe: Recipe, seed: int) -> float:
-    """Train ``model`` with ``method``'s loss: every step pairs the ID batch with a fresh outlier batch."""
+def fine_tune(model, method, data: dict[str, Any], recipe: Recipe, seed: int) -> dict[str, Any]:
+    """Train ``model`` with ``method``'s loss: every step pairs the ID batch with a fresh outlier batch. Returns the
+    training summary, with ID test accuracy per epoch in its history."""
     outliers = data["outliers"]
     gen = torch.Generator().manual_seed(seed + 1)
     batch = {"x_out": None}
@@ -97,7 +97,7 @@ def fine_tune(model, method, data: dict[str, Any], recipe: Recipe, seed: int) ->
         idx = torch.randint(0, len(outliers), (recipe.batch_size,), generator=gen)
         batch["x_out"] = outliers[idx].float().div(255)
 
-    steps_total = recipe.epochs * -(-len(data["train"][0]) // recipe.batch_size)
+    steps_total = recipe.epochs * len(batch_starts(len(data["train"][0]), recipe.batch_size))
 
     def after_step(step, m, opt):
         method.progress = step / steps_total
@@ -105,33 +105,80 @@ def fine_tune(model, method, data: dict[str, Any], recipe: Recipe, seed: int) ->
 
     next_outliers()
     method.progress = 0.0
-    start = time.perf_counter()
-    train_classifier(model, *data["train"], recipe, seed=seed, desc=method.name,
-                     objective=lambda m, x, y: method.loss(m, x, y, batch["x_out"]), callback=after_step)
-    return time.perf_counter() - start
+    return train_classifier(model, *data["train"], recipe, seed=seed, desc=method.name,
+                            objective=lambda m, x, y: method.loss(m, x, y, batch["x_out"]), callback=after_step,
+                            epoch_end=lambda m: {"id_acc": accuracy(m, *data["id_test"])})
 
 
-@task(name="ood-fine-tune", task_run_name="ood-{name}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
-def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg) -> dict[str, Any]:
+def energy_margin_search(base, data, method_cfg: dict[str, Any], recipe: Recipe, seed: int) -> dict[str, Any]:
+    """Energy-OE's margins chosen on validation data, as the paper chose them (its CIFAR values, -25 / -7, sit far
+    from another model's energies). Candidates are offsets from the base model's median ID training energy; each
+    fine-tunes on 80% of the ID training set and of the auxiliary outliers and is scored by energy FPR95 on the
+    held-out 20% of each (never on a test OOD set). Returns the chosen margins and every candidate's score; the
+    final runs then train on all the data with them."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = data["train"]
+    order, out_order = torch.randperm(len(x), generator=gen), torch.randperm(len(data["outliers"]), generator=gen)
+    cut, out_cut = int(0.8 * len(x)), int(0.8 * len(out_order))
+    fit = {**data, "train": (x[order[:cut]], y[order[:cut]]), "outliers": data["outliers"][out_order[:out_cut]]}
+    energy_id, _ = all_scores(base, x[order[:cut]])
+    median = float(np.median(-energy_id["energy"]))  # the energy score is -E
+    grid = method_cfg["search"]
+    table = []
+    for d_in in grid["m_in"]:
+        for d_out in grid["m_out"]:
+            m_in, m_out = round(median + d_in, 3), round(median + d_out, 3)
+            model = copy.deepcopy(base)
+            fine_tune(model, create_method("energy-oe", m_in=m_in, m_out=m_out), fit, recipe, seed)
+            val_id, _ = all_scores(model, x[order[cut:]])
+            val_out, _ = all_scores(model, data["outliers"][out_order[out_cut:]])
+            table.append({"m_in": m_in, "m_out": m_out, **ood_metrics(val_id["energy"], val_out["energy"])})
+    best = min(table, key=lambda r: (r["fpr95"], -r["auroc"]))
+    return {"m_in": best["m_in"], "m_out": best["m_out"], "median_id_energy": round(median, 3), "candidates": table}
+
+
+@task(name="ood-fine-tune", task_run_name="ood-{name}-seed{seed}", cache_policy=NO_CACHE)  # models, tensors: no keys
+def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg, seed: int, plots_dir: str) -> dict[str, Any]:
     model = copy.deepcopy(base)
-    seconds = 0.0
+    seconds, options = 0.0, {}
     if method_cfg is not None:
-        method = create_method(method_cfg["method"], **method_cfg.get("options", {}))
-        seconds = fine_tune(model, method, data, Recipe(**{**cfg["recipe"], **method_cfg.get("recipe", {})}), cfg["seed"])
+        recipe = Recipe(**{**cfg["recipe"], **method_cfg.get("recipe", {})})
+        options = dict(method_cfg.get("options", {}))
+        method = create_method(method_cfg["method"], **options)
+        info = fine_tune(model, method, data, recipe, seed)
+        write_curve(Path(plots_dir) / f"{name}-seed{seed}.csv", info["history"], last="id_acc")
+        seconds = info["train_seconds"]
         score = method.score
     else:
         score = "msp"
-    save_weights(model, Path(cfg["out"]) / f"{name}.safetensors")
+    if seed == cfg["seeds"][0]:
+        save_weights(model, Path(cfg["out"]) / f"{name}.safetensors")
     result = evaluate_detector(model, data)
-    get_run_logger().info("%s (%s score): ID acc %.1f; %s", name, score, result["id_acc"],
+    get_run_logger().info("%s seed %d (%s score): ID acc %.1f; %s", name, seed, score, result["id_acc"],
                           ", ".join(f"{s}: FPR95 {v[score]['fpr95']:.1f} AUROC {v[score]['auroc']:.1f}"
                                     for s, v in result["sets"].items()))
-    return {**result, "score": score, "train_seconds": round(seconds, 1)}
+    return {**result, "score": score, "train_seconds": round(seconds, 1), "options": options}
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": round(float(np.mean(values)), 2), "std": round(float(np.std(values, ddof=1)), 2)
+            if len(values) > 1 else 0.0}
+
+
+def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's runs over seeds: every metric as mean and sample std (ddof 1), for its own score."""
+    score = runs[0]["score"]
+    sets = {s: {k: mean_std([r["sets"][s][score][k] for r in runs]) for k in runs[0]["sets"][s][score]}
+            for s in runs[0]["sets"]}
+    return {"score": score, "id_acc": mean_std([r["id_acc"] for r in runs]), "sets": sets, "seeds": len(runs),
+            "train_seconds": round(sum(r["train_seconds"] for r in runs), 1),
+            "options": runs[0]["options"], "per_seed": [{s: v[score] for s, v in r["sets"].items()} for r in runs],
+            "all_scores_first_seed": runs[0]["sets"]}
 
 
 @flow(name="ood", flow_run_name="ood-{spec[name]}")
-def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/ood.json",
-             report_dir: str = "reports") -> dict[str, Any]:
+def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/ood.json",
+             report_dir: str = "reports", plots_dir: str = "plots/downstream/ood") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     data = load_ood_data(cfg, size)
@@ -142,16 +189,26 @@ def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "met
     num_classes = len(cfg["id_classes"]) if cfg["id_classes"] else spec["num_classes"]
     if cfg.get("pretrain"):
         base = build_model({**spec, "weights": None, "num_classes": num_classes})
-        train_classifier(base, *data["train"], Recipe(**cfg["pretrain"]), seed=cfg["seed"], desc="ID base")
+        info = train_classifier(base, *data["train"], Recipe(**cfg["pretrain"]), seed=cfg["seed"], desc="ID base",
+                                epoch_end=lambda m: {"id_acc": accuracy(m, *data["id_test"])})
+        write_curve(Path(plots_dir) / "id-base.csv", info["history"], last="id_acc")
     else:
         base = build_model(spec)
     runs = {"baseline": None, **cfg["methods"]}
-    results = {name: ood_run(name, m, base, data, cfg) for name, m in runs.items()}
-    metrics = {"positive": POSITIVE, "methods": {
-        name: {"score": r["score"], "id_acc": r["id_acc"], "train_seconds": r["train_seconds"],
-               "sets": {s: v[r["score"]] for s, v in r["sets"].items()}, "all_scores": r["sets"]}
-        for name, r in results.items()}}
+    searches = {}
+    for name, m in cfg["methods"].items():  # margins searched once (first seed), then every seed trains with them
+        if m.get("search"):
+            recipe = Recipe(**{**cfg["recipe"], **m.get("recipe", {})})
+            searches[name] = energy_margin_search(base, data, m, recipe, cfg["seeds"][0])
+            runs[name] = {**m, "options": {**m.get("options", {}), "m_in": searches[name]["m_in"],
+                                           "m_out": searches[name]["m_out"]}}
+            log.info("%s: margins m_in %.2f, m_out %.2f chosen on validation data", name, searches[name]["m_in"],
+                     searches[name]["m_out"])
+    results = {name: [ood_run(name, m, base, data, cfg, seed, plots_dir) for seed in (cfg["seeds"] if m else cfg["seeds"][:1])]
+               for name, m in runs.items()}  # the baseline is not trained: one evaluation
+    metrics = {"positive": POSITIVE, "seeds": cfg["seeds"],
+               "methods": {name: aggregate_seeds(r) for name, r in results.items()}, "margin_search": searches}
     write_json(metrics_path, metrics)
-    markdown = ood_section(metrics, {n: r["scores"] for n, r in results.items()}, cfg, Path(report_dir))
+    markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg, Path(report_dir))
     create_markdown_artifact(key="ood-fine-tuning", markdown=markdown, description="OOD fine-tuning")
     return metrics

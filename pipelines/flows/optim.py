@@ -9,11 +9,11 @@ sets (its change under AoA). Specs go to ``models.json`` so the evaluate stage m
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import flow, get_run_logger, task
@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
-from model_zoo.training import Recipe, accuracy, train_classifier
+from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
 from pipelines.params import write_json
 from sources.reading import load_split
@@ -42,29 +42,55 @@ def shard_accuracy(model, sets: dict[str, str]) -> dict[str, float]:
     return {name: evaluate_shardset(model, root)["top1"] for name, root in sets.items()}
 
 
-@task(name="optimizer-run", task_run_name="optim-{name}", cache_policy=NO_CACHE)
-def optimizer_run(name: str, overrides: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any], data) -> dict[str, Any]:
+def noisy_labels(labels: torch.Tensor, share: float, num_classes: int, seed: int) -> torch.Tensor:
+    """Symmetric label noise: a seeded ``share`` of the labels replaced by a uniformly random *other* class."""
+    gen = torch.Generator().manual_seed(seed)
+    flip = torch.randperm(len(labels), generator=gen)[: int(round(share * len(labels)))]
+    noisy = labels.clone()
+    noisy[flip] = (labels[flip] + torch.randint(1, num_classes, (len(flip),), generator=gen)) % num_classes
+    return noisy
+
+
+@task(name="optimizer-run", task_run_name="optim-{name}-seed{seed}", cache_policy=NO_CACHE)
+def optimizer_run(name: str, overrides: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any], data,
+                  plots_dir: str, seed: int) -> dict[str, Any]:
     (x, y), (xv, yv) = data
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(seed)
     model = build_model({**spec, "weights": None, "name": name})
-    info = train_classifier(model, x, y, Recipe(**{**cfg["recipe"], **overrides}), seed=cfg["seed"], desc=name)
-    weights = Path(cfg["out"]) / f"{name}.safetensors"
+    info = train_classifier(model, x, y, Recipe(**{**cfg["recipe"], **overrides}), seed=seed, desc=f"{name} seed {seed}",
+                            epoch_end=lambda m: {"val_acc": accuracy(m, xv, yv)})
+    write_curve(Path(plots_dir) / f"{name}-seed{seed}.csv", info["history"], last="val_acc")
+    weights = Path(cfg["out"]) / f"{name}-seed{seed}.safetensors"
     save_weights(model, weights)
-    return {"spec": {**spec, "name": f"opt-{name}", "weights": str(weights)}, "val_acc": round(accuracy(model, xv, yv), 2),
+    return {"spec": {**spec, "name": f"opt-{name}-seed{seed}", "weights": str(weights)},
+            "val_acc": round(accuracy(model, xv, yv), 2), "train_acc": round(accuracy(model, x, y), 2),
             "train_seconds": round(info["train_seconds"], 1), **shard_accuracy(model, cfg["shard_sets"])}
 
 
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimiser's runs: each number as the mean, with ``<key>_std`` (sample std) when there are seeds."""
+    keys = [k for k in runs[0] if k != "spec"]
+    out: dict[str, Any] = {"seeds": len(runs)}
+    for k in keys:
+        values = [r[k] for r in runs]
+        out[k] = round(float(np.mean(values)), 2)
+        out[f"{k}_std"] = round(float(np.std(values, ddof=1)), 2) if len(runs) > 1 else 0.0
+    return out
+
+
 @task(name="lora-run", task_run_name="lora-{name}", cache_policy=NO_CACHE)
-def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any], data) -> dict[str, Any]:
+def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any], data, plots_dir: str) -> dict[str, Any]:
     (x, y), (xv, yv) = data
     lora = cfg["lora"]
     torch.manual_seed(cfg["seed"])
     model = build_model(spec)  # the zoo weights: pretrained on the unshifted world
     layers = add_lora(model.model, lora["rank"], lora["alpha"])
-    recipe = Recipe(**lora["recipe"])
-    steps = recipe.epochs * math.ceil(len(x) / recipe.batch_size)
+    recipe = Recipe(**{**lora["recipe"], "freeze_norm": True})  # only the adapters adapt: BN statistics stay
+    steps = recipe.epochs * len(batch_starts(len(x), recipe.batch_size))
     noise = FlatLoRANoise(layers, sigma, steps, cfg["seed"])
-    info = train_classifier(model, x, y, recipe, seed=cfg["seed"], desc=name, callback=noise)
+    info = train_classifier(model, x, y, recipe, seed=cfg["seed"], desc=name, callback=noise,
+                            epoch_end=lambda m: {"val_acc": accuracy(m, xv, yv)})
+    write_curve(Path(plots_dir) / f"{name}.csv", info["history"], last="val_acc")
     merge_lora(model.model)
     weights = Path(cfg["out"]) / f"{name}.safetensors"
     save_weights(model, weights)
@@ -75,14 +101,19 @@ def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any],
 
 
 @flow(name="optim", flow_run_name="optim-{spec[name]}")
-def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/optim.json",
-               report_dir: str = "reports") -> dict[str, Any]:
+def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/optim.json",
+               report_dir: str = "reports", plots_dir: str = "plots/downstream/optim") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg["train_root"], size)
     xv, yv, _ = load_split(cfg["val_root"], size)
     start = time.perf_counter()
-    optimizers = {n: optimizer_run(n, o or {}, cfg, spec, ((x, y), (xv, yv))) for n, o in cfg["optimizers"].items()}
+    y_train = noisy_labels(y, cfg["label_noise"], spec["num_classes"], cfg["seed"]) if cfg["label_noise"] else y
+    if cfg["label_noise"]:
+        log.info("label noise: %d of %d training labels replaced", int((y_train != y).sum()), len(y))
+    runs = {n: [optimizer_run(n, o or {}, cfg, spec, ((x, y_train), (xv, yv)), plots_dir, seed)
+                for seed in cfg["seeds"]] for n, o in cfg["optimizers"].items()}
+    optimizers = {n: over_seeds(r) for n, r in runs.items()}
     lora = cfg["lora"]
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))[: lora["train_images"]]
     shifted = ((shift_images(x[pick], **lora["shift"]), y[pick]), (shift_images(xv, **lora["shift"]), yv))
@@ -90,9 +121,10 @@ def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "m
     base_shifted = round(accuracy(base, *shifted[1]), 2)
     log.info("zoo model %s on the shifted val split: %.1f%% (unshifted: %.1f%%)", spec["name"], base_shifted,
              accuracy(base, xv, yv))
-    adapters = {n: lora_run(n, r["sigma"], cfg, spec, shifted) for n, r in lora["runs"].items()}
-    write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in (*optimizers.values(), *adapters.values())])
-    metrics = {"optimizers": {n: {k: v for k, v in r.items() if k != "spec"} for n, r in optimizers.items()},
+    adapters = {n: lora_run(n, r["sigma"], cfg, spec, shifted, plots_dir) for n, r in lora["runs"].items()}
+    specs = [r["spec"] for per_seed in runs.values() for r in per_seed] + [r["spec"] for r in adapters.values()]
+    write_json(Path(cfg["out"]) / "models.json", specs)
+    metrics = {"optimizers": optimizers, "seeds": cfg["seeds"], "label_noise": cfg["label_noise"],
                "lora": {n: {k: v for k, v in r.items() if k != "spec"} for n, r in adapters.items()},
                "lora_base_shifted_val_acc": base_shifted, "seconds": round(time.perf_counter() - start, 1)}
     write_json(metrics_path, metrics)

@@ -1,9 +1,10 @@
 """Stage ``unlearn``: every unlearning method in every forgetting scenario, against retraining from scratch.
 
-Original model: a zoo model trained on the whole training split. Scenarios: a seeded random share of the
-training set, or one whole class. Reference: the same architecture retrained from scratch on the remaining
-data with the zoo's recipe. Each method starts from a copy of the original; its metrics (UA, RA, TA, both MIA
-conventions, Avg Gap and KL/JS to the retrained model, run time) go to ``metrics/unlearn/<scenario>/<method>.json``.
+Original model: a zoo model trained on the whole training split, or (``original``) one trained here on a seeded
+subset without label smoothing or augmentation, so that it memorises its members as the MIA needs. Scenarios: a
+seeded random share of that training set, or one whole class. Reference: the same architecture retrained from
+scratch on the remaining data with the original's recipe. Each method starts from a copy of the original; its metrics (UA, RA, TA, both MIA
+conventions, Avg Gap and KL/JS to the retrained model, run time) go to one JSON, ``{scenario: {method: metrics}}``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
-from model_zoo.training import Recipe, train_classifier
+from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
 from pipelines.params import write_json
 from sources.reading import load_split
@@ -62,7 +63,7 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
     method.unlearn(model, data)
     seconds = time.perf_counter() - start
     save_weights(model, Path(cfg["out"]) / scenario / f"{name}.safetensors")
-    metrics, probs = unlearning_metrics(model, data.forget, data.remain, test, cfg["seed"])
+    metrics, probs = unlearning_metrics(model, data.forget, data.remain, test, cfg["seed"], cfg["mia_attack"])
     metrics.update(avg_gap=avg_gap(metrics, reference["metrics"]), seconds=round(seconds, 1),
                    **divergences(reference["probs"], probs))
     get_run_logger().info("%s / %s: %s", scenario, name, metrics)
@@ -71,12 +72,26 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
 
 @flow(name="unlearn", flow_run_name="unlearn-{spec[name]}")
 def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dict[str, Any],
-                 metrics_dir: str = "metrics/unlearn", report_dir: str = "reports") -> dict[str, Any]:
+                 metrics_path: str = "metrics/downstream/unlearn.json", report_dir: str = "reports",
+                 plots_dir: str = "plots/downstream/unlearn") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg["train_root"], size)
     xt, yt, _ = load_split(cfg["val_root"], size)
-    original = build_model(spec)
+    if cfg.get("original"):  # trained here on a seeded subset, to memorise it (what a membership attack can see)
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))
+        x, y = x[pick[: cfg["original"]["train_images"]]], y[pick[: cfg["original"]["train_images"]]]
+        original_recipe = cfg["original"]["recipe"]
+        torch.manual_seed(cfg["seed"])
+        original = build_model({**spec, "weights": None})
+        info = train_classifier(original, x, y, Recipe(**original_recipe), seed=cfg["seed"], desc="original",
+                                epoch_end=lambda m: {"test_acc": accuracy(m, xt, yt), "train_acc": accuracy(m, x, y)})
+        write_curve(Path(plots_dir) / "original.csv", info["history"], last="test_acc")
+        save_weights(original, Path(cfg["out"]) / "original.safetensors")
+        log.info("original: %d training images, train acc %.1f%%, test acc %.1f%%", len(x),
+                 info["history"][-1]["train_acc"], info["history"][-1]["test_acc"])
+    else:
+        original = build_model(spec)
     results: dict[str, dict[str, Any]] = {}
     for scenario, sc in cfg["scenarios"].items():
         forget, remain, test = split(x, y, xt, yt, sc, cfg["seed"])
@@ -85,20 +100,22 @@ def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dic
         torch.manual_seed(cfg["seed"])
         retrained = build_model({**spec, "weights": None})
         start = time.perf_counter()
-        train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg["seed"], desc=f"retrain {scenario}")
+        info = train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg["seed"], desc=f"retrain {scenario}",
+                                epoch_end=lambda m, test=test, forget=forget: {"test_acc": accuracy(m, *test),
+                                                                               "forget_acc": accuracy(m, *forget)})
+        write_curve(Path(plots_dir) / f"retrain-{scenario}.csv", info["history"], last="forget_acc")
         seconds = time.perf_counter() - start
         save_weights(retrained, Path(cfg["out"]) / scenario / "retrain.safetensors")
-        ref_metrics, ref_probs = unlearning_metrics(retrained, forget, remain, test, cfg["seed"])
+        ref_metrics, ref_probs = unlearning_metrics(retrained, forget, remain, test, cfg["seed"], cfg["mia_attack"])
         reference = {"metrics": ref_metrics, "probs": ref_probs}
         rows = {"retrain": {**ref_metrics, "avg_gap": 0.0, "seconds": round(seconds, 1), "KL": 0.0, "JS": 0.0}}
-        orig_metrics, orig_probs = unlearning_metrics(original, forget, remain, test, cfg["seed"])
+        orig_metrics, orig_probs = unlearning_metrics(original, forget, remain, test, cfg["seed"], cfg["mia_attack"])
         rows["original"] = {**orig_metrics, "avg_gap": avg_gap(orig_metrics, ref_metrics), "seconds": 0.0,
                             **divergences(ref_probs, orig_probs)}
         for name, method_cfg in cfg["methods"].items():
             rows[name] = unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference, cfg)
-        for name, row in rows.items():
-            write_json(Path(metrics_dir) / scenario / f"{name}.json", row)
         results[scenario] = rows
+    write_json(metrics_path, results)
     markdown = unlearning_section(results, cfg, Path(report_dir))
     create_markdown_artifact(key="unlearning", markdown=markdown, description="Machine unlearning")
     return results

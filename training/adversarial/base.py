@@ -56,6 +56,10 @@ class AdvTrainMethod:
     def uniform(self, x: torch.Tensor, bound: float) -> torch.Tensor:
         return (torch.rand(x.shape, generator=self.gen) * 2 - 1).to(x.device) * bound
 
+    def start_noise(self, x: torch.Tensor, bound: float) -> torch.Tensor:
+        """U(-bound, bound) noise clamped so that ``x + start`` stays an image (as Wong et al.'s code clamps it)."""
+        return (x + self.uniform(x, bound)).clamp(0, 1) - x
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -15,8 +15,8 @@ class FGSM(AdvTrainMethod):
         return 1.25 * eps if self.random_start else eps
 
     def perturb(self, model, x, y):
-        start = self.uniform(x, self.eps) if self.random_start else x.new_zeros(x.shape)
-        delta = start + self.step * input_gradient(model, (x + start).clamp(0, 1), y).sign()
+        start = self.start_noise(x, self.eps) if self.random_start else x.new_zeros(x.shape)
+        delta = start + self.step * input_gradient(model, x + start, y).sign()
         delta = delta.clamp(-self.eps, self.eps)
         return ((x + delta).clamp(0, 1) - x).detach()
 

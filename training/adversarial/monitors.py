@@ -86,11 +86,35 @@ def robustness_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     return out
 
 
-def is_collapse(previous: dict[str, float] | None, current: dict[str, float], threshold: float) -> bool:
-    """CO: PGD accuracy fell by more than ``threshold`` points since the previous check while FGSM accuracy rose."""
-    if previous is None:
-        return False
-    return (previous["pgd_acc"] - current["pgd_acc"] > threshold) and current["fgsm_acc"] > previous["fgsm_acc"]
+@dataclass
+class CODetector:
+    """Catastrophic overfitting on the training batch, judged against the running peak (as Wong et al.'s early stop
+    judges against the best PGD accuracy so far): PGD accuracy has lost at least ``drop`` of its peak and at least
+    ``min_drop`` points, a collapse spread over several checks included, while FGSM accuracy has fallen by less
+    than half as much (the model still resists FGSM: CO's signature; a fall of both, e.g. a learning-rate spike,
+    is not CO). It fires once per collapse: the peak restarts from the collapsed level, and the detector re-arms once
+    PGD accuracy has recovered ``min_drop`` points (after a rollback, at the next check)."""
+
+    drop: float = 0.5
+    min_drop: float = 5.0
+    peak: dict[str, float] | None = None  # the check with the highest PGD accuracy since the last event
+    floor: float | None = None  # PGD accuracy at the last event: disarmed until it recovers min_drop above it
+
+    def update(self, current: dict[str, float]) -> dict[str, float] | None:
+        """The peak check when ``current`` is a collapse, else None."""
+        pgd = current["pgd_acc"]
+        if self.floor is not None and pgd >= self.floor + self.min_drop:
+            self.floor = None
+        if self.peak is None or pgd > self.peak["pgd_acc"]:
+            self.peak = dict(current)
+            return None
+        pgd_fall = self.peak["pgd_acc"] - pgd
+        fgsm_fall = self.peak["fgsm_acc"] - current["fgsm_acc"]
+        if self.floor is None and pgd_fall >= max(self.min_drop, self.drop * self.peak["pgd_acc"]) \
+                and fgsm_fall < pgd_fall / 2:
+            peak, self.peak, self.floor = self.peak, dict(current), pgd
+            return peak
+        return None
 
 
 @dataclass
@@ -105,7 +129,7 @@ class COMonitor:
     eps: float
     every: int
     pgd_steps: int = 10
-    threshold: float = 20.0
+    detector: CODetector = field(default_factory=CODetector)
     response: str = "log"  # log | rollback
     step_factor: float = 1.0  # multiply the attack step by this on rollback (1.0: keep it)
     layers: list[str] = field(default_factory=list)
@@ -113,7 +137,6 @@ class COMonitor:
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     _good: dict[str, Any] | None = None
-    _previous: dict[str, float] | None = None
 
     def __post_init__(self):
         if self.response not in ("log", "rollback"):
@@ -130,10 +153,11 @@ class COMonitor:
         if step % self.every:
             return
         row, current = self.check(step, model)
-        if is_collapse(self._previous, current, self.threshold):
+        peak = self.detector.update(current)
+        if peak is not None:
             row["co"] = 1
-            event = {"step": step, "pgd_acc_before": self._previous["pgd_acc"], "pgd_acc": current["pgd_acc"],
-                     "fgsm_acc_before": self._previous["fgsm_acc"], "fgsm_acc": current["fgsm_acc"],
+            event = {"step": step, "pgd_acc_peak": peak["pgd_acc"], "pgd_acc": current["pgd_acc"],
+                     "fgsm_acc_at_peak": peak["fgsm_acc"], "fgsm_acc": current["fgsm_acc"],
                      "response": self.response}
             if self.response == "rollback" and self._good is not None:
                 restore(model, optimizer, self._good)
@@ -142,8 +166,6 @@ class COMonitor:
             self.events.append(event)
             if self.on_event:
                 self.on_event(event)
-        if row["co"] == 0 or self.response == "log":  # after a rollback the reference stays the restored check
-            self._previous = current
         if row["co"] == 0:
             self._good = snapshot(step, model, optimizer)
         self.history.append(row)

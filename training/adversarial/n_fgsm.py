@@ -11,6 +11,6 @@ class NFGSM(AdvTrainMethod):
     noise_factor = 2.0
 
     def perturb(self, model, x, y):
-        noise = self.uniform(x, self.noise_factor * self.eps)
-        delta = noise + self.step * input_gradient(model, (x + noise).clamp(0, 1), y).sign()
+        noise = self.start_noise(x, self.noise_factor * self.eps)
+        delta = noise + self.step * input_gradient(model, x + noise, y).sign()
         return ((x + delta).clamp(0, 1) - x).detach()

@@ -3,7 +3,8 @@
 SAM's ascent direction mixes the full-batch gradient (which F-SAM argues barely helps) with batch-specific noise.
 F-SAM removes an estimate of the full gradient, an EMA ``m`` of past minibatch gradients, before normalising:
 ``d = g - sigma * m`` and ``e = rho * d / ||d||``. As in the authors' code the *previous* EMA is subtracted, then
-the EMA is updated: ``m <- lam * m + (1 - lam) * g``. ``sigma = 0`` is SAM.
+the EMA is updated: ``m <- lam * m + (1 - lam) * g``, starting from ``m = g`` at the first step (which is SAM's).
+``sigma = 0`` is SAM.
 """
 
 from __future__ import annotations
@@ -25,5 +26,6 @@ class FSAM(SAM):
         state = self.state[p]
         ema = state.get("grad_ema")
         direction = p.grad if ema is None else p.grad - self.sigma * ema
-        state["grad_ema"] = (1 - self.lam) * p.grad.clone() if ema is None else ema.mul(self.lam).add(p.grad, alpha=1 - self.lam)
+        # the official code starts the EMA at the first gradient (not at (1 - lam) g, a bias toward zero)
+        state["grad_ema"] = p.grad.clone() if ema is None else ema.mul(self.lam).add(p.grad, alpha=1 - self.lam)
         return direction

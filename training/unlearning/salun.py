@@ -34,6 +34,7 @@ def gradient_saliency_mask(model, images: torch.Tensor, labels: torch.Tensor, sh
 class SalUn(RandomLabels):
     name = "salun"
     share = 0.5
+    any_class = True  # its code draws random labels from all classes
 
     def unlearn(self, model, data):
         masks = gradient_saliency_mask(model, *data.forget, self.share)
