@@ -74,6 +74,7 @@ def _generate(args, params):
         batch_size=gen["batch_size"],
         devices=gen["devices"],
         cpu_workers=gen["cpu_workers"],
+        cpu_threads=gen["cpu_threads"],
         seed=gen["seed"],
         dask=gen.get("dask"),
         metrics_path=str(args.metrics / "generate" / f"{args.attack}.json"),

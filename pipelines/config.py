@@ -145,6 +145,7 @@ class Generate(_Section):
     sub_batch: NonNegative = 0  # images (SI copies included) per forward/backward pass; 0: the whole batch
     devices: Devices = "auto"
     cpu_workers: Positive = 1
+    cpu_threads: Positive | Literal["auto"] = "auto"  # per CPU worker; 1: the same bytes for any worker count
     seed: int = 0
     out_root: str
     dask: Dask = Dask()

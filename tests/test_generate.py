@@ -46,6 +46,7 @@ def surrogate(tmp_path_factory):
 
 def _run(clean, surrogate, out, attack="aoa", **kw):
     options = {"si": 2} if attack == "aoa" else {}
+    kw.setdefault("cpu_threads", 1)  # one thread per worker: the bytes do not depend on the worker count
     return generate(attack, BUDGET, options, surrogate, str(clean), str(out), batch_size=4, seed=0, **kw)
 
 
@@ -68,7 +69,8 @@ def test_prepare_selects_per_class_and_indexes(clean_set):
     assert all(len(s["json"]["source_sha256"]) == 64 and "." not in s["key"] for s in samples)
 
 
-def test_one_and_two_workers_give_identical_shards(clean_set, surrogate, reference_run, tmp_path):
+def test_one_and_two_workers_give_identical_shards_with_one_thread_each(clean_set, surrogate, reference_run,
+                                                                         tmp_path):
     _run(clean_set[0], surrogate, tmp_path / "two", devices=["cpu", "cpu"])
     assert _tar_bytes(tmp_path / "two") == _tar_bytes(reference_run[0])
     assert (tmp_path / "two" / "SHA256SUMS").read_text() != ""
@@ -91,7 +93,7 @@ def test_rerun_with_other_parameters_refuses_to_reuse_shards(clean_set, surrogat
     shutil.copytree(reference_run[0], out)
     with pytest.raises(RuntimeError, match="failed after retry"):
         generate("aoa", {**BUDGET, "eta": 3.0}, {"si": 2}, surrogate, str(clean_set[0]), str(out), batch_size=4,
-                 seed=0, devices=["cpu"])
+                 seed=0, devices=["cpu"], cpu_threads=1)
     assert _tar_bytes(out) == _tar_bytes(reference_run[0])  # nothing overwritten or lost
 
 
@@ -126,7 +128,7 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(clean_set, surrogate, re
     script = (
         "import json, sys; from pipelines.flows.generate import generate; "
         f"generate('aoa', {BUDGET!r}, {{'si': 2}}, json.loads(sys.argv[1]), {str(clean_set[0])!r}, {str(out)!r}, "
-        "batch_size=4, seed=0, devices=['cpu'])"
+        "batch_size=4, seed=0, devices=['cpu'], cpu_threads=1)"
     )
     from prefect.settings import PREFECT_API_URL
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,8 @@ def _dvc_stages(tmp_path: Path, params: Path) -> dict[str, str]:
 
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(params, tmp_path / "params.yaml")
-    Repo.init(str(tmp_path), no_scm=True)
+    # init in a subprocess: DVC's in-process logger may hold a stream pytest has closed
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
     return {s.name: s.cmd for s in Repo(str(tmp_path)).index.stages}
 
 

@@ -6,9 +6,10 @@ threads when there is none; with a Dask address (or a local cluster size) the sa
 prefect-dask. A unit that fails is retried once on the next device and reported; the others still complete.
 
 Output bytes depend only on the inputs and parameters: each shard's seed comes from the run seed and the shard
-name, batches are fixed per shard, and a complete shard is never rewritten. CPU workers share the cores: each uses
-cores / min(workers, shards) intra-op threads, fixed by the machine and the set (so on one machine a rerun, or a
-resumed run, gives the same bytes; another core count may differ in the last bits before rounding).
+name, batches are fixed per shard, and a complete shard is never rewritten. CPU intra-op threads change the last
+bits of a gradient, so they are a parameter: ``cpu_threads=1`` gives the same bytes for any number of CPU workers;
+``"auto"`` shares the cores among the workers that can run at once (cores / min(workers, shards), faster when there
+are fewer shards than cores) and gives the same bytes for the same workers on the same machine.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def generate_flow(
     devices: list[str] | None = None,
     seed: int = 0,
     metrics_path: str | None = None,
+    cpu_threads: int | str = "auto",
 ) -> dict[str, Any]:
     """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``."""
     devices = devices or ["cpu"]
@@ -122,12 +124,14 @@ def generate_flow(
         raise RuntimeError(f"{out}: another generate run is writing this set (lock {lock.lock_file}); wait for it "
                            "to finish or use another output folder") from None
     try:
-        return _generate(attack, budget, options, surrogate, clean_dir, out, batch_size, devices, seed, metrics_path)
+        return _generate(attack, budget, options, surrogate, clean_dir, out, batch_size, devices, seed, metrics_path,
+                         cpu_threads)
     finally:
         lock.release()
 
 
-def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed, metrics_path):
+def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed, metrics_path,
+              threads):
     log = get_run_logger()
     options = dict(options)
     aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
@@ -150,7 +154,8 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
         log.warning("removing %s: its clean shard no longer exists", stale)
         stale.unlink()
     start = time.perf_counter()
-    results, failed = _run_units(units, devices, log, f"generate {attack}")
+    threads = cpu_threads(devices, len(units)) if threads == "auto" else int(threads)
+    results, failed = _run_units(units, devices, threads, log, f"generate {attack}")
     wall = time.perf_counter() - start
     for r in results:
         if r.get("repaired"):
@@ -172,10 +177,9 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
     return metrics
 
 
-def _run_units(units, devices, log, desc: str):
+def _run_units(units, devices, threads: int, log, desc: str):
     """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed).
     Progress: a terminal bar and a Prefect progress artifact per finished shard; per-batch lines in the task logs."""
-    threads = cpu_threads(devices, len(units))
     futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)], threads))
                for i, u in enumerate(units)]
     results, retry = [], []
