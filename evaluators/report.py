@@ -86,7 +86,7 @@ def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[
     acc = {s: record["accuracy"][s]["top1"] for s in sets if s in record["accuracy"]}
     attacks = [s for s in acc if s != "clean"]
     return {
-        "name": record["name"], "architecture": record["arch"], "dataset": "imagenet" if profile != "demo" else "demo",
+        "name": record["name"], "architecture": record["arch"], "dataset": profile,  # the profile names the images
         "threat_model": "transfer", "eps": f"{budget['eps']}/255", "rmsd": f"{budget['eta']}/255",
         "surrogate": surrogate["arch"], "clean_acc": f"{acc['clean']:.2f}" if "clean" in acc else None,
         "adversarial_acc": f"{min(acc[a] for a in attacks):.2f}" if attacks else None,

@@ -67,7 +67,7 @@ def _generate(args, params):
     generate(
         attack=args.attack,
         budget=section(params, "budget", args.params),
-        options={**(attacks[args.attack] or {}), "sub_batch": gen["sub_batch"]},  # memory, not the attack: generate params
+        options={**(attacks[args.attack] or {}), "sub_batch": gen["sub_batch"]},  # memory: a generate parameter
         surrogate=surrogate_spec(params, gen["surrogate"]),
         clean_dir=section(params, "source", args.params)["out"],
         out_dir=str(Path(gen["out_root"]) / args.attack),
@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
             "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
     p.add_argument("--attack", required=True, help="attack name, a key of 'attacks' in params.yaml (e.g. aoa, pgd)")
     add("adv-train", _adv_train, aliases=["adv_train"],  # dvc.yaml calls downstream stages by their section name
-        help_text="Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT, watched for catastrophic overfitting; data/downstream/adv_train, "
-        "metrics/downstream/adv_train.json, reports/downstream/adv_train (page and curves).")
+        help_text="Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT, "
+        "watched for catastrophic overfitting; data/downstream/adv_train, metrics/downstream/adv_train.json, "
+        "reports/downstream/adv_train (page), plots/downstream/adv_train (per-check curves).")
     add("ood", _ood, "OOD fine-tuning (params 'ood'): OE, Energy-OE, OrthLoss against the un-tuned baseline; "
         "FPR95/AUROC/AUPR (ID positive) per OOD set to metrics/downstream/ood.json, reports/downstream/ood.")
     add("unlearn", _unlearn, "Machine unlearning (params 'unlearn'): FT, GA, RL, SalUn, NatMU, SFR-on, MUSO per "
