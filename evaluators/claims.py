@@ -8,8 +8,25 @@ rate (binomial). One seed, or too few images, is "cannot tell" and says why.
 from __future__ import annotations
 
 import math
+import statistics
+from typing import Any
 
 REPRODUCES, REFUTES = "reproduces", "refutes"
+
+
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's runs over seeds: ``seeds``, then each number as the mean with ``<key>_std`` (sample std; 0 for
+    one seed). Entries that are not numbers (model specs) are left out; a number that is None in any run (a metric
+    at chance) stays None."""
+    out: dict[str, Any] = {"seeds": len(runs)}
+    for key, first in runs[0].items():
+        values = [r[key] for r in runs]
+        if any(v is None for v in values):
+            out[key] = out[f"{key}_std"] = None
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            out[key] = round(statistics.fmean(values), 2)
+            out[f"{key}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+    return out
 
 
 def verdict(claimed: float, baseline: float, standard_error: float | None, higher_is_better: bool = True) -> str:

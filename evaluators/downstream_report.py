@@ -54,14 +54,17 @@ def _adv_curves(histories: dict[str, list[dict[str, Any]]], events: dict[str, li
 def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]],
                          cfg: dict[str, Any], report_dir: Path) -> str:
     events = {n: m["co_events"] for n, m in metrics.items()}
+    fe = cfg.get("final_eval")
+    white_box = f"white-box PGD-{fe['pgd_steps']} x{fe['restarts']} val acc" if fe else None
     rows = []
     for name, m in metrics.items():
         h = histories[name]
         peak = max(h, key=lambda r: r["train_pgd_acc"])
-        rows.append([name, m["method"], f"{m['eps']}/255", m["val_acc"], m["final_val_pgd_acc"], m["final_val_fgsm_acc"],
-                     f"{peak['train_pgd_acc']:.1f} @ {peak['step']}", f"{h[-1]['train_pgd_acc']:.1f}",
-                     f"{h[0]['train_self_info_acc_proxy']:.1f} -> {h[-1]['train_self_info_acc_proxy']:.1f}",
-                     ", ".join(f"step {e['step']}" for e in m["co_events"]) or "none", m["train_seconds"]])
+        rows.append([name, m["method"], f"{m['eps']}/255", m["val_acc"], m["final_val_pgd_acc"], m["final_val_fgsm_acc"]]
+                    + ([m["white_box_val_acc"]] if fe else [])
+                    + [f"{peak['train_pgd_acc']:.1f} @ {peak['step']}", f"{h[-1]['train_pgd_acc']:.1f}",
+                       f"{h[0]['train_self_info_acc_proxy']:.1f} -> {h[-1]['train_self_info_acc_proxy']:.1f}",
+                       ", ".join(f"step {e['step']}" for e in m["co_events"]) or "none", m["train_seconds"]])
     mon = cfg["monitor"]
     md = (
         "# Adversarial training and catastrophic overfitting\n\n"
@@ -71,12 +74,16 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
         "while FGSM accuracy fell by less than half as much. The self-fitting quantities are **proxies** (the paper's exact metrics are unpublished): accuracy on the "
         "FGSM perturbation alone on a grey image, and the share of activation mass in the top 10% of channels of the "
         "first two conv layers. Robustness on the clean/AoA/PGD shard sets: the `at-*` rows of the evaluate stage.\n\n"
-        + md_table(["run", "method", "eps", "val acc", "val PGD acc (last)", "val FGSM acc (last)",
-                    "train PGD acc peak @ step", "train PGD acc last", "self-info proxy first -> last", "CO events",
-                    "train s"], rows)
+        + (f"Final white-box check of each trained model at its own eps: PGD-{fe['pgd_steps']} (step eps/4) with "
+           f"{fe['restarts']} random restart(s) on {fe.get('n') or 'all'} val images; an image counts as robust only if "
+           "no iterate of any restart misclassifies it.\n\n" if fe else "")
+        + md_table(["run", "method", "eps", "val acc", "val PGD acc (last)", "val FGSM acc (last)"]
+                   + ([white_box] if fe else [])
+                   + ["train PGD acc peak @ step", "train PGD acc last", "self-info proxy first -> last", "CO events",
+                      "train s"], rows)
         + "\n\n![curves](curves.png)\n\nRed dashed lines: flagged CO events.\n"
     )
-    md += "\n" + _co_claim(metrics) + "\n"
+    md += "\n" + _co_claim(metrics) + "\n\n" + _self_info_control(metrics, histories) + "\n"
     return _write(report_dir, "adv_train", md, {"curves.png": _adv_curves(histories, events)})
 
 
@@ -98,6 +105,32 @@ def _co_claim(metrics: dict[str, dict[str, Any]]) -> str:
         result = REPRODUCES
     runs = ", ".join(f"{n} {'CO' if c else 'no CO'}" for n, c in collapsed.items())
     return f"**Seed claim** (FGSM collapses, N-FGSM / GradAlign do not; one seed): {result} ({runs})."
+
+
+def _self_info_control(metrics: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]]) -> str:
+    """The self-fitting account predicts the proxies rise with CO; the runs without CO are the control."""
+    rows, last = [], {}
+    for name, m in metrics.items():
+        h = histories[name][-1]
+        last[name] = (h["train_self_info_acc_proxy"], h["train_channel_share_fgsm_proxy"])
+        rows.append([name, "CO" if m["co_events"] else "no CO", round(m["final_val_fgsm_acc"] - m["final_val_pgd_acc"], 1),
+                     f"{histories[name][0]['train_self_info_acc_proxy']:.1f} -> {h['train_self_info_acc_proxy']:.1f}",
+                     f"{100 * h['train_channel_share_fgsm_proxy']:.1f}"])
+    co = [n for n, m in metrics.items() if m["co_events"]]
+    calm = [n for n in metrics if n not in co]
+    table = md_table(["run", "detector", "val FGSM - PGD acc (last)", "self-info proxy first -> last",
+                      "top-10% channel share on FGSM inputs, % (last)"], rows)
+    if not co or not calm:
+        verdict_line = ("cannot tell whether the proxies separate CO from non-CO runs: "
+                        + ("no run collapsed" if not co else "every run collapsed") + " in this setting")
+    else:
+        parts = []
+        for i, label in enumerate(["self-information proxy", "channel share"]):
+            separated = min(last[n][i] for n in co) > max(last[n][i] for n in calm)
+            parts.append(f"the {label} {'is higher in every CO run than in any run without CO' if separated else 'does not separate CO runs from the others'}")
+        verdict_line = "; ".join(parts)
+    return ("**Control for the self-fitting proxies**: the same proxies in the runs without CO (last check). "
+            f"Result: {verdict_line}.\n\n" + table)
 
 
 def _roc_figure(scores: dict[str, dict[str, dict[str, Any]]], metrics: dict[str, Any]) -> bytes:
@@ -166,8 +199,11 @@ def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, A
     return _write(report_dir, "ood", md, {"roc.png": _roc_figure(scores, metrics)})
 
 
-def _or_chance(value: float | None) -> Any:
-    return "n/a (attack at chance)" if value is None else value
+def _mean_std(r: dict[str, Any], key: str) -> Any:
+    """A metric as ``mean ± std`` when it was measured over several seeds; a metric at chance as such."""
+    if r.get(key) is None:
+        return "n/a (attack at chance)" if key in r else ""
+    return f"{r[key]} ± {r[f'{key}_std']}" if r.get("seeds", 1) > 1 else r[key]
 
 
 def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dict[str, Any], report_dir: Path) -> str:
@@ -178,40 +214,39 @@ def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dic
           "over UA, RA, TA, MIA (lower is better); KL/JS: forget-set outputs against the retrained model's. "
           "For a class scenario TA covers the other classes. MIA attack acc: the confidence attack's balanced accuracy "
           f"on remaining vs test ({cfg.get('mia_attack', 'logistic')}); within {CHANCE_MARGIN:g} points of 50% its "
-          "verdicts on the forget set carry no information, so MIA is n/a and left out of Avg Gap.\n"]
+          "verdicts on the forget set carry no information, so MIA is n/a and left out of Avg Gap. "
+          f"Methods: mean ± sample std over seeds {cfg.get('seeds', [cfg.get('seed', 0)])} (the original, the split "
+          "and the retrained reference are one model each).\n"]
+    keys = ["UA", "RA", "TA", "MIA", "MIA_member_rate", "MIA_attack_acc", "avg_gap", "KL", "JS", "seconds"]
     for scenario, rows in results.items():
         md.append(f"## {scenario} ({cfg['scenarios'][scenario]})\n")
         md.append(md_table(["method", "UA", "RA", "TA", "MIA", "MIA-member", "MIA attack acc", "Avg Gap", "KL", "JS",
-                            "time (s)"],
-                           [[n, r["UA"], r["RA"], r["TA"], _or_chance(r["MIA"]), _or_chance(r["MIA_member_rate"]),
-                             r["MIA_attack_acc"],
-                             r["avg_gap"], r["KL"], r["JS"], r["seconds"]] for n, r in rows.items()]) + "\n")
+                            "time (s)"], [[n] + [_mean_std(r, k) for k in keys] for n, r in rows.items()]) + "\n")
     md.append(_unlearning_claim(results))
     return _write(report_dir, "unlearn", "\n".join(md), {})
 
 
 def _unlearning_claim(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """NatMU, SFR-on and MUSO's claim: closer to retraining (lower Avg Gap) than plain fine-tuning."""
+    """NatMU, SFR-on and MUSO's claim: closer to retraining (lower Avg Gap) than plain fine-tuning, over seeds."""
     lines = []
     for scenario, rows in results.items():
         if "ft" not in rows:
             continue
+        ft = rows["ft"]
         for m in ("natmu", "sfr-on", "muso"):
             if m in rows:
-                lines.append(f"- {scenario}, {m} vs ft: Avg Gap {rows[m]['avg_gap']} vs {rows['ft']['avg_gap']}: "
-                             + verdict(rows[m]["avg_gap"], rows["ft"]["avg_gap"], None, higher_is_better=False))
+                r = rows[m]
+                se = seeds_standard_error(r.get("avg_gap_std") or 0.0, r.get("seeds", 1), ft.get("avg_gap_std") or 0.0,
+                                          ft.get("seeds", 1))
+                lines.append(f"- {scenario}, {m} vs ft: Avg Gap {_mean_std(r, 'avg_gap')} vs {_mean_std(ft, 'avg_gap')}: "
+                             + verdict(r["avg_gap"], ft["avg_gap"], se, higher_is_better=False))
     return ("**Seed claims** (NatMU, SFR-on, MUSO get closer to retraining than fine-tuning):\n\n"
             + ("\n".join(lines) or "cannot tell (no fine-tuning baseline in this run)") + "\n")
 
 
 def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path) -> str:
-    def cell(r: dict[str, Any], key: str) -> Any:
-        if key not in r:
-            return ""
-        return f"{r[key]} ± {r[f'{key}_std']}" if r.get(f"{key}_std") else r[key]
-
     def rows(runs):
-        return [[n, r.get("seeds", 1), cell(r, "val_acc"), cell(r, "train_acc"), cell(r, "clean"), cell(r, "aoa"),
+        return [[n, r.get("seeds", 1), *(_mean_std(r, k) for k in ("val_acc", "train_acc", "clean", "aoa")),
                  round(r["aoa"] - r["clean"], 2) if "aoa" in r and "clean" in r else "", r["train_seconds"]]
                 for n, r in runs.items()]
 

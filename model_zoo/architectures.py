@@ -3,6 +3,11 @@
 Stock timm VGGs carry a 4096-wide head sized for 224 px; at the demo world's 32 px that head dominates and trains
 poorly in bounded CPU time. ``vgg_demo`` is the same timm ``VGG`` class (conv, BatchNorm, ReLU, max-pool, then
 timm's ConvMlp head) with a narrow config whose last feature map (8x8 at 32 px) still fits the head's 7x7 kernel.
+
+``preact_resnet18_cifar`` is the network of the catastrophic-overfitting papers (Wong et al.; Andriushchenko &
+Flammarion; de Jorge et al.): a pre-activation ResNet-18 whose stem is one 3x3 stride-1 conv, so the first stage
+sees all 32x32 pixels (timm's ``resnetv2_18`` stem divides the side by 4 first). It is timm's own ``ResNetV2`` with
+that stem; ``width`` (64 in the papers) scales every stage.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from functools import partial
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import BatchNormAct2d, create_conv2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnetv2 import ResNetV2
 from timm.models.vgg import VGG
 
 default_cfgs = generate_default_cfgs(
@@ -27,7 +34,19 @@ default_cfgs = generate_default_cfgs(
             std=IMAGENET_DEFAULT_STD,
             first_conv="features.0",
             classifier="head.fc",
-        )
+        ),
+        "preact_resnet18_cifar.untrained": dict(
+            url="",
+            num_classes=10,
+            input_size=(3, 32, 32),
+            pool_size=(4, 4),
+            crop_pct=1.0,
+            interpolation="bicubic",
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            first_conv="stem.conv",
+            classifier="head.fc",
+        ),
     }
 )
 
@@ -43,3 +62,24 @@ def vgg_demo(pretrained: bool = False, **kwargs) -> VGG:
         feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
+
+
+class CifarPreActResNet(ResNetV2):
+    """timm's ``ResNetV2`` (pre-activation basic blocks, stages of width x (1, 2, 4, 8)) with a 3x3 stride-1 stem.
+    The stem is replaced in the constructor, so checkpoints load into the right shapes."""
+
+    def __init__(self, width: int = 64, in_chans: int = 3, **kwargs):
+        super().__init__(layers=[2, 2, 2, 2], channels=tuple(width * m for m in (1, 2, 4, 8)), in_chans=in_chans,
+                         stem_chs=width, basic=True, bottle_ratio=1.0, conv_layer=create_conv2d,
+                         norm_layer=BatchNormAct2d, **kwargs)
+        self.stem = nn.Sequential()
+        self.stem.add_module("conv", nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False))
+        self.feature_info = [dict(f, reduction=max(1, f["reduction"] // 4)) for f in self.feature_info]  # no stem pooling
+
+
+@register_model
+def preact_resnet18_cifar(pretrained: bool = False, **kwargs) -> CifarPreActResNet:
+    """Pre-activation ResNet-18 for 32 px inputs (``width`` 64 in the CO papers)."""
+    kwargs.setdefault("num_classes", 10)
+    return build_model_with_cfg(CifarPreActResNet, "preact_resnet18_cifar", pretrained,
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)

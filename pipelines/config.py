@@ -177,6 +177,15 @@ class Monitor(_Section):
     layers: list[str] | None = None
 
 
+class FinalEval(_Section):
+    """White-box check of each trained model at its own eps: PGD-``pgd_steps`` (step eps/4), ``restarts`` random
+    restarts, on ``n`` random val images (null: the whole val split)."""
+
+    pgd_steps: Positive = 50
+    restarts: Positive = 1
+    n: Positive | None = None
+
+
 class AdvTrain(_Section):
     model: str
     train_root: str
@@ -186,6 +195,7 @@ class AdvTrain(_Section):
     recipe: dict[str, Any]
     monitor: Monitor
     runs: dict[str, dict[str, Any]]
+    final_eval: FinalEval | None = None
 
 
 class Ood(_Section):
@@ -212,6 +222,7 @@ class Unlearn(_Section):
     retrain_recipe: dict[str, Any] | None = None
     original: dict[str, Any] | None = None  # {train_images, recipe}: train the original here (and retrain with it)
     methods: dict[str, dict[str, Any] | None]
+    seeds: list[int] = [0]  # method seeds: every method runs once per seed, reported as mean ± std
     mia_attack: Literal["logistic", "svc"] = "logistic"  # SalUn's code uses an RBF SVC
 
 

@@ -218,6 +218,7 @@ def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_pat
                    "schedule": "cyclic", "warmup_epochs": 0, "label_smoothing": 0.0},
         "monitor": {"every": 3, "n": 32, "pgd_steps": 3, "drop": 0.5, "min_drop": 5.0, "response": "log"},
         "runs": {"fgsm": {"method": "fgsm", "eps": 16}, "n-fgsm": {"method": "n-fgsm", "eps": 16}},
+        "final_eval": {"pgd_steps": 3, "restarts": 2, "n": 50},
     }
     spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10,
             "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
@@ -230,6 +231,13 @@ def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_pat
     xv, yv, _ = load_split(small_world / "val", 32)
     # the saved checkpoint is the trained model: the evaluate stage rebuilds it from the spec
     assert accuracy(build_model(specs[0]), xv, yv) == pytest.approx(metrics["fgsm"]["val_acc"], abs=0.01)
+    from evaluators.white_box import pgd_robust_accuracy
+    from pipelines.flows.adv_train import fixed_subset
+
+    subset = fixed_subset(xv, yv, 50, 2)  # the white-box check's val subset (seed + 2)
+    white_box = pgd_robust_accuracy(build_model(specs[0]), *subset, 16 / 255, steps=3, restarts=2)
+    assert metrics["fgsm"]["white_box_val_acc"] == pytest.approx(white_box, abs=0.01)
+    assert white_box <= accuracy(build_model(specs[0]), (subset[0] * 255).round().to(torch.uint8), subset[1])
     rows = list(csv.DictReader(open(tmp_path / "plots" / "fgsm.csv")))
     assert list(rows[0])[-1] == "train_pgd_acc"  # the column DVC plots as y
     assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]  # 600 images / 100 = 6 steps per epoch, 2 epochs
@@ -237,6 +245,7 @@ def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_pat
                for r in rows)
     page = (tmp_path / "reports" / "adv_train" / "index.md").read_text()
     assert "proxies" in page and "| fgsm | fgsm | 16/255 |" in page
+    assert "white-box PGD-3 x2 val acc" in page and "Control for the self-fitting proxies" in page
     assert (tmp_path / "reports" / "adv_train" / "curves.png").stat().st_size > 10_000
 
 
@@ -313,3 +322,68 @@ def test_fgsm_rs_start_is_clamped_to_the_image_as_wong_et_al():
     delta = (delta + 1.25 * EPS * input_gradient(model, x + delta, y).sign()).clamp(-EPS, EPS)
     expected = torch.max(torch.min(delta, 1 - x), -x)
     torch.testing.assert_close(rs.perturb(model, x, y), expected, rtol=0, atol=1e-7)
+
+
+def _binary_linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+
+
+def test_white_box_pgd_matches_the_closed_form_worst_case_of_a_linear_model():
+    """For a binary linear model the worst case in the eps ball (away from the image bounds) is known exactly:
+    an image survives iff its margin exceeds eps * ||w_y - w_other||_1."""
+    from evaluators.white_box import pgd_robust_accuracy
+
+    x, y = _batch()
+    x = 0.3 + 0.4 * x  # in [0.34, 0.66]: the eps ball never touches 0 or 1
+    y = y % 2
+    model = _binary_linear()
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    logits = x.flatten(1) @ w.T + b
+    margin = logits.gather(1, y[:, None])[:, 0] - logits.gather(1, 1 - y[:, None])[:, 0]
+    dual_norm = (w[y] - w[1 - y]).abs().sum(1)
+    expected = {eps: 100.0 * (margin > eps * dual_norm).float().mean().item() for eps in (0.02, 0.039, 0.05)}
+    assert len(set(expected.values())) == 3  # the three budgets break different numbers of images
+    for eps, acc in expected.items():
+        assert pgd_robust_accuracy(model, x, y, eps, steps=10) == pytest.approx(acc)
+
+
+def test_white_box_pgd_is_at_least_as_strong_as_the_last_iterate_and_restarts_only_help():
+    from evaluators.white_box import pgd_robust_accuracy
+    from training.adversarial.base import linf_pgd
+
+    x, y = _batch()
+    model = _cnn().eval()
+    eps = 16 / 255
+    with torch.no_grad():
+        clean = 100.0 * (model(x).argmax(1) == y).float().mean().item()
+    delta = linf_pgd(model, x, y, eps, eps / 4, 5, random_start=True, gen=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        last_iterate = 100.0 * (model(x + delta).argmax(1) == y).float().mean().item()
+    one = pgd_robust_accuracy(model, x, y, eps, steps=5, restarts=1, seed=0)
+    assert one <= last_iterate <= clean  # same start (same seed, same draw order): every iterate is also checked
+    assert pgd_robust_accuracy(model, x, y, eps, steps=5, restarts=3, seed=0) <= one
+    # a vanishing budget leaves the clean accuracy, whatever the batching
+    assert pgd_robust_accuracy(model, x, y, 1e-6, steps=2, batch_size=5) == pytest.approx(clean)
+    with pytest.raises(ValueError, match="restarts"):
+        pgd_robust_accuracy(model, x, y, eps, restarts=0)
+
+
+def test_self_fitting_control_compares_the_proxies_of_co_and_non_co_runs():
+    from evaluators.downstream_report import _self_info_control
+
+    def run(events, self_info, share):
+        m = {"co_events": [{"step": 5}] * events, "final_val_fgsm_acc": 60.0, "final_val_pgd_acc": 10.0}
+        h = [{"train_self_info_acc_proxy": 10.0, "train_channel_share_fgsm_proxy": 0.2},
+             {"train_self_info_acc_proxy": self_info, "train_channel_share_fgsm_proxy": share}]
+        return m, h
+
+    def control(**runs):
+        return _self_info_control({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()})
+
+    text = control(fgsm=run(1, 80.0, 0.5), pgd=run(0, 30.0, 0.6))
+    assert "self-information proxy is higher in every CO run" in text
+    assert "channel share does not separate" in text
+    assert "| fgsm | CO | 50.0 | 10.0 -> 80.0 | 50.0 |" in text
+    assert "self-information proxy does not separate" in control(fgsm=run(1, 80.0, 0.5), pgd=run(0, 85.0, 0.6))
+    assert "cannot tell" in control(fgsm=run(0, 80.0, 0.5), pgd=run(0, 30.0, 0.6))

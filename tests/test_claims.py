@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evaluators.claims import rates_standard_error, seeds_standard_error, verdict
+from evaluators.claims import over_seeds, rates_standard_error, seeds_standard_error, verdict
 
 
 def test_verdict_needs_a_gap_beyond_two_standard_errors():
@@ -35,3 +35,18 @@ def test_co_claim_reads_the_runs_events():
     assert "refutes: n collapsed too" in _co_claim({"fgsm": run("fgsm", 1), "n": run("n-fgsm", 1)})
     quiet = _co_claim({"fgsm": run("fgsm", 0), "n": run("n-fgsm", 0)})
     assert "cannot tell: plain FGSM did not collapse" in quiet and "fgsm 40.0, n 40.0" in quiet
+
+
+def test_over_seeds_is_the_mean_and_sample_std_and_keeps_chance_as_none():
+    import numpy as np
+
+    runs = [{"spec": {"name": "a"}, "acc": 80.0, "MIA": 60.0, "seconds": 1},
+            {"spec": {"name": "b"}, "acc": 84.0, "MIA": None, "seconds": 2},
+            {"spec": {"name": "c"}, "acc": 89.0, "MIA": 70.0, "seconds": 3}]
+    out = over_seeds(runs)
+    assert out["seeds"] == 3 and "spec" not in out
+    assert out["acc"] == round(float(np.mean([80, 84, 89])), 2)
+    assert out["acc_std"] == round(float(np.std([80, 84, 89], ddof=1)), 2)
+    assert out["MIA"] is None and out["MIA_std"] is None  # at chance in one seed: not averaged away
+    assert over_seeds(runs[:1]) == {"seeds": 1, "acc": 80.0, "acc_std": 0.0, "MIA": 60.0, "MIA_std": 0.0,
+                                    "seconds": 1.0, "seconds_std": 0.0}

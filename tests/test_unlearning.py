@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +17,7 @@ from pipelines.flows.unlearn import forget_indices
 from training.unlearning import METHODS, UnlearningData, create_method
 from training.unlearning.linear import exact_unlearning_check
 from training.unlearning.muso import optimal_forget_labels
-from training.unlearning.natmu import build_hybrids, ramp_mask
+from training.unlearning.natmu import build_hybrids, pattern_masks
 from training.unlearning.sfr_on import SFROn, diagonal_fisher, fisher_saliency_mask, loss_weights, schedule
 
 
@@ -61,17 +63,33 @@ def _data(num_classes=5, n_forget=6, n_remain=40, seed=0):
     return UnlearningData((xf, yf), (xr, yr), num_classes)
 
 
-@pytest.mark.parametrize("share", [0.3, 0.42, 0.5])
-def test_ramp_mask_has_the_requested_share_and_a_soft_edge(share):
-    m = ramp_mask(32, share, torch.Generator().manual_seed(3))
-    assert m.mean().item() == pytest.approx(share, abs=1e-4)
-    assert m.min() >= 0 and m.max() <= 1
-    assert ((m > 0.05) & (m < 0.95)).any()  # a ramp, not a hard cut
+@pytest.mark.parametrize("size,delta", [(32, -0.19), (16, 0.0), (64, 0.3)])
+def test_natmu_patterns_follow_the_official_per_row_loop(size, delta):
+    """The authors' construction written as their loop: two halves of b rows (or columns), j/b rising in one and
+    (b-1)/b - j/b falling in the other, the inverted pair swapping them; plus delta, clipped to [0, 1]."""
+    b = size // 2
+    naive = torch.zeros(4, size, size)
+    for i in range(2):
+        for j in range(b):
+            up, down = j / b, (b - 1) / b - j / b
+            first, second = (up, down) if i % 2 == 0 else (down, up)
+            naive[0, i * b + j, :] = first
+            naive[1, :, i * b + j] = first
+            naive[2, i * b + j, :] = second
+            naive[3, :, i * b + j] = second
+    torch.testing.assert_close(pattern_masks(size, delta), (naive + delta).clamp(0, 1))
+
+
+def test_natmu_default_pattern_leaves_the_forgetting_image_about_thirty_percent():
+    # CIFAR-10 script's delta -0.19 at 32 px: mean of max(j/16 - 0.19, 0) over j = 0..15
+    expected = sum(max(j / 16 - 0.19, 0) for j in range(16)) / 16
+    assert pattern_masks(32).mean((1, 2)).tolist() == pytest.approx([expected] * 4, abs=1e-6)
+    assert 0.29 < expected < 0.31
 
 
 def test_natmu_hybrids_come_from_the_top_wrong_classes_with_the_stated_share():
     model, data = _tiny(), _data()
-    hybrids, labels, records = build_hybrids(model, data, top_k=4, seed=0)
+    hybrids, labels, records = build_hybrids(model, data, seed=0)
     (xf, yf), (_, yr) = data.forget, data.remain
     with torch.no_grad():
         logits = model(xf.float() / 255)
@@ -79,21 +97,22 @@ def test_natmu_hybrids_come_from_the_top_wrong_classes_with_the_stated_share():
         ranked = [c for c in logits[i].argsort(descending=True).tolist() if c != yf[i].item()][:4]
         mine = [r for r in records if r["forget"] == i]
         assert [r["label"] for r in mine] == ranked  # the original model's top-4 wrong classes, in order
+        assert [r["pattern"] for r in mine] == [0, 1, 2, 3]  # the k-th wrong class gets the k-th pattern
         for r in mine:
             assert yr[r["partner"]].item() == r["label"]  # a remaining image of that class
-            assert 0.3 - 1e-4 <= r["share"] <= 0.5 + 1e-4  # the forgetting image holds 30-50% of the hybrid
     assert len(hybrids) == len(labels) == 4 * len(xf)
     assert labels.tolist() == [r["label"] for r in records]
 
 
-def test_hybrid_pixels_blend_forget_and_partner_images():
+def test_hybrid_pixels_blend_forget_and_partner_images_through_the_pattern():
     model, data = _tiny(), _data()
-    hybrids, _, records = build_hybrids(model, data, top_k=1, seed=0)
+    hybrids, _, records = build_hybrids(model, data, seed=0)
     (xf, _), (xr, _) = data.forget, data.remain
-    r, h = records[0], hybrids[0].float()
-    lo = torch.minimum(xf[r["forget"]], xr[r["partner"]]).float()
-    hi = torch.maximum(xf[r["forget"]], xr[r["partner"]]).float()
-    assert ((h >= lo - 0.5) & (h <= hi + 0.5)).all()  # a convex blend, rounded to uint8
+    masks = pattern_masks(16)
+    for r, h in zip(records, hybrids):
+        m = masks[r["pattern"]]
+        expected = (m * xf[r["forget"]].float() + (1 - m) * xr[r["partner"]].float()).round()
+        torch.testing.assert_close(h.float(), expected, atol=0, rtol=0)
 
 
 def test_fisher_matches_a_naive_per_sample_loop_and_the_mask_is_the_ratio_test():
@@ -113,6 +132,43 @@ def test_fisher_matches_a_naive_per_sample_loop_and_the_mask_is_the_ratio_test()
     for n in mask:
         assert torch.equal(mask[n], (fisher[n] >= f_remain[n]).float())
     assert 0 < sum(m.sum() for m in mask.values()) < sum(m.numel() for m in mask.values())
+
+
+def test_fisher_over_batches_is_the_official_codes_squared_batch_gradient():
+    """The official SFR-on code squares the gradient of each mini-batch's mean loss and averages over batches."""
+    model, data = _tiny(), _data()
+    xr, yr = data.remain
+    naive = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    batches = [(i, min(i + 16, len(xr))) for i in range(0, len(xr), 16)]  # 16, 16 and a last batch of 8
+    for a, b in batches:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(xr[a:b].float() / 255), yr[a:b]).backward()
+        for n, p in model.named_parameters():
+            naive[n] += p.grad**2 / len(batches)
+    fisher = diagonal_fisher(model, xr, yr, batch_size=16)
+    for n in naive:
+        torch.testing.assert_close(fisher[n], naive[n], rtol=1e-4, atol=1e-12)
+    per_sample = diagonal_fisher(model, xr, yr)
+    assert not all(torch.allclose(fisher[n], per_sample[n]) for n in fisher)  # a different estimate
+
+
+def test_sfr_on_forgets_before_retaining_and_anneals_the_learning_rate_by_cosine():
+    calls = []
+
+    class Spy(SFROn):
+        def forget_step(self, model, opt, x, y, alpha, masks):
+            calls.append(("forget", opt.param_groups[0]["lr"], alpha))
+            super().forget_step(model, opt, x, y, alpha, masks)
+
+        def retain_step(self, model, opt, x, y):
+            calls.append(("retain", opt.param_groups[0]["lr"]))
+            super().retain_step(model, opt, x, y)
+
+    Spy(recipe={"iterations": 10, "batch_size": 8, "fisher_samples": 8, "fisher_batch": 4}).unlearn(_tiny(), _data())
+    assert [c[0] for c in calls[:3]] == ["forget", "retain", "retain"]  # iteration 0 forgets first
+    retain_lrs = [c[1] for c in calls if c[0] == "retain"]
+    assert retain_lrs == pytest.approx([0.01 * (1 + math.cos(math.pi * t / 10)) / 2 for t in range(10)])
+    assert [c[2] for c in calls if c[0] == "forget"] == pytest.approx([25.0, 25.0 * (1 + math.cos(math.pi / 2)) / 2])
 
 
 def test_sfr_on_schedule_and_sample_weights():
@@ -228,7 +284,8 @@ def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_serv
     cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,
            "scenarios": {"class-2": {"kind": "class", "class": 2}},
            "recipe": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 64},
-           "methods": {"ft": {}, "muso": {}}, "out": str(tmp_path / "unlearn"), "mia_attack": "logistic"}
+           "methods": {"ft": {}, "muso": {}}, "seeds": [0, 1], "out": str(tmp_path / "unlearn"),
+           "mia_attack": "logistic"}
     results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, metrics_path=str(tmp_path / "unlearn.json"),
                            report_dir=str(tmp_path / "reports"), plots_dir=str(tmp_path / "plots"))
     rows = results["class-2"]
@@ -237,9 +294,11 @@ def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_serv
     assert rows["retrain"]["UA"] == 100.0  # a model that never saw class 2 cannot name it
     assert rows["original"]["UA"] < 50  # the original still knows it
     assert json.loads((tmp_path / "unlearn.json").read_text()) == json.loads(json.dumps(results))
-    assert (tmp_path / "unlearn" / "class-2" / "muso.safetensors").is_file()
+    assert all((tmp_path / "unlearn" / "class-2" / f"muso-seed{s}.safetensors").is_file() for s in (0, 1))
+    assert rows["ft"]["seeds"] == 2 and rows["ft"]["RA_std"] >= 0 and "seeds" not in rows["retrain"]
     page = (tmp_path / "reports" / "unlearn" / "index.md").read_text()
     assert "| muso |" in page and "Avg Gap" in page
+    assert f"| ft | {rows['ft']['UA']} ± {rows['ft']['UA_std']} |" in page  # methods as mean ± std over the seeds
 
 
 def test_mia_attack_accuracy_is_chance_when_members_and_nonmembers_look_alike():
@@ -319,3 +378,18 @@ def test_salun_draws_random_labels_from_every_class_and_rl_from_the_others():
         assert (counts[0] > 0) == keeps_true and all(c > 0 for c in counts[1:]), (name, counts)
         if keeps_true:  # uniform over the 4 classes: each count within 4 sigma of 750
             assert all(abs(c - 750) < 4 * (3000 * 0.25 * 0.75) ** 0.5 for c in counts)
+
+
+def test_unlearning_claim_is_judged_over_seeds_and_chance_is_shown_as_such():
+    from evaluators.downstream_report import _mean_std, _unlearning_claim
+
+    def row(gap, std, seeds=3):
+        return {"avg_gap": gap, "avg_gap_std": std, "seeds": seeds, "MIA": None, "MIA_std": None}
+
+    three = _unlearning_claim({"random-10": {"ft": row(10.0, 1.0), "natmu": row(2.0, 1.0), "muso": row(9.5, 1.0)}})
+    assert "natmu vs ft: Avg Gap 2.0 ± 1.0 vs 10.0 ± 1.0: reproduces" in three
+    assert "muso vs ft: Avg Gap 9.5 ± 1.0 vs 10.0 ± 1.0: cannot tell" in three  # 0.5 < 2 x 0.82
+    one = _unlearning_claim({"random-10": {"ft": row(10.0, 0.0, 1), "natmu": row(2.0, 0.0, 1)}})
+    assert "natmu vs ft: Avg Gap 2.0 vs 10.0: cannot tell (one seed" in one
+    assert _mean_std(row(1.0, 0.0), "MIA") == "n/a (attack at chance)"
+    assert _mean_std({"RA": 99.0}, "MIA") == ""  # not measured at all

@@ -126,3 +126,38 @@ def test_a_tiny_last_batch_is_skipped_and_a_reasonable_one_kept():
     assert batch_starts(500, 64) == [0, 64, 128, 192, 256, 320, 384, 448]  # 52 left over: a batch
     assert batch_starts(40, 16) == [0, 16, 32]  # 8 = batch / 2: kept
     assert batch_starts(3, 64) == [0]  # the only batch is never skipped
+
+
+@pytest.mark.parametrize("width", [8, 16])
+def test_cifar_preact_resnet_keeps_every_pixel_in_its_first_stage_and_carries_its_data_config(width):
+    """The CO papers' network: 3x3 stride-1 stem, pre-activation basic blocks, stages of width x (1, 2, 4, 8) at
+    strides 1, 2, 4, 8; a 32 px input reaches the head as 4x4 (timm's resnetv2_18 stem alone divides it by 4)."""
+    import timm
+
+    model = build_model({"name": "p", "arch": "preact_resnet18_cifar", "num_classes": 10, "kwargs": {"width": width},
+                         "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}})
+    net = model.model
+    assert net.stem.conv.stride == (1, 1) and net.stem.conv.out_channels == width
+    seen = {}
+    hooks = [net.stages[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, tuple(out.shape[1:])))
+             for i in range(4)]
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    for h in hooks:
+        h.remove()
+    assert seen == {i: (width * 2**i, 32 >> i, 32 >> i) for i in range(4)}
+    assert [f["reduction"] for f in net.feature_info] == [1, 1, 2, 4, 8]
+    cfg = timm.create_model("preact_resnet18_cifar", width=width).pretrained_cfg  # the architecture's own data config
+    assert cfg["input_size"] == (3, 32, 32) and cfg["first_conv"] == "stem.conv" and cfg["classifier"] == "head.fc"
+    assert type(net.stages[0].blocks[0]).__name__ == "PreActBasic"
+    assert timm.create_model("resnetv2_18").stem.conv.stride == (2, 2)  # the stock stem this one replaces
+
+
+def test_cifar_preact_resnet_checkpoint_loads_back_into_the_same_network(tmp_path):
+    spec = {"name": "p", "arch": "preact_resnet18_cifar", "num_classes": 10, "kwargs": {"width": 8},
+            "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
+    torch.manual_seed(0)
+    model = build_model(spec)
+    path = tmp_path / "p.safetensors"
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(build_model({**spec, "weights": str(path)})(x), model(x))

@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import adv_training_section
+from evaluators.white_box import pgd_robust_accuracy
 from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
 from pipelines.params import write_json
@@ -69,11 +70,21 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
     save_weights(model, weights)
     write_curve(Path(plots_dir) / f"{name}.csv", monitor.history, last="train_pgd_acc")
     last = monitor.history[-1]
+    white_box = {}
+    if cfg.get("final_eval"):  # the white-box number of record, at the run's own eps: the val split or a random subset
+        fe = cfg["final_eval"]
+        n = min(fe.get("n") or len(xv), len(xv))
+        white_box = {"white_box_val_acc": round(pgd_robust_accuracy(
+            model, *fixed_subset(xv, yv, n, cfg["seed"] + 2), eps, steps=fe["pgd_steps"], restarts=fe["restarts"],
+            seed=cfg["seed"], desc=f"{name}: PGD-{fe['pgd_steps']} x{fe['restarts']}"), 2)}
+        log.info("%s: white-box PGD-%d x%d accuracy on %d val images: %.2f", name, fe["pgd_steps"], fe["restarts"],
+                 n, white_box["white_box_val_acc"])
     return {
         "spec": {**spec, "name": f"at-{name}", "weights": str(weights)},
         "metrics": {
             "method": run["method"], "eps": run["eps"], "val_acc": round(accuracy(model, xv, yv), 2),
             "final_val_pgd_acc": round(last["val_pgd_acc"], 2), "final_val_fgsm_acc": round(last["val_fgsm_acc"], 2),
+            **white_box,
             "co_events": monitor.events, "train_seconds": round(info["train_seconds"], 1),
         },
         "history": monitor.history,

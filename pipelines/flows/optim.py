@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from evaluators.claims import over_seeds
 from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
 from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
@@ -65,17 +65,6 @@ def optimizer_run(name: str, overrides: dict[str, Any], cfg: dict[str, Any], spe
     return {"spec": {**spec, "name": f"opt-{name}-seed{seed}", "weights": str(weights)},
             "val_acc": round(accuracy(model, xv, yv), 2), "train_acc": round(accuracy(model, x, y), 2),
             "train_seconds": round(info["train_seconds"], 1), **shard_accuracy(model, cfg["shard_sets"])}
-
-
-def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One optimiser's runs: each number as the mean, with ``<key>_std`` (sample std) when there are seeds."""
-    keys = [k for k in runs[0] if k != "spec"]
-    out: dict[str, Any] = {"seeds": len(runs)}
-    for k in keys:
-        values = [r[k] for r in runs]
-        out[k] = round(float(np.mean(values)), 2)
-        out[f"{k}_std"] = round(float(np.std(values, ddof=1)), 2) if len(runs) > 1 else 0.0
-    return out
 
 
 @task(name="lora-run", task_run_name="lora-{name}", cache_policy=NO_CACHE)

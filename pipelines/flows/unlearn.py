@@ -3,8 +3,9 @@
 Original model: a zoo model trained on the whole training split, or (``original``) one trained here on a seeded
 subset without label smoothing or augmentation, so that it memorises its members as the MIA needs. Scenarios: a
 seeded random share of that training set, or one whole class. Reference: the same architecture retrained from
-scratch on the remaining data with the original's recipe. Each method starts from a copy of the original; its metrics (UA, RA, TA, both MIA
-conventions, Avg Gap and KL/JS to the retrained model, run time) go to one JSON, ``{scenario: {method: metrics}}``.
+scratch on the remaining data with the original's recipe. Each method starts from a copy of the original, once per
+seed in ``seeds``; its metrics (UA, RA, TA, both MIA conventions, Avg Gap and KL/JS to the retrained model, run
+time) go to one JSON, ``{scenario: {method: metrics}}``, as the mean over seeds with ``<metric>_std``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from evaluators.claims import over_seeds
 from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
 from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
@@ -53,20 +55,20 @@ def split(x, y, xt, yt, scenario, seed):
     return (x[f], y[f]), (x[keep], y[keep]), (xt[test], yt[test])
 
 
-@task(name="unlearning-run", task_run_name="unlearn-{scenario}-{name}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
+@task(name="unlearning-run", task_run_name="unlearn-{scenario}-{name}-seed{seed}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
 def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], original, data: UnlearningData, test,
-                   reference: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+                   reference: dict[str, Any], cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     model = copy.deepcopy(original)
     method = create_method(method_cfg.get("method", name), {**cfg["recipe"], **method_cfg.get("recipe", {})},
-                           seed=cfg["seed"])
+                           seed=seed)
     start = time.perf_counter()
     method.unlearn(model, data)
     seconds = time.perf_counter() - start
-    save_weights(model, Path(cfg["out"]) / scenario / f"{name}.safetensors")
+    save_weights(model, Path(cfg["out"]) / scenario / f"{name}-seed{seed}.safetensors")
     metrics, probs = unlearning_metrics(model, data.forget, data.remain, test, cfg["seed"], cfg["mia_attack"])
     metrics.update(avg_gap=avg_gap(metrics, reference["metrics"]), seconds=round(seconds, 1),
                    **divergences(reference["probs"], probs))
-    get_run_logger().info("%s / %s: %s", scenario, name, metrics)
+    get_run_logger().info("%s / %s / seed %d: %s", scenario, name, seed, metrics)
     return metrics
 
 
@@ -113,7 +115,8 @@ def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dic
         rows["original"] = {**orig_metrics, "avg_gap": avg_gap(orig_metrics, ref_metrics), "seconds": 0.0,
                             **divergences(ref_probs, orig_probs)}
         for name, method_cfg in cfg["methods"].items():
-            rows[name] = unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference, cfg)
+            rows[name] = over_seeds([unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference,
+                                                    cfg, seed) for seed in cfg["seeds"]])
         results[scenario] = rows
     write_json(metrics_path, results)
     markdown = unlearning_section(results, cfg, Path(report_dir))
