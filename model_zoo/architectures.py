@@ -21,32 +21,17 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vgg import VGG
 
+
+def _cfg(**kwargs) -> dict:
+    """The data config every demo-scale model carries: 32 px, 10 classes, ImageNet normalisation, no weights."""
+    return dict(url="", num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation="bicubic",
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, classifier="head.fc", **kwargs)
+
+
 default_cfgs = generate_default_cfgs(
     {
-        "vgg_demo.untrained": dict(
-            url="",
-            num_classes=10,
-            input_size=(3, 32, 32),
-            pool_size=(1, 1),
-            crop_pct=1.0,
-            interpolation="bicubic",
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
-            first_conv="features.0",
-            classifier="head.fc",
-        ),
-        "preact_resnet18_cifar.untrained": dict(
-            url="",
-            num_classes=10,
-            input_size=(3, 32, 32),
-            pool_size=(4, 4),
-            crop_pct=1.0,
-            interpolation="bicubic",
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
-            first_conv="stem.conv",
-            classifier="head.fc",
-        ),
+        "vgg_demo.untrained": _cfg(pool_size=(1, 1), first_conv="features.0"),
+        "preact_resnet18_cifar.untrained": _cfg(pool_size=(4, 4), first_conv="stem.conv"),
     }
 )
 
