@@ -52,15 +52,19 @@ def _adv_curves(histories: dict[str, list[dict[str, Any]]], events: dict[str, li
 
 
 def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]],
-                         cfg: dict[str, Any], report_dir: Path) -> str:
+                         cfg: dict[str, Any], report_dir: Path, chance: float | None = None) -> str:
+    """``chance``: the accuracy of guessing (100 / classes); a run whose val accuracy is within ``CHANCE_MARGIN``
+    points of it learned nothing, is named as such and is left out of the seed claim."""
     events = {n: m["co_events"] for n, m in metrics.items()}
+    at_chance = set() if chance is None else {n for n, m in metrics.items() if m["val_acc"] <= chance + CHANCE_MARGIN}
     fe = cfg.get("final_eval")
     white_box = f"white-box PGD-{fe['pgd_steps']} x{fe['restarts']} val acc" if fe else None
     rows = []
     for name, m in metrics.items():
         h = histories[name]
         peak = max(h, key=lambda r: r["train_pgd_acc"])
-        rows.append([name, m["method"], f"{m['eps']}/255", m["val_acc"], m["final_val_pgd_acc"], m["final_val_fgsm_acc"]]
+        label = f"{name} (at chance: not ranked)" if name in at_chance else name
+        rows.append([label, m["method"], f"{m['eps']}/255", m["val_acc"], m["final_val_pgd_acc"], m["final_val_fgsm_acc"]]
                     + ([m["white_box_val_acc"]] if fe else [])
                     + [f"{peak['train_pgd_acc']:.1f} @ {peak['step']}", f"{h[-1]['train_pgd_acc']:.1f}",
                        f"{h[0]['train_self_info_acc_proxy']:.1f} -> {h[-1]['train_self_info_acc_proxy']:.1f}",
@@ -83,7 +87,8 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
                       "train s"], rows)
         + "\n\n![curves](curves.png)\n\nRed dashed lines: flagged CO events.\n"
     )
-    md += "\n" + _co_claim(metrics) + "\n\n" + _self_info_control(metrics, histories) + "\n"
+    learned = {n: m for n, m in metrics.items() if n not in at_chance}
+    md += "\n" + _co_claim(learned) + "\n\n" + _self_info_control(metrics, histories) + "\n"
     return _write(report_dir, "adv_train", md, {"curves.png": _adv_curves(histories, events)})
 
 

@@ -27,7 +27,7 @@ from sklearn.svm import SVC
 from model_zoo.training import predict
 
 ATTACKS = ("logistic", "svc")
-CHANCE_MARGIN = 5.0  # points of balanced accuracy around 50% within which an attack counts as at chance
+CHANCE_MARGIN = 5.0  # points of accuracy from chance (50% balanced for an attack) within which a model is at chance
 
 
 def _accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:

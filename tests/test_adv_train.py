@@ -387,3 +387,25 @@ def test_self_fitting_control_compares_the_proxies_of_co_and_non_co_runs():
     assert "| fgsm | CO | 50.0 | 10.0 -> 80.0 | 50.0 |" in text
     assert "self-information proxy does not separate" in control(fgsm=run(1, 80.0, 0.5), pgd=run(0, 85.0, 0.6))
     assert "cannot tell" in control(fgsm=run(0, 80.0, 0.5), pgd=run(0, 30.0, 0.6))
+
+
+def test_a_run_at_chance_is_named_and_left_out_of_the_co_claim(tmp_path):
+    from evaluators.downstream_report import adv_training_section
+
+    def run(method, val_acc, pgd):
+        h = [{"step": s, "train_pgd_acc": p, "val_pgd_acc": p, "train_fgsm_acc": p + 5, "train_clean_acc": val_acc,
+              "train_self_info_acc_proxy": 10.0, "train_channel_share_fgsm_proxy": 0.2,
+              "train_channel_share_clean_proxy": 0.2} for s, p in zip((10, 20, 30), pgd)]
+        m = {"method": method, "eps": 16, "val_acc": val_acc, "final_val_pgd_acc": pgd[-1],
+             "final_val_fgsm_acc": pgd[-1] + 5, "co_events": [], "train_seconds": 1.0}
+        return m, h
+
+    runs = {"fgsm": run("fgsm", 70.0, [10, 20, 30]), "gradalign": run("gradalign", 12.0, [9, 10, 11])}
+    cfg = {"monitor": {"every": 10, "n": 8, "pgd_steps": 3, "drop": 0.5, "min_drop": 5}}
+    page = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, cfg,
+                                tmp_path, chance=10.0)
+    assert "| gradalign (at chance: not ranked) | gradalign |" in page and "| fgsm | fgsm |" in page
+    assert "no run of each kind" in page  # the only guarded run learned nothing: no claim from it
+    unmarked = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, cfg,
+                                    tmp_path)
+    assert "at chance" not in unmarked and "no run of each kind" not in unmarked

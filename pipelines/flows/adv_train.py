@@ -106,6 +106,7 @@ def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str 
     write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(metrics_path, metrics)
-    markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg, Path(report_dir))
+    markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg, Path(report_dir),
+                                    chance=100 / spec["num_classes"])
     create_markdown_artifact(key="adversarial-training", markdown=markdown, description="Adversarial training and CO")
     return metrics
