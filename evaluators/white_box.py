@@ -13,12 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from training.adversarial.base import linf_random_start, linf_step
+
 
 def _broken_by_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
                    gen: torch.Generator) -> torch.Tensor:
     """Boolean per image: misclassified at the random start or at any of ``steps`` PGD iterates."""
     broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    delta = (x + (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps).clamp(0, 1) - x
+    delta = linf_random_start(x, eps, gen)
     alive = torch.arange(len(x), device=x.device)
     for step in range(steps + 1):
         xa = (x[alive] + delta[alive]).requires_grad_(True)
@@ -32,8 +34,7 @@ def _broken_by_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         alive, grad = alive[keep], grad[keep]
         if not len(alive):
             break
-        d = (delta[alive] + alpha * grad.sign()).clamp(-eps, eps)
-        delta[alive] = (x[alive] + d).clamp(0, 1) - x[alive]
+        delta[alive] = linf_step(x[alive], delta[alive], grad, eps, alpha)
     return broken
 
 

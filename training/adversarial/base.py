@@ -18,18 +18,25 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_gr
     return torch.autograd.grad(loss, x, create_graph=create_graph)[0]
 
 
+def linf_random_start(x: torch.Tensor, eps: float, gen: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform start in the eps ball, clamped so that ``x + delta`` stays in [0,1]."""
+    delta = (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps
+    return (x + delta).clamp(0, 1) - x
+
+
+def linf_step(x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float) -> torch.Tensor:
+    """One signed-gradient ascent step of ``alpha``, projected onto the eps ball and the image range."""
+    delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1) - x
+
+
 def linf_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
              random_start: bool, gen: torch.Generator | None = None) -> torch.Tensor:
     """L-inf PGD perturbation ``delta`` (``x + delta`` stays in [0,1], ``|delta| <= eps``); ``steps=1`` without
     random start and ``alpha=eps`` is FGSM."""
-    delta = torch.zeros_like(x)
-    if random_start:
-        delta = (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps
-        delta = (x + delta).clamp(0, 1) - x
+    delta = linf_random_start(x, eps, gen) if random_start else torch.zeros_like(x)
     for _ in range(steps):
-        g = input_gradient(model, x + delta, y)
-        delta = (delta + alpha * g.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x
+        delta = linf_step(x, delta, input_gradient(model, x + delta, y), eps, alpha)
     return delta.detach()
 
 
