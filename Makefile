@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo real test bench install lint clean
+.PHONY: demo real imagenet test bench install lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,13 @@ demo: $(STAMP)
 # the real offline world (profiles/real.yaml) in its own workspace, runs/real: this checkout's outputs stay as they are
 real: $(STAMP)
 	scripts/run-profile profiles/real.yaml
+
+# ImageNet val with pretrained weights from the local Hugging Face cache, in its own workspace (default runs/imagenet):
+#   make imagenet IMAGENET_VAL=/data/imagenet/val [WORKSPACE=runs/imagenet] [SET="source.select.n=5000 ..."]
+WORKSPACE ?= runs/imagenet
+imagenet: $(STAMP)
+	@test -n "$(IMAGENET_VAL)" || { echo "make imagenet: set IMAGENET_VAL to the ILSVRC2012 val folder (wnid class folders)" >&2; exit 2; }
+	scripts/run-profile profiles/imagenet.yaml $(WORKSPACE) source.root=$(IMAGENET_VAL) $(SET)
 
 test: $(STAMP)
 	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -106,6 +107,7 @@ class Attack:
 
     name = "attack"
     step_rule = "sign"
+    memory_factor = 3.0  # peak bytes of one copy's gradient / its forward activation bytes (attacks.memory)
     conventions: dict = {}  # SGLRP conventions of the recorded attention (default: the authors')
 
     def __init__(self, model: torch.nn.Module, config: AttackConfig | None = None, **overrides):
@@ -199,8 +201,12 @@ class Attack:
         # lo=0 (x_prev, already within budget) is always feasible
         return quantize_within(x_prev + lo.view(-1, 1, 1, 1) * (x_new - x_prev), x0, self.config.eps)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None):
-        """Attack a batch of [0,1] images; returns (uint8-grid adversarial images, list of per-image records)."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int | None = None,
+                 on_step: Callable[[int, int], None] | None = None):
+        """Attack a batch of [0,1] images; returns (uint8-grid adversarial images, list of per-image records).
+
+        ``on_step(step, still_active)`` is called after every step (progress; an exception it raises stops the
+        attack between steps)."""
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
         x0 = quantize(images.detach())
@@ -209,7 +215,7 @@ class Attack:
         steps = torch.zeros(len(x0), dtype=torch.long)
         momentum = torch.zeros_like(x0)
         before = self.describe(x0, labels)
-        for _ in range(cfg.max_steps):
+        for step in range(1, cfg.max_steps + 1):
             idx = active.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
@@ -226,6 +232,8 @@ class Attack:
                 active[o] = False
             x[idx] = x_new.detach()
             steps[idx.cpu()] += 1
+            if on_step:
+                on_step(step, int(active.sum()))
         x = quantize_within(x, x0, cfg.eps)
         after = self.describe(x, labels)
         dist = rmsd(x, x0)

@@ -7,7 +7,6 @@ size when it differs, bicubic, the same for every set) -> the model wrapper's no
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,6 @@ def shardset_hash(root: Path | str) -> str:
     return hashlib.sha256("\n".join(shard_lines).encode()).hexdigest()[:16]
 
 
-def weights_hash(spec: dict[str, Any]) -> str:
-    """Identity of a model: its spec plus the bytes of its weights file, when it has one."""
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    w = spec.get("weights")
-    if w and w != "hf-hub" and Path(w).is_file():
-        h.update(Path(w).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _format_fields_only(sample: dict[str, Any]) -> dict[str, Any]:
     """Refuse a sample with members the shard format does not define (a ``.pyd`` would be unpickled: code runs)."""
     extra = sorted(k for k in sample if not k.startswith("__") and k not in FIELDS)
@@ -52,10 +42,12 @@ def _decode(sample):
 
 
 def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
-    """Batches ``(uint8 NCHW, labels, keys)`` in shard order."""
+    """Batches ``(uint8 NCHW, labels, keys)`` in shard order; at most one loader worker per shard."""
     urls = [str(p) for p in shard_paths(root)]
     if not urls:
         raise FileNotFoundError(f"{root}: no shards")
+    # webdataset splits by shard: a worker without a shard ends the loader with "No samples found"
+    workers = min(workers, len(urls))
     ds = (
         wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
         .map(_format_fields_only)

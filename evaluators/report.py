@@ -187,6 +187,31 @@ def published_join(errors: dict[str, dict[str, float]], archs: dict[str, str]) -
     return rows
 
 
+NEAR_CHANCE_ERR = 90.0  # clean top-1 error (%) at which a 1000-class model is suspect
+PUBLISHED_MARGIN = 10.0  # points of clean error above the published number at which a model is suspect
+
+
+def sanity_warnings(errors: dict[str, dict[str, float]], archs: dict[str, str], num_classes: int,
+                    imagenet: bool) -> list[str]:
+    """Models whose clean error says their weights or preprocessing are wrong: near chance on a 1000-class set, or
+    (on ImageNet) 10 points worse than the published clean error of the same network."""
+    published = {r["timm_arch"]: float(r["clean_top1_err"]) for r in _published() if r["timm_arch"]}
+    warnings = []
+    for m, e in errors.items():
+        clean = e.get("clean")
+        if clean is None:
+            continue
+        if num_classes >= 1000 and clean >= NEAR_CHANCE_ERR:
+            warnings.append(f"{m}: clean top-1 error {clean}% on {num_classes} classes, near chance "
+                            f"({100 - 100 / num_classes:.1f}%): wrong weights or preprocessing? Its other numbers "
+                            "mean nothing until this is fixed.")
+        pub = published.get(archs.get(m, "").split(".")[0]) if imagenet else None
+        if pub is not None and clean > pub + PUBLISHED_MARGIN:
+            warnings.append(f"{m}: clean top-1 error {clean}% is {clean - pub:.1f} points above the published "
+                            f"{pub}% for `{archs[m]}`: wrong weights, labels or preprocessing?")
+    return warnings
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "log", "-1", "--format=%h %cs"], capture_output=True, text=True, timeout=10)
@@ -319,7 +344,9 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         sections.append(("Downstream stages", "\n".join(
             f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))
     threat = [f"| {a} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
+    warnings = sanity_warnings(errors, archs, len(names), profile == "imagenet")
     md = [f"# Robustness report ({profile} profile)\n",
+          *(["**Sanity check failed**: " + " ".join(f"⚠ {w}" for w in warnings) + "\n"] if warnings else []),
           f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`). Every attack has the same threat model: "
           f"RMSD at most η = {budget['eta']} and L∞ at most ε = {budget['eps']} after rounding to uint8, step "
           f"α = {budget['alpha']} (0-255 scale), at most {budget.get('max_steps', '?')} steps. {n_clean} clean images.\n",
@@ -333,4 +360,5 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     (out / "report.html").write_text(render_html(md_text, "DAmageNet robustness report", out))
     inline = re.sub(r"\]\(figures/([^)]+)\)", lambda m: "](data:image/png;base64,"
                     + base64.b64encode(figures[m.group(1)]).decode() + ")", md_text)
-    return {"errors": errors, "transfer": transfer, "markdown": md_text, "markdown_inline": inline}
+    return {"errors": errors, "transfer": transfer, "markdown": md_text, "markdown_inline": inline,
+            "warnings": warnings}

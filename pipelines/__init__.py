@@ -7,3 +7,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the first start migrates Prefect's SQLite database: on a busy 2-core machine that can exceed the 20 s default
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a Prefect API that goes away should end a run in seconds, naming it, not after minutes of backed-off retries
+# (Prefect's default, 5 retries of 2-32 s each, kept a dead server's run alive for 6 minutes): one retry after 2 s
+os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pipelines  # noqa: F401  (environment defaults before Prefect is imported)
+from model_zoo import ZooError
 from pipelines.config import ConfigError
 from pipelines.params import load_params, metrics_dir, section
+from sources import BadSourceError
 
 
 def _world_root(params: dict, world: str, path: str) -> str:
@@ -34,10 +37,22 @@ def _real_data(args, params):
     real_data_flow(_world_root(params, "real", args.params), **section(params, "real_world", args.params))
 
 
+# the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
+HUB_WEIGHTS = Path("data/hub_weights.json")
+
+
+def _hub_weights(args, params):
+    from pipelines.flows.zoo import hub_weights_flow
+
+    hub_weights_flow(section(params, "zoo", args.params), str(HUB_WEIGHTS), profile=params["profile"])
+
+
 def _zoo(args, params):
     from pipelines.flows.zoo import zoo_flow
 
-    zoo_flow(section(params, "zoo", args.params), metrics_path=str(args.metrics / "zoo.json"), strict=args.strict)
+    hub = json.loads(HUB_WEIGHTS.read_text()) if HUB_WEIGHTS.is_file() else None
+    zoo_flow(section(params, "zoo", args.params), metrics_path=str(args.metrics / "zoo.json"), strict=args.strict,
+             hub=hub, profile=params["profile"])
 
 
 def _prepare(args, params):
@@ -263,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to worlds.demo.")
     add("real-data", _real_data, "Write the real-photo world (photos shipped in scikit-image, scikit-learn and "
         "matplotlib, each with a hand-picked ImageNet class) to worlds.real: a wnid tree val/ and flat/ + val.txt.")
+    add("hub-weights", _hub_weights, "Resolve every hf-hub model of 'zoo' to its cached snapshot and the sha256 "
+        "of its weights file (data/hub_weights.json); a moved refs/main changes the record, so DVC reruns what "
+        "depends on that model. Lists every missing model with the command that fetches it.")
     add("zoo", _zoo, "Train the zoo models (params 'zoo'), save safetensors weights, val accuracy to metrics/zoo.json.",
         reads_sources=True)
     add("prepare", _prepare, "Index the source (params 'source'), select the subset and write the clean crops as "
@@ -310,9 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM ends the command as Ctrl-C does, through Python's own unwinding (temporary files removed, Prefect's
+    temporary server stopped), never a bare kill. While a flow runs, Prefect's handler or the flow's own
+    (``generate`` stops its attacks after the current step) takes over."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _unreachable_api(e: BaseException) -> str | None:
+    """The API URL when ``e`` (or what caused it) is a failed connection to the Prefect API, else None."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    while e is not None:
+        if isinstance(e, httpx.TransportError):
+            return PREFECT_API_URL.value() or "(the temporary local server)"
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from prefect import tags
+
+    from shards import Stopped
+
+    _interrupt_on_sigterm()
 
     args.metrics = metrics_dir(args.params)
     try:
@@ -322,9 +367,20 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(f"attack:{args.attack}")
         with tags(*labels):  # every flow and task run of this command carries them (Prefect UI filters)
             args.run(args, params)
-    except ConfigError as e:  # a parameters problem is one line, not a traceback
+    except (ConfigError, ZooError, BadSourceError) as e:  # a parameters, weights or source problem: its message
         print(f"damagenet {args.stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (Stopped, KeyboardInterrupt) as e:
+        print(f"damagenet {args.stage}: stopped ({e})", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        api = _unreachable_api(e)
+        if api is None:
+            raise
+        print(f"damagenet {args.stage}: the Prefect API at {api} stopped answering ({e}); what finished is kept: "
+              "run the command again once it is back (or unset PREFECT_API_URL for a temporary local server)",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     return 0
 
 

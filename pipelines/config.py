@@ -108,13 +108,23 @@ class Source(_Section):
     out: str
 
 
-class Budget(_Section):
-    """0-255 scale."""
+PixelLevels = Annotated[float, Field(gt=0, le=255, allow_inf_nan=False)]  # a finite amount on the 0-255 scale
 
-    eta: PositiveFloat
-    eps: PositiveFloat
-    alpha: PositiveFloat
+
+class Budget(_Section):
+    """0-255 scale: finite, at most 255 (a whole pixel range), and the step no larger than the L-inf bound."""
+
+    eta: PixelLevels
+    eps: PixelLevels
+    alpha: PixelLevels
     max_steps: Positive
+
+    @model_validator(mode="after")
+    def _step_within_bound(self):
+        if self.alpha > self.eps:
+            raise ValueError(f"alpha ({self.alpha}) is larger than eps ({self.eps}): one step would leave the L-inf "
+                             "ball")
+        return self
 
 
 class AttackOptions(_AsGiven):
@@ -142,7 +152,9 @@ class Dask(_Section):
 class Generate(_Section):
     surrogate: str
     batch_size: Positive
-    sub_batch: NonNegative = 0  # images (SI copies included) per forward/backward pass; 0: the whole batch
+    # image copies (SI copies included) per forward/backward pass; 0: the whole batch; auto: sized from the model,
+    # the resolution and the device's memory (attacks.memory)
+    sub_batch: NonNegative | Literal["auto"] = "auto"
     devices: Devices = "auto"
     cpu_workers: Positive = 1
     cpu_threads: Positive | Literal["auto"] = "auto"  # per CPU worker; 1: the same bytes for any worker count

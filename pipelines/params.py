@@ -17,12 +17,32 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ConfigError(f"{path}: parameters file not found (run from the repository root or pass --params)")
     try:
         with path.open() as f:
-            params = yaml.safe_load(f)
+            params = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e} (YAML keeps only the last; DVC refuses the file)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return validate_params(params, str(path))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice in one mapping (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def section(params: dict[str, Any], name: str, path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -36,6 +56,25 @@ def metrics_dir(params_path: str | Path) -> Path:
     for any other parameters file, so a profile run never overwrites the default run's metrics."""
     name = Path(params_path)
     return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """``obj`` as JSON written to a temporary file beside ``path`` and renamed over it: a kill mid-write leaves the
+    old file or the new one, never half of one."""
+    import json
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -41,11 +41,25 @@ def publish(targets: list[str], root: str | Path = ".") -> int:
 
 
 def fetch(targets: list[str], root: str | Path = ".") -> int:
-    """``dvc pull`` from the default remote; a local remote that does not exist is named as such."""
+    """``dvc pull`` from the default remote, then every fetched shard set's files against its ``SHA256SUMS``
+    (exit 1 naming each problem); a local remote that does not exist is named as such."""
     name, url = default_remote(root)
     if _is_local(url) and not Path(url).is_dir():
         raise ConfigError(f"DVC remote '{name}' is {url}, which does not exist: publish there first "
                           f"(`damagenet publish`), or point the remote at the published copy with "
                           f"`dvc remote modify {name} url PATH_OR_URL`")
     print(f"fetching from DVC remote '{name}': {url}")
-    return _dvc(["pull", *targets], root)
+    code = _dvc(["pull", *targets], root)
+    if code:
+        return code
+    # DVC does not check what it pulls against its hashes: a damaged object would arrive silently
+    from shards.verify import verify_files
+
+    sets = [Path(root) / t for t in targets] if targets else list((Path(root) / "data" / "shards").glob("*"))
+    problems = [p for s in sets if (s / "SHA256SUMS").is_file() for p in verify_files(s)]
+    for p in problems:
+        print(p, file=sys.stderr)
+    checked = sum((s / "SHA256SUMS").is_file() for s in sets)
+    print(f"fetched; {checked} shard set(s) checked against their SHA256SUMS: "
+          + (f"{len(problems)} problem(s)" if problems else "OK"))
+    return 1 if problems else 0

@@ -17,7 +17,6 @@ published shards; readers here decode only the fields the format defines and ref
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from sources import sha256_file  # noqa: F401  (part of this module's interface: the sets' checksums)
 
 INDEX_FILES = ("shardindex.json", "_info.json", "manifest.jsonl")
 FIELDS = {"png", "cls", "json"}  # the only members a sample may have
@@ -115,11 +116,14 @@ def read_shard(path: Path | str) -> Iterator[dict[str, Any]]:
                "json": json.loads(fields["json"])}
 
 
-def tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
+MAX_MEMBER_BYTES = 256 << 20  # no member of a shard is larger (a 4096 x 4096 RGB PNG stays under 64 MiB)
+
+
+def tar_samples(path: Path | str, max_member: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: raw bytes})`` in tar order, with the standard library (no decoding, no webdataset).
 
-    Raises ``ValueError`` naming the member for anything but a regular file, and for a member that repeats one of
-    the current sample (two adjacent samples with the same key)."""
+    Raises ``ValueError`` naming the member for anything but a regular file, for a member that repeats one of the
+    current sample (two adjacent samples with the same key), and for a member larger than ``max_member`` bytes."""
     current, fields = None, {}
     with tarfile.open(path) as tar:
         for member in tar:
@@ -131,6 +135,9 @@ def tar_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 fields = {}
             if ext in fields:
                 raise ValueError(f"{path}: member {member.name!r} repeats (duplicate key {key!r})")
+            if member.size > max_member:  # refused before reading: a header may declare any size
+                raise ValueError(f"{path}: member {member.name!r} declares {member.size} bytes, more than a sample "
+                                 f"of this set can hold ({max_member})")
             current = key
             fields[ext] = tar.extractfile(member).read()
     if current is not None:
@@ -194,21 +201,9 @@ def iter_shardset(root: Path | str) -> Iterator[dict[str, Any]]:
         yield from read_shard(p)
 
 
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_index(root: Path | str, set_name: str, shards: list[Path] | None = None) -> dict[str, Any]:
-    """Write shardindex.json, _info.json, manifest.jsonl and SHA256SUMS for ``shards`` (default: every shard in
-    ``root``). Call it only while no other process writes to ``root``: leftover temporary files are removed."""
-    root = Path(root)
-    for stale in root.glob("*.tar.*.tmp"):  # left by an interrupted run
-        stale.unlink()
-    shards = sorted(shards) if shards is not None else shard_paths(root)
+def index_files(root: Path | str, set_name: str, shards: list[Path]) -> dict[str, str]:
+    """The contents of ``shardindex.json``, ``_info.json`` and ``manifest.jsonl`` for ``shards``, from the shards
+    themselves (what ``write_index`` writes and ``verify`` recomputes)."""
     counts, manifest = [], []
     for p in shards:
         n = 0
@@ -227,9 +222,25 @@ def write_index(root: Path | str, set_name: str, shards: list[Path] | None = Non
         "splits": {"validation": {"name": "validation", "num_samples": sum(counts),
                                   "filenames": [p.name for p in shards], "shard_lengths": counts}},
     }
-    (root / "shardindex.json").write_text(json.dumps(shardindex, indent=2) + "\n")
-    (root / "_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (root / "manifest.jsonl").write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in manifest))
-    files = [p.name for p in shards] + list(INDEX_FILES) + (["README.md"] if (root / "README.md").exists() else [])
+    return {"shardindex.json": json.dumps(shardindex, indent=2) + "\n", "_info.json": json.dumps(info, indent=2) + "\n",
+            "manifest.jsonl": "".join(json.dumps(m, sort_keys=True) + "\n" for m in manifest)}
+
+
+CARD_FILES = ("README.md", "rejects.tsv")  # listed in SHA256SUMS when the stage wrote them
+
+
+def write_index(root: Path | str, set_name: str, shards: list[Path] | None = None) -> dict[str, Any]:
+    """Write shardindex.json, _info.json, manifest.jsonl and SHA256SUMS for ``shards`` (default: every shard in
+    ``root``); SHA256SUMS lists every file of the set once. Call it only while no other process writes to
+    ``root``: leftover temporary files are removed."""
+    root = Path(root)
+    for stale in [*root.glob("*.tar.*.tmp"), *root.glob(".SHA256SUMS.*.tmp")]:  # left by an interrupted run
+        stale.unlink()
+    shards = sorted(shards) if shards is not None else shard_paths(root)
+    contents = index_files(root, set_name, shards)
+    for name, text in contents.items():
+        (root / name).write_text(text)
+    files = [p.name for p in shards] + list(INDEX_FILES) + [f for f in CARD_FILES if (root / f).exists()]
     (root / "SHA256SUMS").write_text("".join(f"{sha256_file(root / f)}  {f}\n" for f in files))
-    return {"shards": len(shards), "samples": sum(counts)}
+    info = json.loads(contents["_info.json"])["splits"]["validation"]
+    return {"shards": len(shards), "samples": info["num_samples"]}

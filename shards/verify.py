@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.shardset import FIELDS, decode_png, sha256_file, shard_paths, tar_samples
+from shards.shardset import (
+    FIELDS,
+    INDEX_FILES,
+    MAX_MEMBER_BYTES,
+    decode_png,
+    index_files,
+    sha256_file,
+    shard_paths,
+    tar_samples,
+)
 
 _SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
 
@@ -25,6 +34,15 @@ def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None
     the budget checks against ``clean``; ``clean`` also checks each label against the clean image's. ``size`` is
     the expected image side (default: the set's most common image size)."""
     root = Path(root)
+    problems = verify_files(root)
+    problems += _verify_samples(root, num_classes, clean, budget, size)
+    return problems
+
+
+def verify_files(root: Path | str) -> list[str]:
+    """The set is exactly the files ``SHA256SUMS`` lists, each once and inside the set, with the listed checksums,
+    and its index files say what its shards hold (cheap: no image is decoded)."""
+    root = Path(root)
     problems: list[str] = []
     listed = _read_sums(root / "SHA256SUMS", problems)
     for name, digest in listed.items():
@@ -33,16 +51,27 @@ def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None
             problems.append(f"{path}: listed in SHA256SUMS but missing")
         elif sha256_file(path) != digest:
             problems.append(f"{path}: checksum mismatch")
-    for p in shard_paths(root):
-        if p.name not in listed:
-            problems.append(f"{p}: shard not listed in SHA256SUMS")
+    for p in sorted(root.iterdir()) if root.is_dir() else []:  # the set is exactly the files it lists
+        if p.name != "SHA256SUMS" and p.name not in listed:
+            problems.append(f"{p}: not listed in SHA256SUMS (not part of the set)")
+    for name in INDEX_FILES:
+        if name not in listed:
+            problems.append(f"{root / name}: not listed in SHA256SUMS")
+    _check_index_files(root, problems)
+    return problems
+
+
+def _verify_samples(root: Path, num_classes: int, clean, budget, size) -> list[str]:
+    problems: list[str] = []
     expected = _read_index(root / "shardindex.json", problems)
     reference = _clean_samples(clean, problems) if clean is not None else None
     seen: set[str] = set()
     shapes: dict[str, tuple] = {}
+    # no member may be larger than an image of the set's size can be as a PNG (raw pixels plus headers)
+    max_member = 2 * size * size * 3 + (1 << 16) if size else MAX_MEMBER_BYTES
     for p in shard_paths(root):
         try:
-            n = _check_shard(p, num_classes, seen, reference, budget, shapes, problems)
+            n = _check_shard(p, num_classes, seen, reference, budget, shapes, problems, max_member)
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             problems.append(f"{p}: unreadable tar ({e})")
             continue
@@ -62,14 +91,36 @@ def _read_sums(path: Path, problems: list[str]) -> dict[str, str]:
     if not path.is_file():
         problems.append(f"{path}: missing")
         return {}
-    listed = {}
+    listed, lines = {}, {}
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         m = _SUMS_LINE.fullmatch(line)
         if not m:
             problems.append(f"{path}:{lineno}: malformed line {line[:80]!r} (expected '<sha256>  <file>')")
             continue
-        listed[m.group(2)] = m.group(1)
+        name = m.group(2)
+        if name in (".", "..") or "/" in name or "\\" in name:  # never read a file outside the set
+            problems.append(f"{path}:{lineno}: {name!r} is not a file name inside the set; not checked")
+        elif name in listed:
+            problems.append(f"{path}:{lineno}: {name} is listed again (first on line {lines[name]})")
+        else:
+            listed[name], lines[name] = m.group(1), lineno
     return listed
+
+
+def _check_index_files(root: Path, problems: list[str]) -> None:
+    """The index files must say what the shards hold: recomputed from the shards and compared byte for byte."""
+    shards = shard_paths(root)
+    if not shards:
+        return
+    set_name = shards[0].name.rsplit("-", 1)[0]
+    try:
+        expected = index_files(root, set_name, shards)
+    except (tarfile.TarError, OSError, ValueError, KeyError):
+        return  # an unreadable shard is reported by the shard checks
+    for name, text in expected.items():
+        path = root / name
+        if path.is_file() and path.read_text(errors="replace") != text:
+            problems.append(f"{path}: does not match the shards (edited or stale)")
 
 
 def _read_index(path: Path, problems: list[str]) -> dict[str, int]:
@@ -93,9 +144,10 @@ def _clean_samples(clean: Path | str, problems: list[str]) -> dict[str, tuple[np
     return samples
 
 
-def _check_shard(path: Path, num_classes: int, seen: set[str], reference, budget, shapes: dict, problems) -> int:
+def _check_shard(path: Path, num_classes: int, seen: set[str], reference, budget, shapes: dict, problems,
+                 max_member: int) -> int:
     n = 0
-    for key, fields in tar_samples(path):  # raises on non-file members and adjacent duplicate keys
+    for key, fields in tar_samples(path, max_member):  # raises on non-file, oversized and adjacent duplicate members
         n += 1
         where = f"{path}:{key}"
         if key in seen:

@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from sources import BadSourceError  # defined import-light in sources/__init__.py; raised here
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -32,14 +34,6 @@ FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,
 }
-
-
-class BadSourceError(ValueError):
-    """A source file or label line that cannot be used; the message names the file and the problem."""
-
-    def __init__(self, path: Path | str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
 
 
 @dataclass
@@ -127,7 +121,17 @@ def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[Source
     root = Path(root)
     if not root.is_dir():
         raise BadSourceError(root, "source folder does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    inside = root.resolve()
+    folders = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            rejects.add(p, "hidden entry: not indexed")
+        elif not p.is_dir():
+            rejects.add(p, "not inside a class folder: not indexed")
+        elif not _within(p, inside):
+            rejects.add(p, f"links to {p.resolve()}, outside the source root: refused")
+        else:
+            folders.append(p)
     if not folders:
         raise BadSourceError(root, "no class folders found")
     synsets = imagenet_synsets()
@@ -144,11 +148,32 @@ def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[Source
         class_names = [f.name for f in folders]
     samples = []
     for folder in folders:
-        images = sorted(p for p in folder.iterdir() if _is_image(p))
+        images = [p for p in sorted(folder.iterdir()) if _indexable(p, inside, rejects)]
         if not images:
             rejects.add(folder, "empty class folder: no image files")
         samples += [SourceSample(sample_key(p), p, index[folder.name], folder.name) for p in images]
     return _unique(samples, root), class_names
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Whether ``path``, links followed, lies in the (resolved) ``root``."""
+    resolved = path.resolve()
+    return resolved == root or root in resolved.parents
+
+
+def _indexable(path: Path, root: Path, rejects: Rejects) -> bool:
+    """An image file to index; anything else is recorded with the reason it is skipped."""
+    if path.name.startswith("."):
+        rejects.add(path, "hidden file: not indexed")
+    elif path.is_dir():
+        rejects.add(path, "folder inside a class folder: not indexed (one level of class folders)")
+    elif not _is_image(path):
+        rejects.add(path, f"file type {path.suffix or '(none)'!r} is not read (reads {', '.join(sorted(IMAGE_SUFFIXES))})")
+    elif not _within(path, root):
+        rejects.add(path, f"links to {path.resolve()}, outside the source root: refused")
+    else:
+        return True
+    return False
 
 
 def label_file_source(
@@ -159,7 +184,7 @@ def label_file_source(
     if not label_file.is_file():
         raise BadSourceError(label_file, "label file does not exist")
     synsets = imagenet_synsets() if num_classes == 1000 else None
-    samples = []
+    samples, listed, inside = [], {}, folder.resolve()
     for lineno, raw in enumerate(label_file.read_bytes().splitlines(), 1):
         where = f"{label_file}:{lineno}"
         try:
@@ -174,25 +199,40 @@ def label_file_source(
             rejects.add(where, f"malformed line {line!r}: expected 'name index'")
             continue
         name, label = parts[0], int(parts[1])
+        if name in listed:  # which label is right cannot be told: the file must be fixed
+            first, first_label = listed[name]
+            raise BadSourceError(label_file, f"lines {first} and {lineno} both name {name!r}" + (
+                f" (labels {first_label} and {label})" if label != first_label else "") + ": keep one line per image")
+        listed[name] = (lineno, label)
         if Path(name).is_absolute() or ".." in Path(name).parts:
             rejects.add(where, f"image name {name!r} points outside {folder}: refused")
             continue
         path = folder / name
-        if not (0 <= label < num_classes):
+        if path.exists() and not _within(path, inside):
+            rejects.add(path, f"links to {path.resolve()}, outside {folder}: refused")
+        elif not (0 <= label < num_classes):
             rejects.add(where, f"class index {label} out of range 0..{num_classes - 1} for {name}")
         elif not path.is_file():
             rejects.add(path, f"missing image named in {where}")
         else:
             samples.append(SourceSample(sample_key(path), path, label, synsets[label] if synsets else str(label)))
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.name not in listed and p.resolve() != label_file.resolve():
+                rejects.add(p, f"not listed in {label_file}: not indexed")
     return _unique(samples, folder)
 
 
-def file_sha256(path: Path | str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited over white, 16-bit scaled, CMYK converted."""
+    """Any Pillow mode to 8-bit RGB; transparency is composited over white, 16-bit scaled, CMYK converted, float
+    images scaled by their range (0..1, or already 0..255; anything else is refused)."""
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(arr).all() and lo >= 0 and hi <= 255):
+            raise ValueError(f"float image with values {lo:g}..{hi:g}: neither 0..1 nor 0..255")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        img = Image.fromarray(np.round(arr * scale).clip(0, 255).astype(np.uint8), "L")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

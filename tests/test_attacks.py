@@ -183,8 +183,10 @@ def test_aoa_conventions_reach_sglrp_and_the_config_hash(random_surrogate):
 
 @pytest.mark.parametrize("name,options", [("aoa", {"si": 4, "si_x_twice": True}), ("di-fgsm", {"di": 1.0, "si": 2})])
 def test_sub_batches_give_the_whole_batch_gradient(name, options, random_surrogate):
-    """Memory is bounded by running the SI copies a few images at a time; DI is drawn once for all of them."""
-    x, y = torch.rand(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    """Memory is bounded by running the SI copies a few images at a time; DI is drawn once for all of them.
+    The input is seeded, not drawn from the suite's global generator: a random net's logits can be near-tied, and
+    rounding noise then flips AoA's runner-up class (another objective, not another computation)."""
+    x, y = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3])
     whole = create_attack(name, random_surrogate, BUDGET, **options)
     split = create_attack(name, random_surrogate, replace(BUDGET, sub_batch=2), **options)
     g_whole = whole.gradient(x, y, torch.Generator().manual_seed(5))

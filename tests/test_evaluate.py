@@ -210,3 +210,30 @@ def test_published_table_is_joined_with_ours_model_by_model():
     assert by_victim["VGG16"] == ["VGG16", "38.51", "99.85", "vgg16_tv (`vgg16.tv_in1k`)", 30.0, 91.5]
     assert by_victim["ResNet50"][3:] == ["-", "-", "-"]  # not evaluated here
     assert len(rows) == 19
+
+
+def test_more_loader_workers_than_shards_read_every_sample_once(sets, tmp_path):
+    """webdataset gives each worker whole shards: a worker without one used to end the loader with "No samples
+    found"; the loader now starts at most one worker per shard."""
+    from evaluators.classification import shard_loader
+
+    keys = [k for _, _, batch in shard_loader(sets["clean"], batch_size=7, workers=8) for k in batch]
+    assert sorted(keys) == sorted(s["key"] for s in iter_shardset(sets["clean"])) and len(keys) == 30
+
+
+def test_a_truncated_cache_entry_is_recomputed_and_a_dropped_model_leaves_the_results(sets, tmp_path, prefect_server,
+                                                                                       caplog):
+    a, b = _spec(tmp_path, "a", 0), _spec(tmp_path, "b", 1)
+    out = tmp_path / "eval"
+    kw = {"sets": sets, "out": str(out), "batch_size": 16, "metrics_path": str(tmp_path / "m.json")}
+    first = evaluate_flow(models=[a, b], **kw)
+    entry = sorted((out / "cache" / "a").glob("clean-*.json"))[0]
+    entry.write_text(entry.read_text()[:100])  # what a kill inside a plain write leaves
+    again = evaluate_flow(models=[a], **kw)  # b is no longer evaluated
+    records = {r["name"]: r for r in again["records"]}
+    assert not records["a"]["results"]["clean"]["cached"] and records["a"]["results"]["noisy"]["cached"]
+    assert again["top1_err"]["a"] == first["top1_err"]["a"] and "unreadable cache entry" in caplog.text
+    assert json.loads(entry.read_text())["n"] == 30  # rewritten whole
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["a.json"]
+    assert not (out / "predictions" / "b").exists()
+    assert [r.split(",")[0] for r in (out / "results" / "results-clean.csv").read_text().splitlines()[1:]] == ["a"]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from model_zoo.zoo import ModelSpec, build_model
 from pipelines.flows.generate import generate
 from pipelines.flows.prepare import prepare_flow
-from shards.shardset import iter_shardset, shard_paths
+from shards.shardset import iter_shardset, shard_paths, write_shard
 from shards.verify import verify_shardset
 
 BUDGET = {"eta": 5.0, "eps": 16.0, "alpha": 2.0, "max_steps": 6}
@@ -44,10 +44,10 @@ def surrogate(tmp_path_factory):
     return {"name": "vgg_demo", "arch": "vgg_demo", "num_classes": 10, "weights": str(path)}
 
 
-def _run(clean, surrogate, out, attack="aoa", **kw):
+def _run(clean, surrogate, out, attack="aoa", budget=BUDGET, **kw):
     options = {"si": 2} if attack == "aoa" else {}
     kw.setdefault("cpu_threads", 1)  # one thread per worker: the bytes do not depend on the worker count
-    return generate(attack, BUDGET, options, surrogate, str(clean), str(out), batch_size=4, seed=0, **kw)
+    return generate(attack, budget, options, surrogate, str(clean), str(out), batch_size=4, seed=0, **kw)
 
 
 def _tar_bytes(folder: Path) -> dict[str, bytes]:
@@ -88,13 +88,47 @@ def test_rerun_skips_complete_shards(clean_set, surrogate, reference_run, tmp_pa
     assert _tar_bytes(out) == _tar_bytes(reference_run[0])
 
 
-def test_rerun_with_other_parameters_refuses_to_reuse_shards(clean_set, surrogate, reference_run, tmp_path):
+def test_rerun_with_other_parameters_or_weights_makes_every_shard_anew(clean_set, surrogate, reference_run,
+                                                                       tmp_path, caplog):
+    """The outputs persist across DVC reruns, so the job digest decides: shards of another job (another budget,
+    other surrogate weights under the same file name) are never kept as done, and a rerun of the original job
+    gives the original bytes back."""
     out = tmp_path / "stale"
     shutil.copytree(reference_run[0], out)
-    with pytest.raises(RuntimeError, match="failed after retry"):
-        generate("aoa", {**BUDGET, "eta": 3.0}, {"si": 2}, surrogate, str(clean_set[0]), str(out), batch_size=4,
-                 seed=0, devices=["cpu"], cpu_threads=1)
-    assert _tar_bytes(out) == _tar_bytes(reference_run[0])  # nothing overwritten or lost
+    _run(clean_set[0], surrogate, out, devices=["cpu"], budget={**BUDGET, "eta": 3.0})
+    changed = _tar_bytes(out)
+    assert set(changed) == set(_tar_bytes(reference_run[0]))
+    assert all(changed[k] != v for k, v in _tar_bytes(reference_run[0]).items())
+    assert "made by another job" in caplog.text
+    assert max(s["json"]["rmsd"] for s in iter_shardset(out)) <= 3.0
+
+    other = tmp_path / "other_weights.safetensors"
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in build_model(ModelSpec(name="vgg_demo", arch="vgg_demo",
+                                                                   num_classes=10)).model.state_dict().items()}, other)
+    moved = tmp_path / "moved"
+    shutil.copytree(reference_run[0], moved)
+    shutil.copy(other, surrogate["weights"] + ".new")
+    original = Path(surrogate["weights"]).read_bytes()
+    try:
+        os.replace(surrogate["weights"] + ".new", surrogate["weights"])  # same path, other bytes
+        _run(clean_set[0], surrogate, moved, devices=["cpu"])
+        assert all(v != _tar_bytes(reference_run[0])[k] for k, v in _tar_bytes(moved).items())
+    finally:
+        Path(surrogate["weights"]).write_bytes(original)
+    _run(clean_set[0], surrogate, moved, devices=["cpu"])
+    assert _tar_bytes(moved) == _tar_bytes(reference_run[0])
+
+
+def test_a_shard_this_pipeline_did_not_write_is_refused_and_kept(clean_set, surrogate, reference_run, tmp_path):
+    out = tmp_path / "foreign"
+    out.mkdir()
+    foreign = out / "aoa-000001.tar"
+    write_shard(foreign, [{"key": "x", "image": np.zeros((32, 32, 3), np.uint8), "cls": 0, "json": {}}])
+    before = foreign.read_bytes()
+    with pytest.raises(RuntimeError, match=r"failed after retry: \['aoa-000001.tar'\]"):
+        _run(clean_set[0], surrogate, out, devices=["cpu"])
+    assert foreign.read_bytes() == before
 
 
 def test_dask_local_cluster_gives_identical_shards(clean_set, surrogate, reference_run, tmp_path):
@@ -242,7 +276,8 @@ def test_a_failed_prepare_keeps_the_previous_clean_set(small_world, prefect_serv
         prepare_flow(_source(broken, out, select={"mode": "all"}), metrics_path=str(tmp_path / "m.json"), strict=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert verify_shardset(out, 10) == []
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    # no temporary folder left (the run's lock file stays, as filelock leaves it)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".clean.lock"]
 
 
 def test_resume_covers_the_input_shard_and_indexes_this_runs_units_only(small_world, surrogate, prefect_server,
@@ -252,11 +287,9 @@ def test_resume_covers_the_input_shard_and_indexes_this_runs_units_only(small_wo
     _run(clean, surrogate, out, attack="pgd", devices=["cpu"])
     prepare_flow(_source(small_world / "val", clean, select={"mode": "per_class", "n": 1, "seed": 1}),
                  metrics_path=str(tmp_path / "m.json"))  # same shard names, other images
-    with pytest.raises(RuntimeError, match="failed after retry"):
-        _run(clean, surrogate, out, attack="pgd", devices=["cpu"])
-    shutil.rmtree(out)
-    _run(clean, surrogate, out, attack="pgd", devices=["cpu"])
-    assert len(shard_paths(out)) == 3
+    _run(clean, surrogate, out, attack="pgd", devices=["cpu"])  # every shard is another job now: made anew
+    _run(clean, surrogate, tmp_path / "fresh", attack="pgd", devices=["cpu"])
+    assert _tar_bytes(out) == _tar_bytes(tmp_path / "fresh") and len(shard_paths(out)) == 3
     prepare_flow(_source(small_world / "val", clean, shard_size=10), metrics_path=str(tmp_path / "m.json"))
     shutil.rmtree(out)
     _run(clean, surrogate, out, attack="pgd", devices=["cpu"])  # 1 shard now: nothing stale may stay indexed
@@ -437,3 +470,93 @@ def test_dataset_card_header_names_the_classes_and_the_shards(clean_set, referen
         names = header["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
         assert names == {str(i): f"{i:02d}_{c}" for i, c in enumerate(CLASSES)}  # the class folders, in index order
         assert header["configs"][0]["data_files"][0] == {"split": "validation", "path": f"{name}-*.tar"}
+
+
+def _unit(clean_set, surrogate, out, **kw):
+    from attacks import AttackConfig
+    from model_zoo.zoo import weights_sha256
+    from pipelines.flows.generate import attack_config
+
+    config = attack_config(BUDGET, {"si": 2}).__dict__
+    assert isinstance(config, dict) and AttackConfig(**config).si == 2
+    return {"in_shard": str(shard_paths(clean_set[0])[0]), "out_shard": str(out / "aoa-000000.tar"),
+            "attack": "aoa", "in_sha256": "x", "config": config, "attack_kwargs": {}, "budget": BUDGET,
+            "surrogate": surrogate, "surrogate_sha256": weights_sha256(surrogate), "batch_size": 4, "seed": 0,
+            "sub_batch": "auto", "workers_per_device": 1, **kw}
+
+
+def test_activation_bytes_and_auto_sub_batch_follow_their_formula(monkeypatch):
+    import torch.nn as nn
+
+    from attacks import create_attack, memory
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    assert memory.activation_bytes(net, 8) == (256 + 256 + 256 + 10) * 4  # every leaf's output, float32
+    model = build_model(ModelSpec(name="v", arch="vgg_demo", num_classes=10))
+    attack = create_attack("aoa", model)
+    per_copy = 10.0 * memory.activation_bytes(model, 32)
+    monkeypatch.setattr(memory, "total_memory", lambda device: 2**30)
+    assert memory.auto_sub_batch(attack, 32, "cpu", workers=1) == int(0.5 * 2**30 // per_copy)
+    assert memory.auto_sub_batch(attack, 32, "cpu", workers=3) == int(0.5 * 2**30 / 3 // per_copy)
+    monkeypatch.setattr(memory, "total_memory", lambda device: 1000)
+    assert memory.auto_sub_batch(attack, 32, "cpu", workers=1) == 1  # never zero copies
+
+
+def test_out_of_memory_names_the_parameter_and_leaves_no_partial_file(clean_set, surrogate, tmp_path, monkeypatch):
+    from attacks.base import Attack
+    from shards.adversarial import attack_shard_file
+
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 4294967296 bytes")
+
+    monkeypatch.setattr(Attack, "__call__", no_memory)
+    with pytest.raises(MemoryError, match=r"aoa-000000.tar: out of memory on cpu .*set generate.sub_batch"):
+        attack_shard_file(_unit(clean_set, surrogate, tmp_path, sub_batch=3), "cpu")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_is_reported_per_step_and_a_stop_ends_between_steps(clean_set, surrogate, tmp_path):
+    import shards
+    from shards.adversarial import attack_shard_file
+
+    calls = []
+    result = attack_shard_file(_unit(clean_set, surrogate, tmp_path), "cpu",
+                               on_step=lambda done, total, step, active: calls.append((done, total, step, active)))
+    assert result["count"] == 5 and calls[0] == (0, 5, 1, 4) and calls[-1][0] == 4  # batches of 4, then 1
+    assert all(0 <= a <= 4 for *_, a in calls) and max(c[2] for c in calls) <= BUDGET["max_steps"]
+
+    out = tmp_path / "stopped"
+    seen = []
+
+    def stop_at_step_2(done, total, step, active):
+        seen.append(step)
+        if step == 2:
+            shards.STOP.set()
+
+    try:
+        with pytest.raises(shards.Stopped, match="stopped at step 3"):
+            attack_shard_file(_unit(clean_set, surrogate, out), "cpu", on_step=stop_at_step_2)
+    finally:
+        shards.STOP.clear()
+    assert seen == [1, 2] and list(out.iterdir()) == []  # the partial shard is gone
+
+
+def test_a_kept_shard_whose_bytes_changed_is_made_anew_and_its_sum_never_blessed(clean_set, surrogate,
+                                                                                   reference_run, tmp_path, caplog):
+    """A byte flipped inside a PNG leaves the tar, the keys and the records readable: only the checksum recorded
+    when the shard was made tells. The resume makes it anew; SHA256SUMS keeps the true sums."""
+    import tarfile
+
+    out = tmp_path / "flipped"
+    shutil.copytree(reference_run[0], out)
+    shard = out / "aoa-000002.tar"
+    with tarfile.open(shard) as tar:
+        png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())
+    data[png.offset_data + png.size // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    _run(clean_set[0], surrogate, out, devices=["cpu"])
+    assert "aoa-000002.tar was damaged (its checksum differs from the one SHA256SUMS recorded)" in caplog.text
+    assert _tar_bytes(out) == _tar_bytes(reference_run[0])
+    assert (out / "SHA256SUMS").read_bytes() == (reference_run[0] / "SHA256SUMS").read_bytes()

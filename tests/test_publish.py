@@ -105,3 +105,33 @@ def test_plots_render_offline_to_svg_with_vega_bundled(tmp_path, monkeypatch):
     assert 'src="curves_sgd.csv.svg"' in index and base64.b64encode(png).decode() in index
     assert "gone.png" in index.split("Not shown")[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dvc", ".dvcignore", "curves", "dvc.yaml", "fig.png", "out"]
+
+
+def test_fetch_checks_what_dvc_pulled_against_the_sets_sums(tmp_path, capsys):
+    """DVC does not re-hash what it pulls: a damaged object in the remote arrives silently unless fetch checks."""
+    import hashlib
+
+    from pipelines.publish import fetch, publish
+
+    repo = tmp_path / "repo"
+    shards = repo / "data" / "shards" / "aoa"
+    write_shard(shards / shard_name("aoa", 0), [{"key": "k", "image": np.zeros((8, 8, 3), np.uint8), "cls": 1,
+                                                 "json": {}}])
+    write_index(shards, "aoa")
+    _run(["git", "init", "-q"], repo)
+    _run(DVC + ["init", "-q"], repo)
+    _run(DVC + ["remote", "add", "-d", "shared", "../remote"], repo)
+    _run(DVC + ["add", "-q", "data/shards/aoa"], repo)
+    assert publish([], repo) == 0
+    tar = shards / "aoa-000000.tar"
+    obj = next(p for p in (tmp_path / "remote").rglob("*")
+               if p.is_file() and p.read_bytes() == tar.read_bytes())  # the shard's object in the remote
+    assert hashlib.md5(obj.read_bytes()).hexdigest().startswith(obj.parent.name)
+    damaged = bytearray(obj.read_bytes())
+    damaged[600] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(damaged))
+    shutil.rmtree(shards)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert fetch(["data/shards/aoa"], repo) == 1
+    assert "aoa-000000.tar: checksum mismatch" in capsys.readouterr().err

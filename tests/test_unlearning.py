@@ -4,7 +4,6 @@ the scenarios, and the stage end to end."""
 from __future__ import annotations
 
 import json
-
 import math
 
 import pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from evaluators.classification import evaluate_shardset, shardset_hash, weights_hash
-from model_zoo.zoo import build_model
-from pipelines.params import write_json
+from evaluators.classification import evaluate_shardset, shardset_hash
+from model_zoo.zoo import build_model, weights_hash
+from pipelines.params import write_json, write_json_atomic
 
 
 def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
@@ -59,13 +60,13 @@ def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, b
         results = {}
         for set_name, root in sets.items():
             cache = Path(cache_dir) / spec["name"] / f"{set_name}-{whash}-{shardset_hash(root)}.json"
-            if cache.is_file():
-                results[set_name] = json.loads(cache.read_text()) | {"cached": True}
+            cached = _read_cache(cache)
+            if cached is not None:
+                results[set_name] = cached | {"cached": True}
                 continue
             model = model or build_model(spec, device=device)
             r = evaluate_shardset(model, root, batch_size, device, workers)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(r))
+            write_json_atomic(cache, r)
             results[set_name] = r | {"cached": False}
         model = model or build_model(spec, device="cpu")
         cfg = model.data_config
@@ -75,6 +76,21 @@ def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, b
                 "interpolation": cfg.get("interpolation"), "results": results}
     except Exception as e:  # noqa: BLE001  (one model's failure is reported, the others go on)
         return {"name": spec["name"], "error": f"{type(e).__name__}: {e}"}
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """A cached result, or None when there is none or it cannot be read (then it is computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        if isinstance(result, dict) and {"n", "top1", "top5", "predictions"} <= set(result):
+            return result
+        problem = "not a result record"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = str(e)
+    get_run_logger().warning("%s: unreadable cache entry (%s); evaluating again", path, problem)
+    return None
 
 
 def evaluate(**kwargs) -> dict[str, Any]:
@@ -144,6 +160,11 @@ def _write_results(out: Path, records: list[dict], set_names: list[str], crop: d
             writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+    current = {r["name"] for r in records}
+    for stale in (out / "models").glob("*.json"):  # a model no longer in the list: not this run's result
+        if stale.stem not in current:
+            stale.unlink()
+            shutil.rmtree(out / "predictions" / stale.stem, ignore_errors=True)
     for r in records:
         record = {k: v for k, v in r.items() if k != "results"}
         record["accuracy"] = {s: {"top1": v["top1"], "top5": v["top5"], "n": v["n"]} for s, v in r["results"].items()}

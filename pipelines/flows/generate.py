@@ -14,8 +14,11 @@ are fewer shards than cores) and gives the same bytes for the same workers on th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +27,14 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from attacks import AttackConfig, list_attacks
+from model_zoo.zoo import weights_sha256
 from pipelines.params import write_json
+from pipelines.progress import RUNNING, Progress
+from shards import STOP, Stopped
 from shards.adversarial import attack_shard_file
 from shards.shardset import (
     class_names,
@@ -64,12 +69,31 @@ def _shard_task_name() -> str:
 @task(name="attack-shard", task_run_name=_shard_task_name)
 def attack_shard(unit: dict[str, Any], device: str, threads: int = 1) -> dict[str, Any]:
     """Attack one clean shard on ``device`` and write the adversarial shard (skipped when already complete)."""
+    # imported here, not taken from this module's globals: Dask pickles the task by value
+    from prefect.runtime import flow_run
+
+    from pipelines.progress import RUNNING
+
     log, name, start = get_run_logger(), Path(unit["out_shard"]).stem, time.perf_counter()
+    progress, last_log = RUNNING.get(str(flow_run.id)), [start]
+    max_steps = unit["config"]["max_steps"]
 
     def batch_done(done: int, total: int) -> None:
         log.info("%s: %d/%d images (%.0f s)", name, done, total, time.perf_counter() - start)
 
-    return attack_shard_file(unit, device, threads, on_batch=batch_done)
+    def step_done(done: int, total: int, step: int, active: int) -> None:
+        batch = min(unit["batch_size"], total - done)
+        if progress:  # a batch's share grows with its steps (most images finish before max_steps)
+            progress.update(name, (done + batch * step / max_steps) / total)
+        if time.perf_counter() - last_log[0] > 30:  # a CPU batch can take minutes: say where it is
+            last_log[0] = time.perf_counter()
+            log.info("%s: images %d-%d of %d, step %d: %d still inside the budget (%.0f s)", name, done + 1,
+                     done + batch, total, step, active, last_log[0] - start)
+
+    result = attack_shard_file(unit, device, threads, on_batch=batch_done, on_step=step_done)
+    if progress:
+        progress.update(name, 1.0, force=True)
+    return result
 
 
 def cpu_threads(devices: list[str], units: int) -> int:
@@ -124,10 +148,37 @@ def generate_flow(
         raise RuntimeError(f"{out}: another generate run is writing this set (lock {lock.lock_file}); wait for it "
                            "to finish or use another output folder") from None
     try:
-        return _generate(attack, budget, options, surrogate, clean_dir, out, batch_size, devices, seed, metrics_path,
-                         cpu_threads)
+        with _stop_after_step_on_signals():
+            return _generate(attack, budget, options, surrogate, clean_dir, out, batch_size, devices, seed,
+                             metrics_path, cpu_threads)
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def _stop_after_step_on_signals():
+    """While the flow runs, SIGINT and SIGTERM set ``shards.STOP``: every job stops after its current attack step,
+    finished shards stay, unfinished ones are deleted, and the flow ends Failed. (Prefect's own SIGTERM handler
+    would end only this thread and leave the workers attacking.) A second signal gets the handler from before."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    log = get_run_logger()
+
+    def stop(signum, frame):
+        STOP.set()
+        log.warning("%s: stopping after the current attack step, finished shards kept (signal again to stop at "
+                    "once)", signal.Signals(signum).name)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    STOP.clear()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed, metrics_path,
@@ -136,6 +187,7 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
     options = dict(options)
     aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
     attack_kwargs = {k: options.pop(k) for k in aoa_arguments if k in options}
+    sub_batch = options.pop("sub_batch", "auto")  # resolved per unit, on its device
     if attack not in list_attacks():
         raise KeyError(f"unknown attack {attack!r}; known attacks: {', '.join(list_attacks())}")
     config = attack_config(budget, options)
@@ -146,22 +198,28 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
         "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": attack,
         "in_sha256": sha256_file(p),  # part of the job: a re-prepared clean shard is a different job
         "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
-        "surrogate": surrogate,
+        "surrogate": surrogate, "surrogate_sha256": weights_sha256(surrogate),  # other weights: another job
         "batch_size": batch_size, "seed": seed,
+        "sub_batch": sub_batch, "workers_per_device": _workers_per_device(devices, devices[i % len(devices)],
+                                                                         len(inputs)),
     } for i, p in enumerate(inputs)]
+    recorded = _recorded_sums(out)  # what earlier runs recorded of the shards they finished
+    for u in units:
+        u["recorded_sha256"] = recorded.get(Path(u["out_shard"]).name)
     outputs = [Path(u["out_shard"]) for u in units]
     for stale in sorted(set(shard_paths(out)) - set(outputs)):  # from a larger clean set of an earlier run
         log.warning("removing %s: its clean shard no longer exists", stale)
         stale.unlink()
     start = time.perf_counter()
     threads = cpu_threads(devices, len(units)) if threads == "auto" else int(threads)
-    results, failed = _run_units(units, devices, threads, log, f"generate {attack}")
+    results, failed = _run_units(units, devices, threads, log, f"generate {attack}", out)
     wall = time.perf_counter() - start
     for r in results:
         if r.get("repaired"):
-            log.warning("%s was damaged (%s) and has been regenerated", r["shard"], r["repaired"])
+            log.warning("%s was %s and has been made anew", r["shard"], r["repaired"])
     done = [r for r in results if not r["skipped"]]
-    finished = [p for p in outputs if p.exists()]
+    failed_outputs = {u["out_shard"] for u in failed}
+    finished = [p for p in outputs if p.exists() and str(p) not in failed_outputs]
     metrics = _metrics(finished, attack, done, wall)
     metrics["failed_units"] = sorted(Path(u["out_shard"]).name for u in failed)
     if metrics_path:
@@ -177,24 +235,60 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
     return metrics
 
 
-def _run_units(units, devices, threads: int, log, desc: str):
+def _workers_per_device(devices: list[str], device: str, units: int) -> int:
+    """How many workers share ``device`` at once (the CPU's workers, or one GPU listed several times)."""
+    return min(devices.count(device), units) or 1
+
+
+def _recorded_sums(out: Path) -> dict[str, str]:
+    sums = out / "SHA256SUMS"
+    if not sums.is_file():
+        return {}
+    lines = (line.split("  ", 1) for line in sums.read_text(errors="replace").splitlines())
+    return {parts[1]: parts[0] for parts in lines if len(parts) == 2 and parts[1].endswith(".tar")}
+
+
+def _record_sums(out: Path, sums: dict[str, str]) -> None:
+    """SHA256SUMS of the shards finished so far (each checked or just made), written whole and atomically: a
+    resume checks what it keeps against it. The index files join it when the set is complete."""
+    tmp = out / f".SHA256SUMS.{os.getpid()}.tmp"
+    tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+    os.replace(tmp, out / "SHA256SUMS")
+
+
+def _run_units(units, devices, threads: int, log, desc: str, out: Path):
     """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed).
-    Progress: a terminal bar and a Prefect progress artifact per finished shard; per-batch lines in the task logs."""
+    Progress: a terminal bar per finished shard, a Prefect progress artifact that also moves with the attack steps,
+    per-batch (and, on slow batches, per-step) lines in the task logs. After ``shards.STOP`` (a signal), nothing is
+    retried: the run stops with every finished shard kept."""
+    from prefect.runtime import flow_run
+
+    progress = RUNNING[str(flow_run.id)] = Progress(_artifact_key(desc), desc, len(units))
     futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)], threads))
                for i, u in enumerate(units)]
-    results, retry = [], []
-    progress = create_progress_artifact(0.0, key=_artifact_key(desc), description=desc)
-    for k, (u, dev, fut) in enumerate(tqdm(futures, desc=desc, unit="shard"), 1):
-        try:
-            results.append(fut.result())
-        except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
-            log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
-            retry.append((u, devices[(devices.index(dev) + 1) % len(devices)]))
-        update_progress_artifact(progress, 100.0 * k / len(futures))
+    results, retry, sums = [], [], {}
+    try:
+        for u, dev, fut in tqdm(futures, desc=desc, unit="shard"):
+            try:
+                results.append(fut.result())
+                sums[results[-1]["shard"]] = results[-1]["sha256"]
+                _record_sums(out, sums)
+            except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
+                if not STOP.is_set():
+                    log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
+                retry.append((u, devices[(devices.index(dev) + 1) % len(devices)]))
+            progress.update(Path(u["out_shard"]).stem, 1.0, force=True)
+    finally:
+        RUNNING.pop(str(flow_run.id), None)
+    if STOP.is_set():
+        raise Stopped(f"{desc}: stopped on request; {len(results)} of {len(units)} shards are complete and kept, "
+                      "the rest will be made by the next run")
     failed = []
     for u, dev in retry:
         try:
             results.append(attack_shard.submit(u, dev, threads).result())
+            sums[results[-1]["shard"]] = results[-1]["sha256"]
+            _record_sums(out, sums)
             log.info("unit %s succeeded on retry on %s", Path(u["out_shard"]).name, dev)
         except Exception as e:  # noqa: BLE001
             log.error("unit %s failed again on %s: %s", Path(u["out_shard"]).name, dev, e)

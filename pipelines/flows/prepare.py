@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from tqdm import tqdm
 
+from pipelines.config import ConfigError
 from pipelines.params import write_json
 from shards.shardset import class_names, dataset_card_header, shard_name, write_index, write_shard
+from sources import BadSourceError, sha256_file
 from sources.reading import (
-    BadSourceError,
     Rejects,
     SourceSample,
     class_folder_source,
-    file_sha256,
     label_file_source,
     load_crop,
 )
@@ -55,6 +57,25 @@ def select(samples: list[SourceSample], mode: str, n: int, seed: int) -> list[So
     return sorted(chosen, key=lambda s: s.key)
 
 
+SET_FILE = re.compile(r"(clean-\d{6}\.tar|shardindex\.json|_info\.json|manifest\.jsonl|SHA256SUMS|README\.md|"
+                      r"rejects\.tsv)")  # every file a clean set holds: what prepare may replace
+
+
+def check_output_folder(source: dict[str, Any]) -> None:
+    """Refuse an output that would destroy data: ``out`` equal to, inside or holding the source root, or an
+    existing folder with files this stage did not write (named)."""
+    root, out = Path(source["root"]).resolve(), Path(source["out"]).resolve()
+    if out == root or root in out.parents or out in root.parents:
+        raise ConfigError(f"source.out ({source['out']}) {'is' if out == root else 'overlaps'} source.root "
+                          f"({source['root']}): the clean set replaces its folder, so it must lie outside the images")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not SET_FILE.fullmatch(p.name))
+        if foreign:
+            raise ConfigError(f"source.out ({source['out']}) holds files the prepare stage did not write "
+                              f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); it replaces that "
+                              "folder whole: choose an empty or new folder")
+
+
 def _swap_in(built: Path, out: Path) -> None:
     """Replace ``out`` by the complete set in ``built``; the old set is removed only after the new one is in place."""
     old = out.with_name(f".{out.name}.old")
@@ -70,7 +91,24 @@ def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.js
     """Write the clean set into a temporary folder beside ``source.out`` and swap it in only when complete, so a
     failure (missing source, a ``--strict`` reject, a crash) leaves the previous set as it was."""
     out = Path(source["out"])
+    check_output_folder(source)
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.parent / f".{out.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"{out}: another prepare run is writing this set (lock {lock.lock_file})") from None
+    try:
+        return _prepare(source, out, metrics_path, strict)
+    finally:
+        lock.release()
+
+
+def _prepare(source: dict[str, Any], out: Path, metrics_path: str, strict: bool) -> dict:
+    log = get_run_logger()
+    for stale in out.parent.glob(f".{out.name}.building-*"):  # a killed run's; we hold the lock, so none is live
+        log.warning("removing %s, left by an interrupted prepare run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -81,7 +119,7 @@ def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.js
     finally:
         shutil.rmtree(building, ignore_errors=True)
     write_json(metrics_path, metrics)
-    get_run_logger().info("prepared %d clean crops in %d shards (%d rejected, see %s)", metrics["images"],
+    log.info("prepared %d clean crops in %d shards (%d rejected, see %s)", metrics["images"],
                           metrics["shards"], metrics["rejects"], out / "rejects.tsv")
     return metrics
 
@@ -89,7 +127,16 @@ def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.js
 def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
     rejects = Rejects(strict=strict)
     sel = source.get("select", {})
-    samples = select(index_source(source, rejects), sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
+    indexed = index_source(source, rejects)
+    labels = sorted({s.label for s in indexed})
+    if labels and labels[-1] >= source["num_classes"]:
+        raise ConfigError(f"source.root ({source['root']}) has label {labels[-1]} (of {len(labels)} classes) but "
+                          f"source.num_classes is {source['num_classes']}: set num_classes or remove the extra "
+                          "class folders")
+    samples = select(indexed, sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
+    if not samples:
+        raise ConfigError(f"source: nothing selected from {len(indexed)} indexed image(s) (select: {sel}); the "
+                          "previous clean set is kept")
     buffer, shards, kept = [], 0, 0
 
     def flush():
@@ -105,12 +152,19 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
             continue
         buffer.append({"key": s.key, "image": image, "cls": s.label,
                        "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_file": s.path.name,
-                                "source_sha256": file_sha256(s.path)}})
+                                "source_sha256": sha256_file(s.path)}})
         kept += 1
         if len(buffer) == source["shard_size"]:
             flush()
     if buffer:
         flush()
+    if not kept:  # an empty set never replaces a good one
+        kept_rejects = Path(str(source["out"]).rstrip("/") + ".rejects.tsv")
+        rejects.write(kept_rejects)
+        reasons = sorted({r for _, r in rejects.items})
+        raise BadSourceError(source["root"], f"all {len(samples)} selected image(s) were rejected ({'; '.join(reasons[:3])}"
+                             f"{'; ...' if len(reasons) > 3 else ''}; every file in {kept_rejects}); the previous "
+                             "clean set is kept")
     rejects.write(out / "rejects.tsv")
     header = dataset_card_header("clean", class_names(out), "clean crops (DAmageNet source images)")
     (out / "README.md").write_text(header + "\n" + _card(source, kept, len(rejects)))

@@ -26,7 +26,10 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
     # figures inline: the Prefect UI cannot follow links to files on this machine
     create_markdown_artifact(key="damagenet-robustness-report", markdown=result["markdown_inline"],
                              description="DAmageNet robustness report")
-    get_run_logger().info("report written to %s/report.md and report.html", out_dir)
+    log = get_run_logger()
+    for w in result["warnings"]:
+        log.warning("sanity check: %s", w)
+    log.info("report written to %s/report.md and report.html", out_dir)
     return result
 
 

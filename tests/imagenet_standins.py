@@ -1,0 +1,71 @@
+"""Stand-ins in the real layouts for the ImageNet profile's rehearsal: an ILSVRC2012 val tree (1000 WordNet-id class
+folders, a few real photos in their true classes, the quirks real downloads have) and a local Hugging Face hub
+cache holding random-weight timm models exactly as ``hf download`` lays them out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image
+
+from sources.real_world import PHOTOS
+
+# the ImageNet profile's seven models, stood in for by tiny timm networks with hub weights (test_resnet is ResNet-like,
+# so SGLRP can explain it: it stands in for the VGG19 surrogate); DenseNet-121 (8 M parameters) is itself, so the
+# report's join with the published table has a row to show
+STAND_INS = {"vgg19": "test_resnet.r160_in1k", "vgg16": "test_efficientnet.r160_in1k",
+             "resnet50": "test_byobnet.r160_in1k", "densenet121": "densenet121.tv_in1k",
+             "inception_v3": "test_convnext2.r160_in1k", "convnext_tiny": "test_convnext.r160_in1k",
+             "vit_base_patch16_224": "test_vit.r160_in1k"}
+
+
+def write_ilsvrc_val(root: Path) -> dict[str, int]:
+    """``root/<wnid>/ILSVRC2012_val_000000NN.JPEG`` for all 1000 classes (most empty): first a greyscale PNG under a
+    .JPEG name and a CMYK JPEG (the quirks of the real download), then two plain photos; returns file name -> true
+    class index, in that order."""
+    synsets = timm.data.ImageNetInfo().label_names()
+    for wnid in synsets:
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+    photos = {p.name: p for p in PHOTOS}
+    labels = {}
+    # in class order (how "first" selects): tabby 281, missile 657, tripod 872, espresso 967
+    for i, (name, mode, fmt) in enumerate([("chelsea", "L", "PNG"),      # a greyscale PNG under a .JPEG name
+                                           ("rocket", "CMYK", "JPEG"),   # CMYK JPEG (ImageNet has 22 of them)
+                                           ("camera", "RGB", "JPEG"),
+                                           ("coffee", "RGB", "JPEG")], 1):
+        photo = photos[name]
+        file = f"ILSVRC2012_val_{i:08d}.JPEG"
+        with Image.open(photo.file()) as img:
+            img.convert(mode).save(root / photo.wnid / file, format=fmt)
+        labels[file] = photo.index
+    return labels
+
+
+def write_hub_model(cache: Path, arch: str, seed: int) -> str:
+    """A random-weight ``arch`` (timm pretrained tag) in the hub cache layout; ``refs/main`` is moved to it.
+    Returns its revision."""
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False)
+    repo = cache / f"models--timm--{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        timm.models.save_for_hf(model, tmp, safe_serialization=True)
+        files = {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.name in ("config.json", "model.safetensors")}
+    revision = hashlib.sha1(json.dumps(sorted(hashlib.sha256(b).hexdigest() for b in files.values())).encode()
+                            ).hexdigest()
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / revision / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return revision

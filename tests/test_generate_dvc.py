@@ -1,0 +1,120 @@
+"""The generate stage under DVC: a stop (SIGTERM to the whole `dvc repro`, SIGINT to `damagenet generate`) ends
+within seconds, keeps every finished shard and leaves no partial file; the next `dvc repro` makes only the missing
+shards (the outputs persist) and the set is byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model_zoo.zoo import ModelSpec, build_model, save_weights
+from pipelines.flows.generate import generate
+from shards.shardset import shard_paths
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = [sys.executable, "-m", "dvc"]
+BUDGET = {"eta": 7.0, "eps": 16.0, "alpha": 1.0, "max_steps": 12}
+
+
+@pytest.fixture
+def workspace(tmp_path, small_world):
+    """A DVC project with this repository's dvc.yaml: 20 images of the small world in 4 shards, a local surrogate."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copy(REPO / "dvc.yaml", ws)
+    for code in ("attacks", "evaluators", "model_zoo", "pipelines", "shards", "sources", "training"):  # stage deps
+        shutil.copytree(REPO / code, ws / code, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(small_world / "val", ws / "images")
+    torch.manual_seed(0)
+    save_weights(build_model(ModelSpec(name="sur", arch="vgg_demo", num_classes=10)), ws / "weights/sur.safetensors")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(worlds={}, downstream={}, budget=BUDGET, attacks={"aoa": {"si": 2}})
+    params["zoo"] = {"out": "data/zoo", "data": "weights", "num_classes": 10, "img_size": 32,
+                     "models": [{"name": "sur", "arch": "vgg_demo", "weights": "weights/sur.safetensors"}]}
+    params["source"].update(root="images", select={"mode": "per_class", "n": 2, "seed": 0}, shard_size=5)
+    params["generate"].update(surrogate="sur", batch_size=5, cpu_workers=1, cpu_threads=1)
+    params["evaluate"].update(models=["sur"], sets=["clean", "aoa"])
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(DVC + ["init", "-q", "--no-scm"], cwd=ws, check=True)
+    return ws
+
+
+def _env():
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_API_URL": PREFECT_API_URL.value(),  # the session's test server
+            "DVC_NO_ANALYTICS": "1"}  # no analytics daemon outliving the run
+
+
+def _stop_mid_shard(cmd: list[str], cwd: Path, out: Path, sig: int, group: bool, log: Path) -> tuple[int, float]:
+    """Start ``cmd``, send ``sig`` once a shard is finished and the next one is being written; returns the exit
+    code and the seconds from the signal to the exit."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=f, stderr=f, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (
+                list(out.glob("*.tar")) and list(out.glob("*.tmp"))):
+            time.sleep(0.02)
+        assert proc.poll() is None, f"finished before it could be stopped:\n{log.read_text()[-3000:]}"
+        sent = time.time()
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+        took = time.time() - sent
+    for _ in range(100):  # nothing of the run is left behind (a Prefect server, a loader worker)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return code, took
+        time.sleep(0.1)
+    left = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    raise AssertionError(f"processes of the stopped run are still there:\n{left}")
+
+
+@pytest.mark.slow
+def test_stopped_generate_resumes_through_dvc_with_only_the_missing_shards(workspace, prefect_server, tmp_path):
+    out = workspace / "data/shards/aoa"
+    code, took = _stop_mid_shard(DVC + ["repro", "generate@aoa"], workspace, out, signal.SIGTERM, True,
+                                 tmp_path / "term.log")
+    assert code != 0 and took < 15, (code, took)
+    assert not list(out.glob("*.tmp"))
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in shard_paths(out)}
+    assert 1 <= len(kept) < 4
+
+    resumed = subprocess.run(DVC + ["repro", "generate@aoa"], cwd=workspace, env=_env(), capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for name, (ino, mtime, _) in kept.items():  # DVC kept them (persist) and generate did not redo them
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (ino, mtime), name
+    assert f"{4 - len(kept)} shards written, {len(kept)} already complete" in resumed.stdout + resumed.stderr
+
+    surrogate = json.loads((workspace / "data/zoo/models.json").read_text())[0]
+    reference = tmp_path / "reference"
+    os.chdir(workspace)  # the spec's weights path is relative to the project, as the stage ran it
+    try:
+        generate("aoa", BUDGET, {"si": 2, "sub_batch": "auto"}, surrogate, "data/shards/clean", str(reference),
+                 batch_size=5, devices=["cpu"], cpu_threads=1)
+    finally:
+        os.chdir(REPO)
+    assert {p.name: p.read_bytes() for p in shard_paths(out)} == {p.name: p.read_bytes()
+                                                                   for p in shard_paths(reference)}
+
+    # Ctrl-C on the stage command itself: the flow run ends Failed with the finished shards kept
+    for p in shard_paths(out)[2:]:
+        p.unlink()
+    code, took = _stop_mid_shard(["damagenet", "generate", "--attack", "aoa"], workspace, out, signal.SIGINT, False,
+                                 tmp_path / "int.log")
+    text = (tmp_path / "int.log").read_text()
+    assert code == 130 and took < 15, (code, took, text[-2000:])
+    assert "stopping after the current attack step" in text and "Finished in state Failed" in text
+    assert not list(out.glob("*.tmp")) and 2 <= len(shard_paths(out)) < 4
