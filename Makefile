@@ -38,7 +38,8 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the report-rendering test will be skipped"
-	$(PY) -m pytest
+	@# spread over the machine's cores (at most 4: the slow tests start their own processes)
+	$(PY) -m pytest -n auto --maxprocesses=4
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attack_step.py
