@@ -14,6 +14,7 @@ same on every run of one machine, as the shards' bytes must. What is free now is
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -64,3 +65,12 @@ def copy_bytes(attack, size: int, device: str | torch.device) -> int:
 def auto_sub_batch(attack, size: int, device: str | torch.device, workers: int) -> int:
     """Copies per pass for one of ``workers`` concurrent workers on ``device`` (at least 1)."""
     return max(1, int(SHARE * total_memory(device) / max(workers, 1) // copy_bytes(attack, size, device)))
+
+
+def warn_if_short(attack, size: int, device: str | torch.device, copies: int, workers: int) -> None:
+    """Warn (not resize: see above) when ``workers`` passes of ``copies`` copies need more than is free now."""
+    need, free = copies * max(workers, 1) * copy_bytes(attack, size, device), free_memory(device)
+    if need > free:
+        warnings.warn(f"{max(workers, 1)} worker(s) x {copies} image copies per pass need about {need / 2**30:.1f} GiB "
+                      f"on {device}; {free / 2**30:.1f} GiB is free now: if it runs out of memory, set "
+                      f"generate.sub_batch lower", RuntimeWarning, stacklevel=2)

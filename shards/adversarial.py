@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from attacks import AttackConfig, create_attack
-from attacks.memory import auto_sub_batch, copy_bytes
+from attacks.memory import auto_sub_batch, copy_bytes, warn_if_short
 from model_zoo.zoo import build_model
 from shards import STOP, Stopped
 from shards.shardset import ShardWriter, read_shard, sha256_file, shard_records, tar_samples
@@ -76,6 +76,8 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
         sub_batch = auto_sub_batch(attack, model.data_config["input_size"][-1], device, unit["workers_per_device"])
         if sub_batch >= unit["batch_size"] * attack.config.si:
             sub_batch = 0  # everything fits in one pass: the same job as sub_batch 0
+        warn_if_short(attack, model.data_config["input_size"][-1], device,
+                      sub_batch or unit["batch_size"] * attack.config.si, unit["workers_per_device"])
     attack.config = replace(attack.config, sub_batch=sub_batch)
     digest = job_digest({**unit, "config": {**unit["config"], "sub_batch": sub_batch}})
     repaired = None

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -500,6 +501,13 @@ def test_activation_bytes_and_auto_sub_batch_follow_their_formula(monkeypatch):
     assert memory.auto_sub_batch(attack, 32, "cpu", workers=3) == int(0.5 * 2**30 / 3 // per_copy)
     monkeypatch.setattr(memory, "total_memory", lambda device: 1000)
     assert memory.auto_sub_batch(attack, 32, "cpu", workers=1) == 1  # never zero copies
+    # what is free now only warns, naming the parameter; it never changes the copies (the bytes depend on them)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 3 * per_copy)
+    with pytest.warns(RuntimeWarning, match=r"2 worker\(s\) x 2 image copies .*set generate.sub_batch lower"):
+        memory.warn_if_short(attack, 32, "cpu", copies=2, workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.warn_if_short(attack, 32, "cpu", copies=3, workers=1)
 
 
 def test_out_of_memory_names_the_parameter_and_leaves_no_partial_file(clean_set, surrogate, tmp_path, monkeypatch):
