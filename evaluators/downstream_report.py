@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evaluators.claims import REFUTES, REPRODUCES, seeds_standard_error, verdict  # noqa: E402
+from evaluators.claims import REFUTES, REPRODUCES, over_seeds_difference  # noqa: E402
 from evaluators.report import md_table, png_bytes  # noqa: E402
 from evaluators.unlearning import CHANCE_MARGIN  # noqa: E402
 
@@ -164,8 +164,8 @@ def _orthloss_claim(methods: dict[str, Any], sets: list[str]) -> str:
     lines = []
     for s in sets:
         fa, fb = a["sets"][s]["fpr95"], b["sets"][s]["fpr95"]
-        se = seeds_standard_error(fa["std"], a["seeds"], fb["std"], b["seeds"])
-        lines.append(f"- {s}: FPR95 {fa['mean']} vs {fb['mean']}: {verdict(fa['mean'], fb['mean'], se, False)}")
+        compared = over_seeds_difference(fa["mean"], fa["std"], a["seeds"], fb["mean"], fb["std"], b["seeds"])
+        lines.append(f"- {s}: FPR95 {fa['mean']} vs {fb['mean']}: {compared.verdict(higher_is_better=False)}")
     return "**Seed claim** (OrthLoss detects OOD better than OE, lower FPR95), over seeds:\n\n" + "\n".join(lines)
 
 
@@ -241,10 +241,10 @@ def _unlearning_claim(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         for m in ("natmu", "sfr-on", "muso"):
             if m in rows:
                 r = rows[m]
-                se = seeds_standard_error(r.get("avg_gap_std") or 0.0, r.get("seeds", 1), ft.get("avg_gap_std") or 0.0,
-                                          ft.get("seeds", 1))
+                compared = over_seeds_difference(r["avg_gap"], r.get("avg_gap_std") or 0.0, r.get("seeds", 1),
+                                                 ft["avg_gap"], ft.get("avg_gap_std") or 0.0, ft.get("seeds", 1))
                 lines.append(f"- {scenario}, {m} vs ft: Avg Gap {_mean_std(r, 'avg_gap')} vs {_mean_std(ft, 'avg_gap')}: "
-                             + verdict(r["avg_gap"], ft["avg_gap"], se, higher_is_better=False))
+                             + compared.verdict(higher_is_better=False))
     return ("**Seed claims** (NatMU, SFR-on, MUSO get closer to retraining than fine-tuning):\n\n"
             + ("\n".join(lines) or "cannot tell (no fine-tuning baseline in this run)") + "\n")
 
@@ -282,10 +282,12 @@ def _flatness_claims(metrics: dict[str, Any]) -> str:
     lines = []
     for a, b in (("sam", "sgd"), ("fsam", "sgd"), ("fsam", "sam")):
         if a in opt and b in opt:
-            se = seeds_standard_error(opt[a]["val_acc_std"], opt[a]["seeds"], opt[b]["val_acc_std"], opt[b]["seeds"])
-            lines.append(f"- {a} vs {b}: val acc {opt[a]['val_acc']} vs {opt[b]['val_acc']}: "
-                         + verdict(opt[a]["val_acc"], opt[b]["val_acc"], se))
+            compared = over_seeds_difference(opt[a]["val_acc"], opt[a]["val_acc_std"], opt[a]["seeds"],
+                                             opt[b]["val_acc"], opt[b]["val_acc_std"], opt[b]["seeds"])
+            lines.append(f"- {a} vs {b}: val acc {opt[a]['val_acc']} vs {opt[b]['val_acc']}: {compared.verdict()}")
     if "flat-lora" in lora and "lora" in lora:
-        lines.append(f"- flat-lora vs lora: val acc {lora['flat-lora']['val_acc']} vs {lora['lora']['val_acc']}: "
-                     + verdict(lora["flat-lora"]["val_acc"], lora["lora"]["val_acc"], None))
+        flat, plain = lora["flat-lora"], lora["lora"]
+        compared = over_seeds_difference(flat["val_acc"], flat.get("val_acc_std", 0.0), flat.get("seeds", 1),
+                                         plain["val_acc"], plain.get("val_acc_std", 0.0), plain.get("seeds", 1))
+        lines.append(f"- flat-lora vs lora: val acc {flat['val_acc']} vs {plain['val_acc']}: {compared.verdict()}")
     return "**Seed claims** (flatter minima generalise better):\n\n" + ("\n".join(lines) or "cannot tell")

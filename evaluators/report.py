@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attacks.sglrp import SGLRP  # noqa: E402
-from evaluators.claims import rates_standard_error, verdict  # noqa: E402
+from evaluators.claims import error_interval, format_p, paired_error_rates, paired_fooled_counts  # noqa: E402
 from model_zoo.zoo import build_model  # noqa: E402
 from shards.shardset import class_names, iter_shardset, shard_paths, shard_records  # noqa: E402
 
@@ -42,15 +42,28 @@ def error_table(records: list[dict[str, Any]], sets: list[str]) -> dict[str, dic
             for r in records}
 
 
-def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str], attacks: list[str]) -> list[dict]:
-    """Per baseline: mean victim error of AoA and of the baseline, and on how many victims AoA is higher."""
+def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str], attacks: list[str],
+                        fooled: dict[str, dict[str, list[str]]]) -> list[dict]:
+    """AoA against each baseline on the same images (``fooled``: per image and set, the victims it fools): mean
+    victim errors, on how many victims AoA is higher, the paired test over images across victims and the exact
+    McNemar test per victim."""
+    keys = sorted(fooled)
+
+    def wrong(victim: str, attack: str) -> np.ndarray:
+        return np.array([victim in fooled[k][attack] for k in keys])
+
+    def fooled_count(attack: str) -> np.ndarray:
+        return np.array([len(fooled[k][attack]) for k in keys])
+
     rows = []
     for b in (a for a in attacks if a != "aoa"):
         aoa = [errors[v]["aoa"] for v in victims]
         base = [errors[v][b] for v in victims]
         rows.append({"baseline": b, "aoa_mean_err": round(float(np.mean(aoa)), 2),
                      "baseline_mean_err": round(float(np.mean(base)), 2),
-                     "aoa_wins": sum(x > y for x, y in zip(aoa, base)), "victims": len(victims)})
+                     "aoa_wins": sum(x > y for x, y in zip(aoa, base)), "victims": len(victims),
+                     "overall": paired_fooled_counts(fooled_count("aoa"), fooled_count(b), len(victims)),
+                     "per_victim": {v: paired_error_rates(wrong(v, "aoa"), wrong(v, b)) for v in victims}})
     return rows
 
 
@@ -73,9 +86,13 @@ def per_image_fooled(eval_dir: Path, victims: list[str], sets: list[str]) -> tup
     return labels, fooled
 
 
-def binomial_halfwidth(n: int) -> float:
-    """Half-width (points) of the 95% normal interval of an error rate near 50% measured on n images."""
-    return round(196 * (0.25 / n) ** 0.5, 1)
+def error_cell(record: dict[str, Any], s: str) -> str:
+    """Top-1 error (%) with its exact 95% interval, from the evaluate record of one set."""
+    if s not in record["accuracy"]:
+        return ""
+    acc = record["accuracy"][s]
+    low, high = error_interval(round(acc["n"] * (100 - acc["top1"]) / 100), acc["n"])
+    return f"{100 - acc['top1']:.2f} ({low:.1f}–{high:.1f})"
 
 
 def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[str, Any], budget: dict[str, Any],
@@ -264,7 +281,10 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     archs = {r["name"]: r["arch"] for r in records}
     adversarial = [s for s in sets if s != "clean"]
     victims = [m for m in errors if m != surrogate["name"] and (victims is None or m in victims)]
-    transfer = transfer_comparison(errors, victims, adversarial) if "aoa" in adversarial and victims else []
+    transfer = []
+    if "aoa" in adversarial and victims:
+        labels, fooled = per_image_fooled(eval_path, victims, sets)
+        transfer = transfer_comparison(errors, victims, adversarial, fooled)
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
             for a in adversarial}
     n_clean = json.loads((Path(clean_dir) / "_info.json").read_text())["splits"]["validation"]["num_samples"]
@@ -288,34 +308,43 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         return f"{m} (`{archs[m]}`)" + (" surrogate" if m == surrogate["name"] else "") if m in archs else m
 
     top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 2) for r in records if "clean" in r["accuracy"]}
+    by_name = {r["name"]: r for r in records}
     sections = [
-        ("Top-1 error (%) per model and shard set (and clean top-5 error)",
+        ("Top-1 error (%) per model and shard set, with exact 95% intervals (and clean top-5 error)",
          md_table(["model (timm id)"] + sets + ["clean top-5"],
-                  [[model_cell(m)] + [errors[m].get(s, "") for s in sets] + [top5.get(m, "")] for m in errors]),
+                  [[model_cell(m)] + [error_cell(by_name[m], s) for s in sets] + [top5.get(m, "")] for m in errors]),
          None),
         ("Clean vs adversarial error", "", "errors.png"),
     ]
     if transfer:
-        sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", md_table(
+        overall = md_table(
             ["baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
-             "DAmageNet's claim (AoA transfers better)"],
+             "AoA - baseline, points [95% CI]", "sign test", "DAmageNet's claim (AoA transfers better)"],
             [[t["baseline"], t["aoa_mean_err"], t["baseline_mean_err"], f"{t['aoa_wins']}/{t['victims']}",
-              verdict(t["aoa_mean_err"], t["baseline_mean_err"],
-                      rates_standard_error(t["aoa_mean_err"], t["baseline_mean_err"], n_clean * t["victims"]))]
-             for t in transfer]) + "\n\nVerdict: the gap against twice its binomial standard error over the "
-            f"{n_clean} images x {len(victims)} victims (victims are not independent, so this is optimistic).",
-            None))
+              f"{c.difference:+.1f} [{c.low:+.1f}, {c.high:+.1f}]", format_p(c.p), c.outcome()]
+             for t in transfer for c in [t["overall"]]])
+        per_victim = md_table(
+            ["victim"] + [t["baseline"] for t in transfer],
+            [[v] + [f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})"
+                    for t in transfer for c in [t["per_victim"][v]]] for v in victims])
+        sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", overall + (
+            f"\n\nEvery attack is run on the same {n_clean} images, so the comparison is paired. Across the "
+            f"{len(victims)} victims the image is the unit (the victims see the same images): an exact sign test on "
+            "how many victims each image fools under AoA vs the baseline, and a paired bootstrap interval over images "
+            "for the mean difference in error. \"reproduces\" / \"refutes\" only when p < 0.05.\n\n"
+            "Per victim: AoA's error minus the baseline's, in points, with the exact McNemar test on the images only "
+            "one of the two fools (AoA-only vs baseline-only images):\n\n") + per_victim, None))
     if transfer and n_clean <= PER_IMAGE_MAX:
-        labels, fooled = per_image_fooled(eval_path, victims, sets)
+        low, high = error_interval(n_clean // 2, n_clean)
         sections.append((f"Per image: victims fooled out of {len(victims)} ({', '.join(victims)})", md_table(
             ["image", "true class"] + sets,
             [[key, f"{names.get(labels[key], labels[key])} ({labels[key]})"] + [len(fooled[key][s]) for s in sets]
              for key in sorted(fooled)]) + (
-            f"\n\nWith {n_clean} images a victim's error rate is known only to about ±{binomial_halfwidth(n_clean)} "
-            "points (95%, near 50%), so differences between attacks in the tables above smaller than that are not "
-            "evidence either way. What a set this small can show: whether images made on the surrogate fool other "
+            f"\n\nWith {n_clean} images, a victim that gets half of them wrong has an error rate anywhere in "
+            f"{low:.1f}–{high:.1f}% (exact 95% interval), so the tables above can tell attacks apart only by large "
+            "margins. What a set this small can show: whether images made on the surrogate fool other "
             "models at all, photo by photo, and what the attacks do to a real photograph (examples below); not "
-            "which attack transfers better."), None))
+            "which attack transfers better, unless the paired tests above say so."), None))
     sections.append((f"RMSD of the published images (budget {budget['eta']})", md_table(
         ["attack", "mean RMSD", "max RMSD", "images"],
         [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)] for a, v in rmsd.items()]), "rmsd.png"))

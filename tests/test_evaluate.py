@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -151,7 +152,18 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
                  for line in (tmp_path / "eval" / "predictions" / "resnet10t" / "aoa.jsonl").read_text().splitlines())
     table = result["markdown"].split("Per image: victims fooled out of 1 (resnet10t)")[1].split("With 10 images")[0]
     assert sum(int(row.split("|")[4]) for row in table.strip().splitlines()[2:]) == fooled  # aoa column
-    assert "±31.0 points" in text
+    assert "18.7–81.3% (exact 95% interval)" in text  # 5 of 10 wrong
+    # the transfer verdict is the exact paired test on the same images, recounted here from the predictions
+    def wrong(s):
+        return {p["key"]: p["top5"][0] != p["label"] for p in map(json.loads, (
+            tmp_path / "eval" / "predictions" / "resnet10t" / f"{s}.jsonl").read_text().splitlines())}
+    aoa, pgd = wrong("aoa"), wrong("pgd")
+    only_aoa, only_pgd = sum(aoa[k] and not pgd[k] for k in aoa), sum(pgd[k] and not aoa[k] for k in aoa)
+    n = only_aoa + only_pgd
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(only_aoa, only_pgd) + 1)) / 2**n) if n else 1.0
+    compared = result["transfer"][0]["per_victim"]["resnet10t"]
+    assert compared.p == pytest.approx(p) and f"{only_aoa} vs {only_pgd} of 10 images" in text
+    assert result["transfer"][0]["overall"].p == pytest.approx(p)  # one victim: the sign test is McNemar's
     card = json.loads((tmp_path / "report" / "robustbench" / "resnet10t.json").read_text())
     record = json.loads((tmp_path / "eval" / "models" / "resnet10t.json").read_text())["accuracy"]
     assert card["clean_acc"] == f"{record['clean']['top1']:.2f}" and card["aoa_acc"] == f"{record['aoa']['top1']:.2f}"

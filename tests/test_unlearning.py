@@ -386,9 +386,11 @@ def test_unlearning_claim_is_judged_over_seeds_and_chance_is_shown_as_such():
         return {"avg_gap": gap, "avg_gap_std": std, "seeds": seeds, "MIA": None, "MIA_std": None}
 
     three = _unlearning_claim({"random-10": {"ft": row(10.0, 1.0), "natmu": row(2.0, 1.0), "muso": row(9.5, 1.0)}})
-    assert "natmu vs ft: Avg Gap 2.0 ± 1.0 vs 10.0 ± 1.0: reproduces" in three
-    assert "muso vs ft: Avg Gap 9.5 ± 1.0 vs 10.0 ± 1.0: cannot tell" in three  # 0.5 < 2 x 0.82
+    # Welch over 3 vs 3 seeds: t = 8 / 0.82, 4 degrees of freedom (p = 0.0006); a 0.5 gap is noise (p = 0.57)
+    assert "natmu vs ft: Avg Gap 2.0 ± 1.0 vs 10.0 ± 1.0: reproduces (difference -8.0" in three
+    assert "muso vs ft: Avg Gap 9.5 ± 1.0 vs 10.0 ± 1.0: cannot tell (difference -0.5" in three
+    assert "p < 0.001" in three and "p = 0.57" in three
     one = _unlearning_claim({"random-10": {"ft": row(10.0, 0.0, 1), "natmu": row(2.0, 0.0, 1)}})
-    assert "natmu vs ft: Avg Gap 2.0 vs 10.0: cannot tell (one seed" in one
+    assert "natmu vs ft: Avg Gap 2.0 vs 10.0: cannot tell (1 seed: no test)" in one
     assert _mean_std(row(1.0, 0.0), "MIA") == "n/a (attack at chance)"
     assert _mean_std({"RA": 99.0}, "MIA") == ""  # not measured at all
