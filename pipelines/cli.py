@@ -16,6 +16,7 @@ import pipelines  # noqa: F401  (environment defaults before Prefect is imported
 from model_zoo import ZooError
 from pipelines.config import ConfigError
 from pipelines.params import load_params, metrics_dir, section
+from pipelines.reproducible import NotReproducibleHere, pin_cpu
 from sources import BadSourceError
 
 
@@ -89,7 +90,7 @@ def _generate(args, params):
         batch_size=gen["batch_size"],
         devices=gen["devices"],
         cpu_workers=gen["cpu_workers"],
-        cpu_threads=gen["cpu_threads"],
+        cpu_threads=(params["reproducible"] or {}).get("threads", gen["cpu_threads"]),
         seed=gen["seed"],
         dask=gen.get("dask"),
         metrics_path=str(args.metrics / "generate" / f"{args.attack}.json"),
@@ -362,12 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     args.metrics = metrics_dir(args.params)
     try:
         params = load_params(args.params)
+        pin_cpu(params["reproducible"])
         labels = [f"profile:{params.get('profile', 'demo')}", f"stage:{args.stage}"]
         if getattr(args, "attack", None):
             labels.append(f"attack:{args.attack}")
         with tags(*labels):  # every flow and task run of this command carries them (Prefect UI filters)
             args.run(args, params)
-    except (ConfigError, ZooError, BadSourceError) as e:  # a parameters, weights or source problem: its message
+    except (ConfigError, ZooError, BadSourceError, NotReproducibleHere) as e:  # a parameters, weights or source problem: its message
         print(f"damagenet {args.stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (Stopped, KeyboardInterrupt) as e:

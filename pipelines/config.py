@@ -251,11 +251,19 @@ class Optim(_Section):
     shard_sets: dict[str, str]
 
 
+class Reproducible(_Section):
+    """Pin the CPU kernels (AVX2) and the intra-op threads of every stage that trains, attacks or evaluates, so the
+    same params give the same bytes on any x86-64 machine with AVX2 (pipelines/reproducible.py)."""
+
+    threads: Positive = 2
+
+
 class Params(_Section):
     """A file may leave out sections its commands do not read (``damagenet verify`` needs only ``source``); a stage
     whose section is missing fails naming it."""
 
     profile: str = "demo"
+    reproducible: Reproducible | None = None  # null: this machine's fastest kernels (bytes may differ by CPU)
     worlds: dict[Literal["demo", "real"], str] = {}  # embedded worlds to build -> their folder (dvc.yaml foreach)
     demo_world: DemoWorld | None = None
     real_world: RealWorld | None = None

@@ -32,7 +32,13 @@ def _dvc(args: list[str], root: str | Path) -> int:
 
 
 def publish(targets: list[str], root: str | Path = ".") -> int:
-    """``dvc push`` to the default remote (a missing local remote folder is created)."""
+    """``dvc push`` to the default remote (a missing local remote folder is created), only once ``dvc.lock`` is
+    committed: a consumer's clone reads that file to know which objects to fetch."""
+    lock = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock"], cwd=root, capture_output=True,
+                          text=True)
+    if lock.returncode == 0 and lock.stdout.strip():
+        raise ConfigError(f"{Path(root).resolve() / 'dvc.lock'} has changes git has not committed: commit it first "
+                          "(`git add dvc.lock && git commit`), or a clone would fetch other shards than these")
     name, url = default_remote(root)
     if _is_local(url):
         Path(url).mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,12 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pipelines.reproducible import PINNED_ENV  # noqa: E402
+
+# the kernels params.yaml's `reproducible` switch pins, set before the first tensor operation (the libraries read
+# them once): tests that run a stage in-process then meet the same kernels the switch asks for
+os.environ.update(PINNED_ENV)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -1,0 +1,40 @@
+"""The ``reproducible`` switch: the same float bytes on any x86-64 machine with AVX2.
+
+On a CPU the bytes of a training run or an attack depend on which vector kernels run: ATen picks its kernel level
+(default / AVX2 / AVX-512) from the CPU, oneDNN (convolutions) its instruction set, MKL (matrix products) its code
+path, and reductions split their work by the intra-op thread count. Each changes the last bits of some results, and
+a few SGD steps carry those bits into every weight. The switch pins all four to what every such machine has. It must
+act before the process runs its first tensor operation: all three libraries read their setting once, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2,STRICT",  # MKL's conditional numerical reproducibility: one code path, strict mode
+}
+
+
+class NotReproducibleHere(RuntimeError):
+    pass
+
+
+def pin_cpu(cfg: dict[str, Any] | None) -> None:
+    """Pin kernels and threads for this process and the processes it starts (``cfg``: the params' ``reproducible``
+    section; None leaves the machine's fastest kernels)."""
+    if not cfg:
+        return
+    os.environ.update(PINNED_ENV)
+    os.environ["OMP_NUM_THREADS"] = str(cfg["threads"])
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    level = torch.backends.cpu.get_cpu_capability()
+    if level != "AVX2":
+        raise NotReproducibleHere(
+            f"reproducible: ATen runs {level} kernels, not AVX2 (the CPU lacks AVX2, or a tensor operation ran before "
+            "the switch could act); set reproducible: null to run with this machine's kernels")
