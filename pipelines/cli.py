@@ -90,7 +90,9 @@ def _generate(args, params):
         batch_size=gen["batch_size"],
         devices=gen["devices"],
         cpu_workers=gen["cpu_workers"],
-        cpu_threads=(params["reproducible"] or {}).get("threads", gen["cpu_threads"]),
+        # the switch fixes the threads unless the params give a number themselves (auto follows the core count)
+        cpu_threads=(params["reproducible"] or {}).get("threads", "auto") if gen["cpu_threads"] == "auto"
+        else gen["cpu_threads"],
         seed=gen["seed"],
         dask=gen.get("dask"),
         metrics_path=str(args.metrics / "generate" / f"{args.attack}.json"),

@@ -185,13 +185,15 @@ def test_aoa_conventions_reach_sglrp_and_the_config_hash(random_surrogate):
 def test_sub_batches_give_the_whole_batch_gradient(name, options, random_surrogate):
     """Memory is bounded by running the SI copies a few images at a time; DI is drawn once for all of them.
     The input is seeded, not drawn from the suite's global generator: a random net's logits can be near-tied, and
-    rounding noise then flips AoA's runner-up class (another objective, not another computation)."""
+    rounding noise then flips AoA's runner-up class (another objective, not another computation). AoA's gradient is a
+    small difference of large relevance maps: another batch shape sums in another order, which moves it by up to
+    ~1e-4 of its largest element (AVX2 kernels; 3e-7 with AVX-512); a wrong split is off by order one."""
     x, y = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3])
     whole = create_attack(name, random_surrogate, BUDGET, **options)
     split = create_attack(name, random_surrogate, replace(BUDGET, sub_batch=2), **options)
     g_whole = whole.gradient(x, y, torch.Generator().manual_seed(5))
     g_split = split.gradient(x, y, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(g_split, g_whole, rtol=1e-4, atol=1e-6 * g_whole.abs().max().item())
+    torch.testing.assert_close(g_split, g_whole, rtol=1e-3, atol=1e-3 * g_whole.abs().max().item())
 
 
 def test_cpu_workers_share_the_cores_only_with_workers_that_can_run(monkeypatch):
