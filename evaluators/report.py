@@ -329,9 +329,11 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
                     for t in transfer for c in [t["per_victim"][v]]] for v in victims])
         sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", overall + (
             f"\n\nEvery attack is run on the same {n_clean} images, so the comparison is paired. Across the "
-            f"{len(victims)} victims the image is the unit (the victims see the same images): an exact sign test on "
-            "how many victims each image fools under AoA vs the baseline, and a paired bootstrap interval over images "
-            "for the mean difference in error. \"reproduces\" / \"refutes\" only when p < 0.05.\n\n"
+            f"{len(victims)} victims ({', '.join(victims)}) the image is the unit (the victims see the same "
+            "images): an exact sign test on how many victims each image fools under AoA vs the baseline, and a "
+            "paired bootstrap interval over images for the mean difference in error. \"reproduces\" / \"refutes\" "
+            f"only when p < 0.05; each row is its own test, not corrected for the {len(transfer)} baselines (Holm's "
+            "correction would multiply the smallest p by that number).\n\n"
             "Per victim: AoA's error minus the baseline's, in points, with the exact McNemar test on the images only "
             "one of the two fools (AoA-only vs baseline-only images):\n\n") + per_victim, None))
     if transfer and n_clean <= PER_IMAGE_MAX:
