@@ -71,23 +71,23 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
     model = _surrogate(json.dumps({**unit["surrogate"], "sha256": unit.get("surrogate_sha256")}, sort_keys=True),
                        device)
     attack = create_attack(unit["attack"], model, AttackConfig(**unit["config"]), **unit.get("attack_kwargs", {}))
-    sub_batch = unit.get("sub_batch", 0)
+    sub_batch, size = unit.get("sub_batch", 0), model.data_config["input_size"][-1]
     if sub_batch == "auto":
-        sub_batch = auto_sub_batch(attack, model.data_config["input_size"][-1], device, unit["workers_per_device"])
+        sub_batch = auto_sub_batch(attack, size, device, unit["workers_per_device"])
         if sub_batch >= unit["batch_size"] * attack.config.si:
             sub_batch = 0  # everything fits in one pass: the same job as sub_batch 0
-        warn_if_short(attack, model.data_config["input_size"][-1], device,
-                      sub_batch or unit["batch_size"] * attack.config.si, unit["workers_per_device"])
+        warn_if_short(attack, size, device, sub_batch or unit["batch_size"] * attack.config.si,
+                      unit["workers_per_device"])
     attack.config = replace(attack.config, sub_batch=sub_batch)
     digest = job_digest({**unit, "config": {**unit["config"], "sub_batch": sub_batch}})
     repaired = None
     if out.exists():
         state = _existing_output(out, digest, count=sum(1 for _ in tar_samples(unit["in_shard"])))
-        recorded = unit.get("recorded_sha256")
-        if state == "complete" and recorded and sha256_file(out) != recorded:
+        recorded, digest_now = unit.get("recorded_sha256"), sha256_file(out) if state == "complete" else None
+        if recorded and digest_now not in (None, recorded):
             state = "its checksum differs from the one SHA256SUMS recorded"
         if state == "complete":
-            return {"shard": out.name, "skipped": True, "device": device, "sha256": sha256_file(out)}
+            return {"shard": out.name, "skipped": True, "device": device, "sha256": digest_now}
         if state.startswith("job ") and "None" in state:  # records without a job digest: not written here
             raise FileExistsError(f"{out}: not written by this pipeline; move it away or use another output folder")
         # made by another job (other inputs, parameters or weights), or damaged: made anew
@@ -112,7 +112,7 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
             except (RuntimeError, MemoryError) as e:
                 if not _is_out_of_memory(e):
                     raise
-                copies = copy_bytes(attack, x.shape[-1], device) / 2**30
+                copies = copy_bytes(attack, size, device) / 2**30
                 raise MemoryError(
                     f"{out.name}: out of memory on {device} with {sub_batch or 'all'} image copies per pass (about "
                     f"{copies:.2f} GiB each): set generate.sub_batch in the parameters file to a smaller number "

@@ -226,6 +226,14 @@ def index_files(root: Path | str, set_name: str, shards: list[Path]) -> dict[str
             "manifest.jsonl": "".join(json.dumps(m, sort_keys=True) + "\n" for m in manifest)}
 
 
+def write_sums(root: Path | str, sums: dict[str, str]) -> None:
+    """``SHA256SUMS`` (``sha256sum -c`` format) from ``{file name: sha256}`` in that order, written whole and
+    atomically: a kill leaves the old file or the new one, never a part (a resume trusts what it lists)."""
+    tmp = Path(root) / f".SHA256SUMS.{os.getpid()}.tmp"
+    tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    os.replace(tmp, Path(root) / "SHA256SUMS")
+
+
 CARD_FILES = ("README.md", "rejects.tsv")  # listed in SHA256SUMS when the stage wrote them
 
 
@@ -241,6 +249,6 @@ def write_index(root: Path | str, set_name: str, shards: list[Path] | None = Non
     for name, text in contents.items():
         (root / name).write_text(text)
     files = [p.name for p in shards] + list(INDEX_FILES) + [f for f in CARD_FILES if (root / f).exists()]
-    (root / "SHA256SUMS").write_text("".join(f"{sha256_file(root / f)}  {f}\n" for f in files))
+    write_sums(root, {f: sha256_file(root / f) for f in files})
     info = json.loads(contents["_info.json"])["splits"]["validation"]
     return {"shards": len(shards), "samples": info["num_samples"]}

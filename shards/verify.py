@@ -44,7 +44,7 @@ def verify_files(root: Path | str) -> list[str]:
     and its index files say what its shards hold (cheap: no image is decoded)."""
     root = Path(root)
     problems: list[str] = []
-    listed = _read_sums(root / "SHA256SUMS", problems)
+    listed = read_sums(root / "SHA256SUMS", problems)
     for name, digest in listed.items():
         path = root / name
         if not path.is_file():
@@ -87,7 +87,9 @@ def _verify_samples(root: Path, num_classes: int, clean, budget, size) -> list[s
     return problems
 
 
-def _read_sums(path: Path, problems: list[str]) -> dict[str, str]:
+def read_sums(path: Path, problems: list[str]) -> dict[str, str]:
+    """``{file name: sha256}`` from a ``SHA256SUMS`` file; a missing file, a malformed or repeated line and a name
+    outside the set are left out and described in ``problems``."""
     if not path.is_file():
         problems.append(f"{path}: missing")
         return {}

@@ -44,7 +44,9 @@ from shards.shardset import (
     shard_paths,
     shard_records,
     write_index,
+    write_sums,
 )
+from shards.verify import read_sums
 
 
 def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
@@ -194,16 +196,18 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
     inputs = shard_paths(clean_dir)
     if not inputs:
         raise FileNotFoundError(f"{clean_dir}: no clean shards (run the prepare stage first)")
+    surrogate_sha256 = weights_sha256(surrogate)  # hashed once: a VGG19 file is half a gigabyte
     units = [{
         "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": attack,
         "in_sha256": sha256_file(p),  # part of the job: a re-prepared clean shard is a different job
         "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
-        "surrogate": surrogate, "surrogate_sha256": weights_sha256(surrogate),  # other weights: another job
+        "surrogate": surrogate, "surrogate_sha256": surrogate_sha256,  # other weights: another job
         "batch_size": batch_size, "seed": seed,
         "sub_batch": sub_batch, "workers_per_device": _workers_per_device(devices, devices[i % len(devices)],
                                                                          len(inputs)),
     } for i, p in enumerate(inputs)]
-    recorded = _recorded_sums(out)  # what earlier runs recorded of the shards they finished
+    # what earlier runs recorded of the shards they finished (an unreadable line records nothing: made anew)
+    recorded = read_sums(out / "SHA256SUMS", problems=[])
     for u in units:
         u["recorded_sha256"] = recorded.get(Path(u["out_shard"]).name)
     outputs = [Path(u["out_shard"]) for u in units]
@@ -240,22 +244,6 @@ def _workers_per_device(devices: list[str], device: str, units: int) -> int:
     return min(devices.count(device), units) or 1
 
 
-def _recorded_sums(out: Path) -> dict[str, str]:
-    sums = out / "SHA256SUMS"
-    if not sums.is_file():
-        return {}
-    lines = (line.split("  ", 1) for line in sums.read_text(errors="replace").splitlines())
-    return {parts[1]: parts[0] for parts in lines if len(parts) == 2 and parts[1].endswith(".tar")}
-
-
-def _record_sums(out: Path, sums: dict[str, str]) -> None:
-    """SHA256SUMS of the shards finished so far (each checked or just made), written whole and atomically: a
-    resume checks what it keeps against it. The index files join it when the set is complete."""
-    tmp = out / f".SHA256SUMS.{os.getpid()}.tmp"
-    tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
-    os.replace(tmp, out / "SHA256SUMS")
-
-
 def _run_units(units, devices, threads: int, log, desc: str, out: Path):
     """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed).
     Progress: a terminal bar per finished shard, a Prefect progress artifact that also moves with the attack steps,
@@ -272,7 +260,7 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path):
             try:
                 results.append(fut.result())
                 sums[results[-1]["shard"]] = results[-1]["sha256"]
-                _record_sums(out, sums)
+                write_sums(out, dict(sorted(sums.items())))  # a resume checks kept shards against it
             except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
                 if not STOP.is_set():
                     log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
@@ -288,7 +276,7 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path):
         try:
             results.append(attack_shard.submit(u, dev, threads).result())
             sums[results[-1]["shard"]] = results[-1]["sha256"]
-            _record_sums(out, sums)
+            write_sums(out, dict(sorted(sums.items())))
             log.info("unit %s succeeded on retry on %s", Path(u["out_shard"]).name, dev)
         except Exception as e:  # noqa: BLE001
             log.error("unit %s failed again on %s: %s", Path(u["out_shard"]).name, dev, e)
