@@ -58,29 +58,21 @@ def metrics_dir(params_path: str | Path) -> Path:
     return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """``obj`` as JSON written to a temporary file beside ``path`` and renamed over it: a kill mid-write leaves the
-    old file or the new one, never half of one."""
+def write_json(path: str | Path, obj: Any, pretty: bool = True) -> None:
+    """``obj`` as JSON, sorted and indented (stable bytes for DVC diffs; ``pretty=False``: compact, for large cache
+    records), written to a temporary file beside ``path`` and renamed over it: a kill mid-write leaves the old file
+    or the new one, never half of one."""
     import json
     import os
-    import tempfile
+    import threading
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a name of this process and thread (not mkstemp's 0600 file): the result gets the usual permissions
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n" if pretty else json.dumps(obj))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Metrics and records as sorted, indented JSON (stable bytes for DVC diffs)."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

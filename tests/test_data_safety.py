@@ -282,3 +282,24 @@ def test_verify_refuses_a_member_larger_than_an_image_without_reading_it(small_s
     problems = verify_shardset(small_set, 10, size=8)
     assert any("member 'k10.png' declares 6442450944 bytes, more than a sample of this set can hold" in p
                for p in problems)
+
+
+def test_json_records_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Metrics and cache records: a write that dies before its rename leaves the old file and no temporary."""
+    import json
+    import os
+
+    from pipelines.params import write_json
+
+    record = tmp_path / "eval" / "cache.json"
+    write_json(record, {"top1": 50.0}, pretty=False)
+    assert json.loads(record.read_text()) == {"top1": 50.0} and "\n" not in record.read_text()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(record, {"top1": 99.0})
+    assert json.loads(record.read_text()) == {"top1": 50.0}
+    assert [p.name for p in record.parent.iterdir()] == ["cache.json"]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from evaluators.classification import evaluate_shardset, shardset_hash
 from model_zoo.zoo import build_model, weights_hash
-from pipelines.params import write_json, write_json_atomic
+from pipelines.params import write_json
 
 
 def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
@@ -66,7 +66,7 @@ def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, b
                 continue
             model = model or build_model(spec, device=device)
             r = evaluate_shardset(model, root, batch_size, device, workers)
-            write_json_atomic(cache, r)
+            write_json(cache, r, pretty=False)
             results[set_name] = r | {"cached": False}
         model = model or build_model(spec, device="cpu")
         cfg = model.data_config
