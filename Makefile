@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo real imagenet test bench install lint clean
+.PHONY: demo real real-authors imagenet test bench install lint clean
 
 install: $(STAMP)
 
@@ -26,12 +26,19 @@ demo: $(STAMP)
 real: $(STAMP)
 	scripts/run-profile profiles/real.yaml
 
+# the real profile plus AoA in the authors' setting (SI over x, x, x/2, x/4, x/8) as a second AoA set: about 100 s
+# per photo on two CPU cores, so not part of `make real`; its own workspace, runs/real-authors
+AOA_AUTHORS := {attack: aoa, si: 4, si_x_twice: true, bounds: image, relu: channel, inactive_pool: spread}
+real-authors: $(STAMP)
+	scripts/run-profile profiles/real.yaml runs/real-authors 'attacks.aoa-authors=$(AOA_AUTHORS)' \
+		'evaluate.sets=[clean, aoa, aoa-authors, pgd, mi-fgsm, di-fgsm, ti-fgsm, si-fgsm]'
+
 # ImageNet val with pretrained weights from the local Hugging Face cache, in its own workspace (default runs/imagenet):
 #   make imagenet IMAGENET_VAL=/data/imagenet/val [WORKSPACE=runs/imagenet] [SET="source.select.n=5000 ..."]
 WORKSPACE ?= runs/imagenet
 imagenet: $(STAMP)
 	@test -n "$(IMAGENET_VAL)" || { echo "make imagenet: set IMAGENET_VAL to the ILSVRC2012 val folder (wnid class folders)" >&2; exit 2; }
-	scripts/run-profile profiles/imagenet.yaml $(WORKSPACE) source.root=$(IMAGENET_VAL) $(SET)
+	scripts/run-profile profiles/imagenet.yaml $(WORKSPACE) source.root=$(IMAGENET_VAL) source.data=$(IMAGENET_VAL) $(SET)
 
 test: $(STAMP)
 	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)

@@ -32,3 +32,8 @@ def create_attack(name: str, model, config=None, **overrides):
     if name not in _ATTACKS:
         raise KeyError(f"unknown attack {name!r}; known attacks: {', '.join(list_attacks())}")
     return _ATTACKS[name](model, config, **overrides)
+
+
+def attack_method(set_name: str, options: dict[str, Any] | None) -> str:
+    """The method an attack set of ``params.yaml`` runs: its ``attack`` option, else the set's own name."""
+    return (options or {}).get("attack") or set_name

@@ -1,4 +1,7 @@
-"""Top-1/top-5 of one model on one shard set, streamed from the shards, with per-sample predictions.
+"""Top-1/top-5 of one model on one shard set, streamed from the shards, with per-sample predictions; and ReaL top-1
+where the samples carry label sets (``label_set`` in the JSON: the classes acceptable for the image, the
+ImageNet-ReaL convention of Beyer et al. 2020 and timm's ``--real-labels``): the top prediction counts as right when
+it is in the set, and an image with an empty or no set is left out of it.
 
 Clean and adversarial sets go through the same path: uint8 PNG -> [0,1] float -> (resize to the model's input
 size when it differs, bicubic, the same for every set) -> the model wrapper's normalisation.
@@ -38,11 +41,13 @@ def _format_fields_only(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decode(sample):
-    return torch.from_numpy(np.array(sample[0])).permute(2, 0, 1), int(sample[1]), sample[2]
+    image, cls, meta, key = sample
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1), int(cls), key, meta.get("label_set")
 
 
 def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
-    """Batches ``(uint8 NCHW, labels, keys)`` in shard order; at most one loader worker per shard."""
+    """Batches ``(uint8 NCHW, labels, keys, label sets)`` in shard order (a set is None where the sample has none);
+    at most one loader worker per shard."""
     urls = [str(p) for p in shard_paths(root)]
     if not urls:
         raise FileNotFoundError(f"{root}: no shards")
@@ -51,8 +56,8 @@ def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
     ds = (
         wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker)
         .map(_format_fields_only)
-        .decode("rgb8", only=["png", "cls"])
-        .to_tuple("png", "cls", "__key__")
+        .decode("rgb8", only=["png", "cls", "json"])
+        .to_tuple("png", "cls", "json", "__key__")
         .map(_decode)
         .batched(batch_size, partial=True)
     )
@@ -83,21 +88,26 @@ def evaluate_shardset(model, root: Path | str, batch_size: int = 256, device: st
 def _evaluate(model, root, batch_size, device, workers) -> dict[str, Any]:
     model.eval().to(device)
     dtype = next(model.parameters()).dtype
-    keys, labels, top5 = [], [], []
-    for x, y, k in shard_loader(root, batch_size, workers):
+    keys, labels, top5, label_sets = [], [], [], []
+    for x, y, k, sets in shard_loader(root, batch_size, workers):
         logits = _forward(model, x.to(device, non_blocking=True).to(dtype).div_(255))
         top5.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
         labels.append(y)
         keys += list(k)
+        label_sets += list(sets)
     order = sorted(range(len(keys)), key=keys.__getitem__)  # worker interleaving must not change the output
-    keys = [keys[i] for i in order]
+    keys, label_sets = [keys[i] for i in order], [label_sets[i] for i in order]
     top5_t, labels_t = torch.cat(top5)[order], torch.cat(labels)[order]
     hit1 = top5_t[:, 0] == labels_t
     hit5 = (top5_t == labels_t[:, None]).any(1)
+    real_hits = [int(t[0]) in s for t, s in zip(top5_t, label_sets) if s]
+    predictions = [{"key": key, "label": int(lab), "top5": t.tolist(), **({"label_set": s} if s is not None else {})}
+                   for key, lab, t, s in zip(keys, labels_t, top5_t, label_sets)]
     return {
         "n": len(keys),
         "top1": round(100 * hit1.float().mean().item(), 3),
         "top5": round(100 * hit5.float().mean().item(), 3),
-        "predictions": [{"key": key, "label": int(lab), "top5": t.tolist()}
-                        for key, lab, t in zip(keys, labels_t, top5_t)],
+        "real_n": len(real_hits),  # images with a non-empty label set
+        "real_top1": round(100 * sum(real_hits) / len(real_hits), 3) if real_hits else None,
+        "predictions": predictions,
     }

@@ -17,6 +17,16 @@ from evaluators.report import md_table, png_bytes  # noqa: E402
 from evaluators.unlearning import CHANCE_MARGIN  # noqa: E402
 
 
+def number(value: Any, digits: int = 1) -> Any:
+    """The pages' one number format: percentages and seconds to one decimal, divergences to three; others as given."""
+    return f"{value:.{digits}f}" if isinstance(value, float) else value
+
+
+def settings(options: dict[str, Any]) -> str:
+    """A parameter dict as words for a heading: ``epochs 3, lr 0.05`` (nested dicts inline), never a Python repr."""
+    return ", ".join(f"{k} {settings(v) if isinstance(v, dict) else v}" for k, v in options.items())
+
+
 def _write(report_dir: Path, stage: str, markdown: str, figures: dict[str, bytes]) -> str:
     folder = report_dir / stage
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,11 +74,12 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
         h = histories[name]
         peak = max(h, key=lambda r: r["train_pgd_acc"])
         label = f"{name} (at chance: not ranked)" if name in at_chance else name
-        rows.append([label, m["method"], f"{m['eps']}/255", m["val_acc"], m["final_val_pgd_acc"], m["final_val_fgsm_acc"]]
-                    + ([m["white_box_val_acc"]] if fe else [])
+        rows.append([label, m["method"], f"{m['eps']}/255",
+                     *(number(m[k]) for k in ("val_acc", "final_val_pgd_acc", "final_val_fgsm_acc"))]
+                    + ([number(m["white_box_val_acc"])] if fe else [])
                     + [f"{peak['train_pgd_acc']:.1f} @ {peak['step']}", f"{h[-1]['train_pgd_acc']:.1f}",
                        f"{h[0]['train_self_info_acc_proxy']:.1f} -> {h[-1]['train_self_info_acc_proxy']:.1f}",
-                       ", ".join(f"step {e['step']}" for e in m["co_events"]) or "none", m["train_seconds"]])
+                       ", ".join(f"step {e['step']}" for e in m["co_events"]) or "none", number(m["train_seconds"])])
     mon = cfg["monitor"]
     md = (
         "# Adversarial training and catastrophic overfitting\n\n"
@@ -118,7 +129,7 @@ def _self_info_control(metrics: dict[str, dict[str, Any]], histories: dict[str, 
     for name, m in metrics.items():
         h = histories[name][-1]
         last[name] = (h["train_self_info_acc_proxy"], h["train_channel_share_fgsm_proxy"])
-        rows.append([name, "CO" if m["co_events"] else "no CO", round(m["final_val_fgsm_acc"] - m["final_val_pgd_acc"], 1),
+        rows.append([name, "CO" if m["co_events"] else "no CO", number(m["final_val_fgsm_acc"] - m["final_val_pgd_acc"]),
                      f"{histories[name][0]['train_self_info_acc_proxy']:.1f} -> {h['train_self_info_acc_proxy']:.1f}",
                      f"{100 * h['train_channel_share_fgsm_proxy']:.1f}"])
     co = [n for n, m in metrics.items() if m["co_events"]]
@@ -165,7 +176,7 @@ def _orthloss_claim(methods: dict[str, Any], sets: list[str]) -> str:
     for s in sets:
         fa, fb = a["sets"][s]["fpr95"], b["sets"][s]["fpr95"]
         compared = over_seeds_difference(fa["mean"], fa["std"], a["seeds"], fb["mean"], fb["std"], b["seeds"])
-        lines.append(f"- {s}: FPR95 {fa['mean']} vs {fb['mean']}: {compared.verdict(higher_is_better=False)}")
+        lines.append(f"- {s}: FPR95 {number(fa['mean'])} vs {number(fb['mean'])}: {compared.verdict(higher_is_better=False)}")
     return "**Seed claim** (OrthLoss detects OOD better than OE, lower FPR95), over seeds:\n\n" + "\n".join(lines)
 
 
@@ -186,7 +197,7 @@ def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, A
         f"around the base model's median ID energy {r['median_id_energy']}: m_in = {r['m_in']}, m_out = {r['m_out']} "
         "(searched with seed " + str(metrics["seeds"][0]) + "; every seed then trains with them).\n\n"
         + md_table(["m_in", "m_out", "val FPR95", "val AUROC"],
-                   [[c["m_in"], c["m_out"], c["fpr95"], c["auroc"]] for c in r["candidates"]])
+                   [[c["m_in"], c["m_out"], number(c["fpr95"]), number(c["auroc"])] for c in r["candidates"]])
         for n, r in searched.items())
     md = (
         "# OOD fine-tuning\n\n"
@@ -204,11 +215,26 @@ def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, A
     return _write(report_dir, "ood", md, {"roc.png": _roc_figure(scores, metrics)})
 
 
+DIVERGENCES = ("KL", "JS")  # small numbers: three decimals
+
+
 def _mean_std(r: dict[str, Any], key: str) -> Any:
     """A metric as ``mean ± std`` when it was measured over several seeds; a metric at chance as such."""
     if r.get(key) is None:
         return "n/a (attack at chance)" if key in r else ""
-    return f"{r[key]} ± {r[f'{key}_std']}" if r.get("seeds", 1) > 1 else r[key]
+    digits = 3 if key in DIVERGENCES else 1
+    if r.get("seeds", 1) > 1:
+        return f"{float(r[key]):.{digits}f} ± {float(r[f'{key}_std']):.{digits}f}"
+    return number(float(r[key]), digits)
+
+
+def scenario_title(name: str, spec: dict[str, Any]) -> str:
+    """``random-10: forget a random 10% of the training images``; ``class-0: forget class 0``."""
+    if spec.get("kind") == "random":
+        return f"{name}: forget a random {spec['fraction']:.0%} of the training images"
+    if spec.get("kind") == "class":
+        return f"{name}: forget every training image of class {spec['class']}"
+    return f"{name}: {settings(spec)}"
 
 
 def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dict[str, Any], report_dir: Path) -> str:
@@ -224,7 +250,7 @@ def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dic
           "and the retrained reference are one model each).\n"]
     keys = ["UA", "RA", "TA", "MIA", "MIA_member_rate", "MIA_attack_acc", "avg_gap", "KL", "JS", "seconds"]
     for scenario, rows in results.items():
-        md.append(f"## {scenario} ({cfg['scenarios'][scenario]})\n")
+        md.append(f"## {scenario_title(scenario, cfg['scenarios'][scenario])}\n")
         md.append(md_table(["method", "UA", "RA", "TA", "MIA", "MIA-member", "MIA attack acc", "Avg Gap", "KL", "JS",
                             "time (s)"], [[n] + [_mean_std(r, k) for k in keys] for n, r in rows.items()]) + "\n")
     md.append(_unlearning_claim(results))
@@ -252,7 +278,7 @@ def _unlearning_claim(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path) -> str:
     def rows(runs):
         return [[n, r.get("seeds", 1), *(_mean_std(r, k) for k in ("val_acc", "train_acc", "clean", "aoa")),
-                 round(r["aoa"] - r["clean"], 2) if "aoa" in r and "clean" in r else "", r["train_seconds"]]
+                 number(r["aoa"] - r["clean"]) if "aoa" in r and "clean" in r else "", number(r["train_seconds"])]
                 for n, r in runs.items()]
 
     header = ["run", "seeds", "val acc", "train acc", "acc on clean shards", "acc on AoA shards", "change under AoA",
@@ -261,14 +287,14 @@ def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path
              "those labels: memorisation)." if metrics.get("label_noise") else "")
     md = (
         "# Optimisers: SGD vs SAM vs F-SAM, LoRA vs Flat-LoRA\n\n"
-        f"## From scratch, same epochs and schedule ({cfg['recipe']})\n\n"
+        f"## From scratch, same epochs and schedule ({settings(cfg['recipe'])})\n\n"
         "SAM and F-SAM take two forward/backward passes per step (about twice the compute of SGD). Mean ± sample std "
         f"over seeds {metrics.get('seeds', [cfg.get('seed', 0)])}.{noise}\n\n"
         + md_table(header, rows(metrics["optimizers"]))
-        + f"\n\n## Adapting the zoo model to a shifted split ({cfg['lora']['shift']}), "
+        + f"\n\n## Adapting the zoo model to a shifted split ({settings(cfg['lora']['shift'])}), "
         f"rank {cfg['lora']['rank']}, {cfg['lora']['train_images']} shifted training images, BatchNorm statistics "
         "frozen (only the adapters adapt)\n\n"
-        f"Zoo model on the shifted val split before adaptation: {metrics['lora_base_shifted_val_acc']}%. "
+        f"Zoo model on the shifted val split before adaptation: {number(metrics['lora_base_shifted_val_acc'])}%. "
         "Val acc below is on the shifted val split; the shard sets are the unshifted clean/AoA sets.\n\n"
         + md_table(header, rows(metrics["lora"])) + "\n\n"
         + _flatness_claims(metrics) + "\n"
@@ -284,10 +310,10 @@ def _flatness_claims(metrics: dict[str, Any]) -> str:
         if a in opt and b in opt:
             compared = over_seeds_difference(opt[a]["val_acc"], opt[a]["val_acc_std"], opt[a]["seeds"],
                                              opt[b]["val_acc"], opt[b]["val_acc_std"], opt[b]["seeds"])
-            lines.append(f"- {a} vs {b}: val acc {opt[a]['val_acc']} vs {opt[b]['val_acc']}: {compared.verdict()}")
+            lines.append(f"- {a} vs {b}: val acc {number(opt[a]['val_acc'])} vs {number(opt[b]['val_acc'])}: {compared.verdict()}")
     if "flat-lora" in lora and "lora" in lora:
         flat, plain = lora["flat-lora"], lora["lora"]
         compared = over_seeds_difference(flat["val_acc"], flat.get("val_acc_std", 0.0), flat.get("seeds", 1),
                                          plain["val_acc"], plain.get("val_acc_std", 0.0), plain.get("seeds", 1))
-        lines.append(f"- flat-lora vs lora: val acc {flat['val_acc']} vs {plain['val_acc']}: {compared.verdict()}")
+        lines.append(f"- flat-lora vs lora: val acc {number(flat['val_acc'])} vs {number(plain['val_acc'])}: {compared.verdict()}")
     return "**Seed claims** (flatter minima generalise better):\n\n" + ("\n".join(lines) or "cannot tell")

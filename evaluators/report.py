@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from attacks.registry import attack_method  # noqa: E402
 from attacks.sglrp import SGLRP  # noqa: E402
 from evaluators.claims import error_interval, format_p, paired_error_rates, paired_fooled_counts  # noqa: E402
 from model_zoo.zoo import build_model  # noqa: E402
@@ -42,11 +43,11 @@ def error_table(records: list[dict[str, Any]], sets: list[str]) -> dict[str, dic
             for r in records}
 
 
-def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str], attacks: list[str],
-                        fooled: dict[str, dict[str, list[str]]]) -> list[dict]:
-    """AoA against each baseline on the same images (``fooled``: per image and set, the victims it fools): mean
-    victim errors, on how many victims AoA is higher, the paired test over images across victims and the exact
-    McNemar test per victim."""
+def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str], aoa_sets: list[str],
+                        baselines: list[str], fooled: dict[str, dict[str, list[str]]]) -> list[dict]:
+    """Each AoA set against each baseline set on the same images (``fooled``: per image and set, the victims it
+    fools): mean victim errors, on how many victims AoA is higher, the paired test over images across victims and
+    the exact McNemar test per victim."""
     keys = sorted(fooled)
 
     def wrong(victim: str, attack: str) -> np.ndarray:
@@ -56,14 +57,15 @@ def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str],
         return np.array([len(fooled[k][attack]) for k in keys])
 
     rows = []
-    for b in (a for a in attacks if a != "aoa"):
-        aoa = [errors[v]["aoa"] for v in victims]
-        base = [errors[v][b] for v in victims]
-        rows.append({"baseline": b, "aoa_mean_err": round(float(np.mean(aoa)), 2),
-                     "baseline_mean_err": round(float(np.mean(base)), 2),
-                     "aoa_wins": sum(x > y for x, y in zip(aoa, base)), "victims": len(victims),
-                     "overall": paired_fooled_counts(fooled_count("aoa"), fooled_count(b), len(victims)),
-                     "per_victim": {v: paired_error_rates(wrong(v, "aoa"), wrong(v, b)) for v in victims}})
+    for a in aoa_sets:
+        for b in baselines:
+            aoa = [errors[v][a] for v in victims]
+            base = [errors[v][b] for v in victims]
+            rows.append({"aoa": a, "baseline": b, "aoa_mean_err": round(float(np.mean(aoa)), 2),
+                         "baseline_mean_err": round(float(np.mean(base)), 2),
+                         "aoa_wins": sum(x > y for x, y in zip(aoa, base)), "victims": len(victims),
+                         "overall": paired_fooled_counts(fooled_count(a), fooled_count(b), len(victims)),
+                         "per_victim": {v: paired_error_rates(wrong(v, a), wrong(v, b)) for v in victims}})
     return rows
 
 
@@ -86,13 +88,17 @@ def per_image_fooled(eval_dir: Path, victims: list[str], sets: list[str]) -> tup
     return labels, fooled
 
 
-def error_cell(record: dict[str, Any], s: str) -> str:
-    """Top-1 error (%) with its exact 95% interval, from the evaluate record of one set."""
-    if s not in record["accuracy"]:
+def error_cell(record: dict[str, Any], s: str, real: bool = False) -> str:
+    """Top-1 error (%) with its exact 95% interval, from the evaluate record of one set: against the label, or with
+    ``real`` against the label sets (over the images that have one)."""
+    acc = record["accuracy"].get(s)
+    if acc is None:
         return ""
-    acc = record["accuracy"][s]
-    low, high = error_interval(round(acc["n"] * (100 - acc["top1"]) / 100), acc["n"])
-    return f"{100 - acc['top1']:.2f} ({low:.1f}–{high:.1f})"
+    top1, n = (acc.get("real_top1"), acc.get("real_n")) if real else (acc["top1"], acc["n"])
+    if top1 is None or not n:
+        return ""
+    low, high = error_interval(round(n * (100 - top1) / 100), n)
+    return f"{100 - top1:.1f} ({low:.1f}–{high:.1f})"
 
 
 def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[str, Any], budget: dict[str, Any],
@@ -129,20 +135,23 @@ def _bar_chart(errors, sets) -> bytes:
     ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=30, ha="right")
     ax.set_ylabel("top-1 error (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=len(sets))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a bar
     ax.set_title("Clean vs adversarial error per model")
     fig.tight_layout()  # rotated labels stay inside the figure
     return png_bytes(fig)
 
 
 def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
-    fig, ax = plt.subplots(figsize=(6, 3))
-    for name, values in rmsd.items():
-        ax.hist(values, bins=30, alpha=0.5, label=name)
+    """Every attack's bars side by side in shared bins that end at the budget (no image exceeds it)."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    bins = np.linspace(0, eta, 29)
+    ax.hist(list(rmsd.values()), bins=bins, label=list(rmsd))
     ax.axvline(eta, color="k", linestyle="--", label=f"budget {eta}")
+    ax.set_xlim(0, eta * 1.02)
     ax.set_xlabel("RMSD (0-255 scale)")
     ax.set_ylabel("images")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
     return png_bytes(fig)
 
 
@@ -162,19 +171,22 @@ def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int, names: di
         h0 = lrp.heatmaps(lrp(x0), [y])[0]
         h1 = lrp.heatmaps(lrp(x1), [y])[0]
     cols = ["clean", "AoA", "perturbation x10", "SGLRP true class, clean", "SGLRP true class, AoA"]
-    fig, axes = plt.subplots(len(adv), 5, figsize=(8, 1.7 * len(adv)), squeeze=False)
+    fig, axes = plt.subplots(len(adv), 5, figsize=(9, 1.7 * len(adv)), squeeze=False)
     for i in range(len(adv)):
-        vmax = max(h0[i].max().item(), h1[i].max().item(), 1e-12)
+        vmax = max(h0[i].max().item(), h1[i].max().item(), 1e-12)  # one scale per row: clean and AoA comparable
         panels = [x0[i].permute(1, 2, 0), x1[i].permute(1, 2, 0),
                   ((x1[i] - x0[i]) * 10 + 0.5).clamp(0, 1).permute(1, 2, 0), h0[i], h1[i]]
         for j, p in enumerate(panels):
             ax = axes[i, j]
-            ax.imshow(p.numpy(), cmap="hot" if j >= 3 else None, vmin=0, vmax=vmax if j >= 3 else None,
-                      interpolation="nearest")
+            shown = ax.imshow(p.numpy(), cmap="hot" if j >= 3 else None, vmin=0, vmax=vmax if j >= 3 else None,
+                              interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=7)
+        bar = fig.colorbar(shown, ax=axes[i, 3:].tolist(), fraction=0.05, pad=0.02)
+        bar.ax.tick_params(labelsize=5)
+        bar.set_label("relevance\n(row's scale)", fontsize=5)
         true, pred = adv[i]["cls"], adv[i]["json"]["pred_after"]
         axes[i, 0].set_ylabel(f"{adv[i]['key']}\n{names.get(true, true)} ({true})\n-> {names.get(pred, pred)} ({pred})",
                               fontsize=6)
@@ -238,7 +250,8 @@ def _commit() -> str:
 
 
 def _options(options: dict[str, Any] | None) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items())) or "defaults"
+    """An attack set's own options (its method has a column of its own)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items()) if k != "attack") or "defaults"
 
 
 def render_html(md_text: str, title: str, base: Path) -> str:
@@ -280,11 +293,14 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     errors = error_table(records, sets)
     archs = {r["name"]: r["arch"] for r in records}
     adversarial = [s for s in sets if s != "clean"]
+    methods = {s: attack_method(s, (attacks or {}).get(s)) for s in adversarial}
+    aoa_sets = [s for s in adversarial if methods[s] == "aoa"]
     victims = [m for m in errors if m != surrogate["name"] and (victims is None or m in victims)]
     transfer = []
-    if "aoa" in adversarial and victims:
+    if aoa_sets and victims:
         labels, fooled = per_image_fooled(eval_path, victims, sets)
-        transfer = transfer_comparison(errors, victims, adversarial, fooled)
+        transfer = transfer_comparison(errors, victims, aoa_sets, [s for s in adversarial if s not in aoa_sets],
+                                       fooled)
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
             for a in adversarial}
     n_clean = json.loads((Path(clean_dir) / "_info.json").read_text())["splits"]["validation"]["num_samples"]
@@ -293,8 +309,9 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         "errors.png": _bar_chart(errors, sets),
         "rmsd.png": _rmsd_histogram(rmsd, budget["eta"]),
     }
-    if "aoa" in adversarial:
-        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / "aoa", surrogate, examples, names)
+    if aoa_sets:
+        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / aoa_sets[0], surrogate, examples,
+                                            names)
     for name, data in figures.items():
         (out / "figures" / name).write_bytes(data)
     (out / "robustbench").mkdir(exist_ok=True)
@@ -304,35 +321,49 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         (out / "robustbench" / f"{r['name']}.json").write_text(
             json.dumps(robustbench_record(r, sets, surrogate, budget, profile), indent=2, sort_keys=True) + "\n")
 
-    def model_cell(m: str) -> str:
-        return f"{m} (`{archs[m]}`)" + (" surrogate" if m == surrogate["name"] else "") if m in archs else m
-
-    top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 2) for r in records if "clean" in r["accuracy"]}
     by_name = {r["name"]: r for r in records}
+
+    def model_cell(m: str) -> str:
+        r = by_name[m]
+        kind = f"timm `{r['timm_model']}`" if r.get("timm_model") else f"custom, {r['param_count']:g} M params"
+        return f"{m} ({kind})" + (", surrogate" if m == surrogate["name"] else "")
+
+    top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 1) for r in records if "clean" in r["accuracy"]}
     sections = [
         ("Top-1 error (%) per model and shard set, with exact 95% intervals (and clean top-5 error)",
-         md_table(["model (timm id)"] + sets + ["clean top-5"],
+         md_table(["model"] + sets + ["clean top-5"],
                   [[model_cell(m)] + [error_cell(by_name[m], s) for s in sets] + [top5.get(m, "")] for m in errors]),
          None),
-        ("Clean vs adversarial error", "", "errors.png"),
     ]
+    real_n = max((a.get("real_n") or 0 for r in records for a in r["accuracy"].values()), default=0)
+    if real_n:
+        sections.append(("ReaL top-1 error (%): the top prediction against each image's set of acceptable classes",
+                         md_table(["model"] + sets, [[model_cell(m)] + [error_cell(by_name[m], s, real=True)
+                                                                        for s in sets] for m in errors]) + (
+            f"\n\nThe label sets follow ImageNet-ReaL (Beyer et al. 2020; timm's `--real-labels`): a prediction counts "
+            f"as right when it is any class of the image's set ({real_n} images have one; an image without a set is "
+            "left out). A synonym class (tabby vs Egyptian cat) is an error against the single label and not here. "
+            "AoA still stops on the single label, as the authors' attack does, and the transfer tests below use it."),
+            None))
+    sections.append(("Clean vs adversarial error", "", "errors.png"))
     if transfer:
         overall = md_table(
-            ["baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
+            ["AoA set", "baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
              "AoA - baseline, points [95% CI]", "sign test", "DAmageNet's claim (AoA transfers better)"],
-            [[t["baseline"], t["aoa_mean_err"], t["baseline_mean_err"], f"{t['aoa_wins']}/{t['victims']}",
+            [[t["aoa"], t["baseline"], f"{t['aoa_mean_err']:.1f}", f"{t['baseline_mean_err']:.1f}",
+              f"{t['aoa_wins']}/{t['victims']}",
               f"{c.difference:+.1f} [{c.low:+.1f}, {c.high:+.1f}]", format_p(c.p), c.outcome()]
              for t in transfer for c in [t["overall"]]])
         per_victim = md_table(
-            ["victim"] + [t["baseline"] for t in transfer],
-            [[v] + [f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})"
-                    for t in transfer for c in [t["per_victim"][v]]] for v in victims])
+            ["AoA set", "baseline"] + victims,
+            [[t["aoa"], t["baseline"]] + [f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})"
+                                          for v in victims for c in [t["per_victim"][v]]] for t in transfer])
         sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", overall + (
             f"\n\nEvery attack is run on the same {n_clean} images, so the comparison is paired. Across the "
             f"{len(victims)} victims ({', '.join(victims)}) the image is the unit (the victims see the same "
             "images): an exact sign test on how many victims each image fools under AoA vs the baseline, and a "
             "paired bootstrap interval over images for the mean difference in error. \"reproduces\" / \"refutes\" "
-            f"only when p < 0.05; each row is its own test, not corrected for the {len(transfer)} baselines (Holm's "
+            f"only when p < 0.05; each row is its own test, not corrected for the {len(transfer)} comparisons (Holm's "
             "correction would multiply the smallest p by that number).\n\n"
             "Per victim: AoA's error minus the baseline's, in points, with the exact McNemar test on the images only "
             "one of the two fools (AoA-only vs baseline-only images):\n\n") + per_victim, None))
@@ -351,8 +382,10 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         ["attack", "mean RMSD", "max RMSD", "images"],
         [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)] for a, v in rmsd.items()]), "rmsd.png"))
     if "examples.png" in figures:
-        sections.append(("Examples (surrogate's SGLRP attention on the true class; true -> predicted after AoA)",
-                         "", "examples.png"))
+        sections.append((f"Examples ({aoa_sets[0]}; surrogate's SGLRP attention on the true class; true -> "
+                         "predicted after AoA)", "The two heat maps of a row share one colour scale (its colour bar), "
+                         "so clean and attacked attention compare directly; rows are scaled separately.",
+                         "examples.png"))
     if profile == "imagenet":
         sections.append(("Published DAmageNet (TPAMI 2020, Table 5) beside ours", md_table(
             ["victim (published)", "published clean err", "published DAmageNet err", "our model", "our clean err",
@@ -369,19 +402,20 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     for stage, title in stages.items():
         page = Path(downstream_dir or out / "downstream") / stage / "index.md"
         if page.is_file():  # rendered here, beside the report: the stage's own folder is that stage's output
-            (out / "pages" / f"{stage}.html").write_text(render_html(page.read_text(), title, page.parent))
+            back = "[← Robustness report](../report.html)\n\n"  # the page sits in pages/, beside the report's folder
+            (out / "pages" / f"{stage}.html").write_text(render_html(back + page.read_text(), title, page.parent))
             pages.append((title, stage, page))
     if pages:
         sections.append(("Downstream stages", "\n".join(
             f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))
-    threat = [f"| {a} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
+    threat = [f"| {a} | {methods[a]} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
     warnings = sanity_warnings(errors, archs, len(names), profile == "imagenet")
     md = [f"# Robustness report ({profile} profile)\n",
           *(["**Sanity check failed**: " + " ".join(f"⚠ {w}" for w in warnings) + "\n"] if warnings else []),
           f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`). Every attack has the same threat model: "
           f"RMSD at most η = {budget['eta']} and L∞ at most ε = {budget['eps']} after rounding to uint8, step "
           f"α = {budget['alpha']} (0-255 scale), at most {budget.get('max_steps', '?')} steps. {n_clean} clean images.\n",
-          "| attack | options | images |\n|---|---|---|\n" + "\n".join(threat) + "\n",
+          "| attack set | method | options | images |\n|---|---|---|---|\n" + "\n".join(threat) + "\n",
           f"Code: commit {_commit()}. Metrics: `metrics/evaluate.json`; per-set CSVs (timm format) and per-model "
           "records in the evaluate outputs.\n"]
     for title, text, fig in sections:

@@ -153,6 +153,18 @@ def weights_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def timm_model_name(spec: ModelSpec | dict[str, Any]) -> str | None:
+    """The timm model a spec builds (architecture, with its pretrained tag if given), or None for a custom network:
+    an architecture this project registers (``vgg_demo``), or a timm one built with other constructor arguments
+    (``densenet121`` with 2-2-2-2 blocks is not timm's DenseNet-121)."""
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    base = spec.arch.split(".")[0]
+    if spec.kwargs or not timm.is_model(base):
+        return None
+    return None if timm.models.model_entrypoint(base).__module__.startswith("model_zoo") else spec.arch
+
+
 def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "cpu") -> ImageClassifier:
     """Build a zoo model in eval mode on ``device``."""
     if isinstance(spec, dict):

@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pipelines  # noqa: F401  (environment defaults before Prefect is imported)
+from attacks.registry import attack_method
 from model_zoo import ZooError
 from pipelines.config import ConfigError
 from pipelines.params import load_params, metrics_dir, section
@@ -80,10 +81,12 @@ def _generate(args, params):
     gen, attacks = section(params, "generate", args.params), section(params, "attacks", args.params)
     if args.attack not in attacks:
         raise SystemExit(f"{args.params}: attack {args.attack!r} has no entry under 'attacks' (have: {', '.join(attacks)})")
+    options = {k: v for k, v in (attacks[args.attack] or {}).items() if k != "attack"}
     generate(
         attack=args.attack,
+        method=attack_method(args.attack, attacks[args.attack]),
         budget=section(params, "budget", args.params),
-        options={**(attacks[args.attack] or {}), "sub_batch": gen["sub_batch"]},  # memory: a generate parameter
+        options={**options, "sub_batch": gen["sub_batch"]},  # memory: a generate parameter
         surrogate=surrogate_spec(params, gen["surrogate"]),
         clean_dir=section(params, "source", args.params)["out"],
         out_dir=str(Path(gen["out_root"]) / args.attack),
@@ -290,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         "shards; bad files go to rejects.tsv.", reads_sources=True)
     p = add("generate", _generate, "Run one attack (params 'budget', 'attacks.<name>', 'generate') over the clean "
             "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
-    p.add_argument("--attack", required=True, help="attack name, a key of 'attacks' in params.yaml (e.g. aoa, pgd)")
+    p.add_argument("--attack", required=True, help="attack set, a key of 'attacks' in params.yaml (e.g. aoa, pgd, "
+                   "aoa-authors); its 'attack' option names the method it runs (default: the key)")
     add("adv-train", _adv_train, aliases=["adv_train"],  # dvc.yaml calls downstream stages by their section name
         help_text="Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT, "
         "watched for catastrophic overfitting; data/downstream/adv_train, metrics/downstream/adv_train.json, "

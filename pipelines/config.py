@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from attacks.precision import PRECISIONS
+from attacks.registry import attack_method
 from attacks.sglrp import BOUNDS, INACTIVE_POOL, RELU
 
 Positive = Annotated[int, Field(gt=0)]
@@ -96,8 +97,10 @@ class Select(_Section):
 
 class Source(_Section):
     kind: Literal["class_folder", "label_file"]
+    data: str  # the folder the prepare stage reads (images, label file, label sets): its DVC dependency
     root: str
     label_file: str | None = None
+    label_sets: str | None = None  # acceptable classes per image (ImageNet-ReaL convention, sources.reading)
     num_classes: Positive = 1000
     size: Positive
     crop_pct: Annotated[float, Field(gt=0, le=1)]
@@ -106,6 +109,14 @@ class Source(_Section):
     select: Select = Select()
     shard_size: Positive
     out: str
+
+    @model_validator(mode="after")
+    def _reads_inside_data(self):
+        for path in (self.root, self.label_file, self.label_sets):
+            if path is not None and not _inside(path, self.data):
+                raise ValueError(f"{path} is outside source.data ({self.data}), so DVC would not see it change; "
+                                 "move it under that folder or change source.data")
+        return self
 
 
 PixelLevels = Annotated[float, Field(gt=0, le=255, allow_inf_nan=False)]  # a finite amount on the 0-255 scale
@@ -128,9 +139,12 @@ class Budget(_Section):
 
 
 class AttackOptions(_AsGiven):
-    """One attack's own options (:class:`attacks.base.AttackConfig` fields and AoA's SGLRP conventions); an option
-    left out keeps the attack's default."""
+    """One attack set: the method (``attack``, default: the set's name, so ``pgd: {}`` is PGD) and its own options
+    (:class:`attacks.base.AttackConfig` fields and AoA's SGLRP conventions); an option left out keeps the attack's
+    default. The set's name names its shards, DVC stage and report row, so one method can run in several settings
+    (``aoa`` and ``aoa-authors: {attack: aoa, si: 4}``)."""
 
+    attack: str | None = None
     si: Positive | None = None
     si_x_twice: bool | None = None
     di: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -280,6 +294,18 @@ class Params(_Section):
     optim: Optim | None = None
     # downstream stages this profile runs -> the folder of images each reads (dvc.yaml makes one stage per entry)
     downstream: dict[Literal["adv_train", "ood", "unlearn", "optim"], str] = {}
+
+    @model_validator(mode="after")
+    def _attack_methods_known(self):
+        from attacks import list_attacks  # the registry fills as the attack modules import
+
+        for name, options in (self.attacks or {}).items():
+            method = attack_method(name, options.model_dump() if options else None)
+            if method not in list_attacks():
+                raise ValueError(f"attacks.{name}: {method!r} is not an attack method (known: {', '.join(list_attacks())})"
+                                 + ("" if options and options.attack else f"; a set named otherwise says which method "
+                                    f"it runs: {name}: {{attack: aoa, ...}}"))
+        return self
 
     @model_validator(mode="after")
     def _listed_sections_exist(self):

@@ -13,6 +13,7 @@ list that the stage writes next to its outputs and counts in its metrics. ``stri
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import warnings
@@ -320,3 +321,42 @@ def load_image_folder(folder: Path | str, size: int, strict: bool = False) -> to
         raise BadSourceError(folder, "no image files")
     samples = _unique([SourceSample(sample_key(p), p, -1, folder.name) for p in paths], folder)
     return load_images(samples, size, rejects, crop_pct=1.0)[0]
+
+
+ILSVRC_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.")
+
+
+def read_label_sets(path: Path | str, samples: list[SourceSample], num_classes: int) -> dict[str, list[int]]:
+    """Sample key -> its set of acceptable classes, from a label-set file (the ImageNet-ReaL convention).
+
+    Two layouts: timm's ``real.json``, a list with one list of indices per image in file-name order (for ILSVRC2012
+    val file names, entry N-1 belongs to ``ILSVRC2012_val_<N>``, so a subset of val works too), or an object
+    mapping a file name or sample key to its list. An image the file does not cover gets no set; an empty list is
+    kept as one (both leave the image out of ReaL accuracy, as timm does). Raises :class:`BadSourceError`."""
+    path = Path(path)
+    try:
+        sets = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadSourceError(path, "label-set file does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSourceError(path, f"not a readable JSON label-set file ({e})") from None
+    if isinstance(sets, list):
+        numbered = [ILSVRC_VAL_NAME.match(s.path.name) for s in samples]
+        if samples and all(numbered):
+            where = {s.key: int(m.group(1)) - 1 for s, m in zip(samples, numbered)}
+        elif len(sets) == len(samples):
+            where = {s.key: i for i, s in enumerate(sorted(samples, key=lambda s: s.path.name))}
+        else:
+            raise BadSourceError(path, f"a list of {len(sets)} label sets for {len(samples)} indexed images: a list "
+                                       "is read in file-name order and needs one entry per image (or ILSVRC2012 val "
+                                       "file names); map file names to sets instead")
+        found = {k: sets[i] for k, i in where.items() if i < len(sets)}
+    elif isinstance(sets, dict):
+        found = {s.key: sets[n] for s in samples for n in (s.path.name, s.key) if n in sets}
+    else:
+        raise BadSourceError(path, f"expected a list or an object of label sets, not {type(sets).__name__}")
+    for key, classes in found.items():
+        if not (isinstance(classes, list) and all(type(c) is int and 0 <= c < num_classes for c in classes)):
+            raise BadSourceError(path, f"label set of {key!r} is {classes!r}: expected a list of class indices in "
+                                       f"0..{num_classes - 1}")
+    return {k: sorted(set(v)) for k, v in found.items()}

@@ -79,7 +79,8 @@ def test_metrics_of_another_params_file_do_not_overwrite_the_default_runs(small_
 
     assert metrics_dir("params.yaml") == metrics_dir("/x/params.yaml") == metrics_dir("params.yaml").parent / "metrics"
     monkeypatch.chdir(tmp_path)
-    source = {"kind": "class_folder", "root": str(small_world / "val"), "num_classes": 10, "size": 32,
+    source = {"kind": "class_folder", "data": str(small_world), "root": str(small_world / "val"), "num_classes": 10,
+              "size": 32,
               "crop_pct": 1.0, "select": {"mode": "first", "n": 4}, "shard_size": 4, "out": "clean"}
     (tmp_path / "real.yaml").write_text(__import__("yaml").safe_dump({"source": source}))
     main(["prepare", "--params", "real.yaml"])

@@ -21,7 +21,7 @@ def _tree(root, classes=3, per_class=2):
 
 
 def _source(root, out, **kw):
-    return {"kind": "class_folder", "root": str(root), "num_classes": 10, "size": 32, "crop_pct": 1.0,
+    return {"kind": "class_folder", "data": str(root), "root": str(root), "num_classes": 10, "size": 32, "crop_pct": 1.0,
             "filter": "bicubic", "select": {"mode": "all", "n": 0, "seed": 0}, "shard_size": 4, "out": str(out),
             **kw}
 

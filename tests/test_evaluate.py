@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -87,7 +88,7 @@ def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, p
     assert cached(third) == {"a": {"clean": False, "noisy": False}, "b": {"clean": True, "noisy": False}}
     csv_rows = (out / "results" / "results-noisy.csv").read_text().splitlines()
     assert csv_rows[0] == ("model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation,"
-                           "top1_diff,top5_diff,rank_diff")  # timm's order
+                           "top1_diff,top5_diff,rank_diff,real_top1,real_top1_err,name")  # timm's order, then ours
     assert json.loads((out / "models" / "b.json").read_text())["accuracy"]["clean"]["n"] == 30
 
 
@@ -120,32 +121,56 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     if chromium is None:
         pytest.skip("chromium is not installed and could not be installed here (make test installs it via apt)")
     specs = {s["name"]: s for s in json.loads((trained_zoo["out"] / "models.json").read_text())}
+    # label sets (file name -> acceptable classes): the label and its neighbour class; class 0's are empty
+    files = sorted(p for p in (small_world / "val").glob("*/*"))
+    folders = sorted(p.name for p in (small_world / "val").iterdir())
+    label_sets = {f.name: [folders.index(f.parent.name), (folders.index(f.parent.name) + 1) % 10] for f in files}
+    label_sets.update({f.name: [] for f in files if f.parent.name == folders[0]})
+    (tmp_path / "real.json").write_text(json.dumps(label_sets))
     source = {"kind": "class_folder", "root": str(small_world / "val"), "num_classes": 10, "size": 32, "crop_pct": 1.0,
               "filter": "bicubic", "select": {"mode": "per_class", "n": 1, "seed": 0}, "shard_size": 5,
-              "out": str(tmp_path / "shards" / "clean")}
+              "out": str(tmp_path / "shards" / "clean"), "label_sets": str(tmp_path / "real.json")}
     prepare_flow(source, metrics_path=str(tmp_path / "p.json"))
     budget = {"eta": 7.0, "eps": 25.5, "alpha": 2.0, "max_steps": 8}
-    for attack, options in (("aoa", {"si": 2}), ("pgd", {})):
-        generate(attack, budget, options, specs["vgg_demo"], source["out"], str(tmp_path / "shards" / attack),
-                 batch_size=10, devices=["cpu"])
-    sets = {n: str(tmp_path / "shards" / n) for n in ("clean", "aoa", "pgd")}
+    attacks = {"aoa": {"si": 2}, "aoa-si1": {"attack": "aoa", "si": 1}, "pgd": {}}  # two settings of one method
+    for attack, options in attacks.items():
+        generate(attack, budget, {k: v for k, v in options.items() if k != "attack"}, specs["vgg_demo"],
+                 source["out"], str(tmp_path / "shards" / attack), batch_size=10, devices=["cpu"],
+                 method=options.get("attack"))
+    sets = {n: str(tmp_path / "shards" / n) for n in ("clean", *attacks)}
     evaluate_flow(models=list(specs.values()), sets=sets, out=str(tmp_path / "eval"), batch_size=16,
                   metrics_path=str(tmp_path / "e.json"))
     for stage in ("ood", "optim"):  # a page of this run and one of another run
         (tmp_path / "report" / "downstream" / stage).mkdir(parents=True)
         (tmp_path / "report" / "downstream" / stage / "index.md").write_text(f"# {stage}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     result = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
-                          specs["vgg_demo"], budget, str(tmp_path / "report"), attacks={"aoa": {"si": 2}, "pgd": {}},
-                          downstream=["ood"])
+                          specs["vgg_demo"], budget, str(tmp_path / "report"), attacks=attacks, downstream=["ood"])
     assert set(result["errors"]) == {"vgg_demo", "resnet10t"}
-    assert [t["baseline"] for t in result["transfer"]] == ["pgd"]
+    # the variant is its own shard set, made by the method it names, and its own row against each baseline
+    variant = list(iter_shardset(tmp_path / "shards" / "aoa-si1"))
+    assert len(variant) == 10 and {s["json"]["attack"] for s in variant} == {"aoa"}
+    assert {s["json"]["config_hash"] for s in variant}.isdisjoint(s["json"]["config_hash"] for s in iter_shardset(sets["aoa"]))
+    assert [(t["aoa"], t["baseline"]) for t in result["transfer"]] == [("aoa", "pgd"), ("aoa-si1", "pgd")]
     page = tmp_path / "report" / "report.html"
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3 and "<table>" in text
     # the opening sentence and threat model reach the HTML; names, not only indices
     for expected in ("Surrogate <code>vgg_demo</code>", "η = 7.0", "ε = 25.5", "α = 2.0", "at most 8 steps",
-                     "si 2", "<td>10</td>", "vgg_demo (<code>vgg_demo</code>) surrogate", "cannot be compared"):
+                     "si 2", "<td>10</td>", "cannot be compared", "<td>aoa-si1</td>\n<td>aoa</td>\n<td>si 1</td>",
+                     # a network registered here is custom; a timm architecture is named as timm names it
+                     f"vgg_demo (custom, {json.loads((tmp_path / 'eval/models/vgg_demo.json').read_text())['param_count']:g}"
+                     " M params), surrogate", "resnet10t (timm <code>resnet10t</code>)"):
         assert expected in text, expected
+    # ReaL error against the label sets, recounted from the predictions: images with an empty set are left out
+    preds = [json.loads(line) for line in (tmp_path / "eval/predictions/resnet10t/clean.jsonl").read_text().splitlines()]
+    scored = [p for p in preds if p.get("label_set")]
+    assert len(scored) == 9 and all("label_set" in p for p in preds)  # the image with [] is left out
+    real_err = 100 * sum(p["top5"][0] not in p["label_set"] for p in scored) / len(scored)
+    real_row = result["markdown"].split("ReaL top-1 error")[1].split("resnet10t (timm")[1].splitlines()[0]
+    assert real_row.split("|")[1].strip().startswith(f"{real_err:.1f} (")
+    with open(tmp_path / "eval/results/results-clean.csv") as f:
+        row = {r["name"]: r for r in csv.DictReader(f)}["resnet10t"]
+    assert row["model"] == "resnet10t" and float(row["real_top1_err"]) == pytest.approx(real_err, abs=1e-3)
     assert 'href="pages/ood.html"' in text and "pages/optim.html" not in text  # only this run's pages
     # a set this small gets a table per image (victims fooled per set, recounted here) and the note on what it shows
     fooled = sum(json.loads(line)["top5"][0] != json.loads(line)["label"]
@@ -169,7 +194,9 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     assert card["clean_acc"] == f"{record['clean']['top1']:.2f}" and card["aoa_acc"] == f"{record['aoa']['top1']:.2f}"
     assert card["adversarial_acc"] == f"{min(record['aoa']['top1'], record['pgd']['top1']):.2f}"  # worst attack
     assert card["eps"] == "25.5/255" and card["threat_model"] == "transfer"
-    assert "<table>" in (tmp_path / "report" / "pages" / "ood.html").read_text()
+    ood_page = (tmp_path / "report" / "pages" / "ood.html").read_text()
+    assert "<table>" in ood_page and '<a href="../report.html">← Robustness report</a>' in ood_page  # the way back
+    assert (tmp_path / "report" / "pages" / "../report.html").resolve() == page.resolve()
     assert not (tmp_path / "report" / "downstream" / "ood" / "index.html").exists()  # another stage's output folder is left alone
     assert "data:image/png;base64," in result["markdown_inline"] and "](figures/" not in result["markdown_inline"]
     shot = tmp_path / "screenshot.png"
@@ -229,7 +256,7 @@ def test_more_loader_workers_than_shards_read_every_sample_once(sets, tmp_path):
     found"; the loader now starts at most one worker per shard."""
     from evaluators.classification import shard_loader
 
-    keys = [k for _, _, batch in shard_loader(sets["clean"], batch_size=7, workers=8) for k in batch]
+    keys = [k for _, _, batch, _ in shard_loader(sets["clean"], batch_size=7, workers=8) for k in batch]
     assert sorted(keys) == sorted(s["key"] for s in iter_shardset(sets["clean"])) and len(keys) == 30
 
 

@@ -248,7 +248,7 @@ def test_verify_cli_exits_nonzero(reference_run, tmp_path):
     shutil.copytree(reference_run[0], bad)
     (bad / "_info.json").write_text("{}")
     params = tmp_path / "params.yaml"
-    params.write_text("source: {kind: class_folder, root: src, num_classes: 10, size: 32, crop_pct: 1.0, "
+    params.write_text("source: {kind: class_folder, data: src, root: src, num_classes: 10, size: 32, crop_pct: 1.0, "
                       "shard_size: 5, out: clean}\n")
     with pytest.raises(SystemExit) as e:
         main(["--params", str(params), "verify", str(bad)])
@@ -409,7 +409,7 @@ def test_verify_reports_every_gap_without_crashing(clean_set, reference_run, tmp
     from pipelines.cli import main
 
     params = tmp_path / "params.yaml"
-    params.write_text("source: {kind: class_folder, root: src, num_classes: 10, size: 32, crop_pct: 1.0, "
+    params.write_text("source: {kind: class_folder, data: src, root: src, num_classes: 10, size: 32, crop_pct: 1.0, "
                       f"shard_size: 5, out: clean}}\nbudget: {json.dumps(BUDGET)}\n")
     with pytest.raises(SystemExit) as e:
         main(["--params", str(params), "verify", str(tmp_path / "raised_eta"), "--clean", str(clean)])

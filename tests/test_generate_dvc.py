@@ -41,7 +41,7 @@ def workspace(tmp_path, small_world):
     params.update(worlds={}, downstream={}, budget=BUDGET, attacks={"aoa": {"si": 2}})
     params["zoo"] = {"out": "data/zoo", "data": "weights", "num_classes": 10, "img_size": 32,
                      "models": [{"name": "sur", "arch": "vgg_demo", "weights": "weights/sur.safetensors"}]}
-    params["source"].update(root="images", select={"mode": "per_class", "n": 2, "seed": 0}, shard_size=5)
+    params["source"].update(data="images", root="images", select={"mode": "per_class", "n": 2, "seed": 0}, shard_size=5)
     params["generate"].update(surrogate="sur", batch_size=5, cpu_workers=1, cpu_threads=1)
     params["evaluate"].update(models=["sur"], sets=["clean", "aoa"])
     (ws / "params.yaml").write_text(yaml.safe_dump(params))

@@ -44,21 +44,27 @@ def test_imagenet_profile_runs_as_the_readme_says(tmp_path, hub_cache):
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)  # its own server, as the make target starts one
     dry = subprocess.run([str(REPO / "scripts/run-profile"), "--dry", str(REPO / "profiles/imagenet.yaml"),
-                          str(tmp_path / "plan"), f"source.root={val}"], env=env, capture_output=True, text=True)
+                          str(tmp_path / "plan"), f"source.root={val}", f"source.data={val}"], env=env, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr[-3000:]
     commands = [line for line in dry.stdout.splitlines() if line.startswith("> ")]
     assert commands[0] == "> damagenet hub-weights" and commands[-1] == "> damagenet report"
     assert "> damagenet generate --attack aoa" in commands and len(commands) == 11
     assert not (tmp_path / "plan" / "dvc.lock").exists() and not (tmp_path / "plan" / "data/shards").exists()
+    # the official ReaL file's layout: one list per val image in ILSVRC2012 numbering, beside val (as the profile says)
+    real = [[281, 282, 285], [657, 744], [], [967, 968]]
+    (val.parent / "real.json").write_text(json.dumps(real))
     run = subprocess.run(["make", "-s", "imagenet", f"IMAGENET_VAL={val}", f"WORKSPACE={workspace}",
-                          f"SET={' '.join(_overrides())}"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
+                          f"SET={' '.join(_overrides())} source.data={val.parent} "
+                          f"source.label_sets={val.parent / 'real.json'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     # clean crops in their true (timm) classes, whatever the file's real format
     clean = {s["json"]["source_file"]: s for s in iter_shardset(workspace / "data/shards/clean")}
     assert {name: s["cls"] for name, s in clean.items()} == dict(list(labels.items())[:2])  # grey PNG, CMYK
     assert all(s["image"].shape == (224, 224, 3) for s in clean.values())
+    assert {name: s["json"]["label_set"] for name, s in clean.items()} == {
+        "ILSVRC2012_val_00000001.JPEG": real[0], "ILSVRC2012_val_00000002.JPEG": real[1]}
     attacks = yaml.safe_load((REPO / "profiles/imagenet.yaml").read_text())["attacks"]
     for attack in attacks:
         samples = list(iter_shardset(workspace / "data/shards" / attack))
@@ -79,9 +85,11 @@ def test_imagenet_profile_runs_as_the_readme_says(tmp_path, hub_cache):
     # results CSVs for every set and model; the report joins the published table and flags the random weights
     for s in ["clean", *attacks]:
         with open(workspace / f"data/eval/results/results-{s}.csv") as f:
-            assert {r["model"] for r in csv.DictReader(f)} == set(STAND_INS)
+            rows = list(csv.DictReader(f))
+        assert {r["name"] for r in rows} == set(STAND_INS) and {r["model"] for r in rows} == set(STAND_INS.values())
+        assert all(r["real_top1"] != "" for r in rows)  # both images have a label set
     report = (workspace / "reports/report.md").read_text()
-    assert "| DenseNet121 | 26.85 |" in report and "densenet121 (`densenet121.tv_in1k`)" in report
+    assert "| DenseNet121 | 26.85 |" in report and "densenet121 (timm `densenet121.tv_in1k`)" in report
     assert report.count("near chance") >= 1 and "above the published 26.85%" in report
     # the checkout's own outputs were not touched
     assert not (REPO / "runs").exists() or workspace.parent != REPO / "runs"

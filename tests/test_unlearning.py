@@ -297,7 +297,8 @@ def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_serv
     assert rows["ft"]["seeds"] == 2 and rows["ft"]["RA_std"] >= 0 and "seeds" not in rows["retrain"]
     page = (tmp_path / "reports" / "unlearn" / "index.md").read_text()
     assert "| muso |" in page and "Avg Gap" in page
-    assert f"| ft | {rows['ft']['UA']} ± {rows['ft']['UA_std']} |" in page  # methods as mean ± std over the seeds
+    assert f"| ft | {rows['ft']['UA']:.1f} ± {rows['ft']['UA_std']:.1f} |" in page  # methods as mean ± std over seeds
+    assert "## class-2: forget every training image of class 2\n" in page and "{'kind'" not in page  # words, no repr
 
 
 def test_mia_attack_accuracy_is_chance_when_members_and_nonmembers_look_alike():
@@ -394,3 +395,6 @@ def test_unlearning_claim_is_judged_over_seeds_and_chance_is_shown_as_such():
     assert "natmu vs ft: Avg Gap 2.0 vs 10.0: cannot tell (1 seed: no test)" in one
     assert _mean_std(row(1.0, 0.0), "MIA") == "n/a (attack at chance)"
     assert _mean_std({"RA": 99.0}, "MIA") == ""  # not measured at all
+    # one number format: one decimal for percentages, three for the divergences, whatever the stored precision
+    assert _mean_std({"UA": 12.3456, "UA_std": 0.04, "seeds": 3}, "UA") == "12.3 ± 0.0"
+    assert _mean_std({"KL": 0.44291, "seeds": 1}, "KL") == "0.443"

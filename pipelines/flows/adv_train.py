@@ -22,6 +22,7 @@ from evaluators.downstream_report import adv_training_section
 from evaluators.white_box import pgd_robust_accuracy
 from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.metric_tables import adv_train_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_split
 from training.adversarial import create_method
@@ -106,6 +107,7 @@ def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str 
     write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(metrics_path, metrics)
+    write_table(metrics_path, adv_train_rows(metrics))
     markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg, Path(report_dir),
                                     chance=100 / spec["num_classes"])
     create_markdown_artifact(key="adversarial-training", markdown=markdown, description="Adversarial training and CO")

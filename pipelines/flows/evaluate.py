@@ -19,7 +19,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from evaluators.classification import evaluate_shardset, shardset_hash
-from model_zoo.zoo import build_model, weights_hash
+from model_zoo.zoo import build_model, timm_model_name, weights_hash
+from pipelines.metric_tables import evaluate_rows, write_table
 from pipelines.params import write_json
 
 
@@ -70,7 +71,7 @@ def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, b
             results[set_name] = r | {"cached": False}
         model = model or build_model(spec, device="cpu")
         cfg = model.data_config
-        return {"name": spec["name"], "arch": spec["arch"], "weights_hash": whash,
+        return {"name": spec["name"], "arch": spec["arch"], "timm_model": timm_model_name(spec), "weights_hash": whash,
                 "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                 "img_size": cfg["input_size"][-1], "crop_pct": cfg.get("crop_pct"),
                 "interpolation": cfg.get("interpolation"), "results": results}
@@ -84,7 +85,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         return None
     try:
         result = json.loads(path.read_text())
-        if isinstance(result, dict) and {"n", "top1", "top5", "predictions"} <= set(result):
+        if isinstance(result, dict) and {"n", "top1", "top5", "real_n", "predictions"} <= set(result):
             return result
         problem = "not a result record"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -123,6 +124,7 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
     summary = {r["name"]: {s: round(100 - v["top1"], 3) for s, v in r["results"].items()} for r in ok}
     errors = {r["name"]: r["error"] for r in records if "error" in r}
     write_json(metrics_path, {"top1_err": summary, "errors": errors})
+    write_table(metrics_path, evaluate_rows(summary))
     if errors:
         raise RuntimeError(f"evaluate: {len(errors)} model(s) failed (the others' results are written): "
                            + "; ".join(f"{n}: {e}" for n, e in errors.items()))
@@ -130,11 +132,13 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
 
 
 RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
-                   "interpolation", "top1_diff", "top5_diff", "rank_diff"]  # timm's results CSVs
+                   "interpolation", "top1_diff", "top5_diff", "rank_diff",  # timm's columns
+                   "real_top1", "real_top1_err", "name"]  # ReaL top-1 (timm: results-*-real.csv), the zoo name
 
 
 def _write_results(out: Path, records: list[dict], set_names: list[str], crop: dict[str, Any]) -> None:
-    """timm-style results CSV per set, one JSON record per model, per-sample predictions per (model, set).
+    """timm-style results CSV per set (timm's columns, ReaL top-1 and this project's model name added), one JSON
+    record per model, per-sample predictions per (model, set).
 
     ``img_size``, ``crop_pct`` and ``interpolation`` say how the images were actually made for each model: the
     prepare stage's crop (``crop``), then, when the model's input size differs, one bicubic resize."""
@@ -148,8 +152,12 @@ def _write_results(out: Path, records: list[dict], set_names: list[str], crop: d
             rank_diff = clean_rank.get(r["name"], 0) - ranks[r["name"]] if clean_rank else 0
             resized = crop.get("size") not in (None, r["img_size"])
             rows.append({
-                "model": r["name"], "top1": res["top1"], "top1_err": round(100 - res["top1"], 3),
+                # as timm's CSVs name it (architecture.tag) where it is a timm model; "name": this project's name
+                "model": r["timm_model"] or r["name"], "name": r["name"], "top1": res["top1"], "top1_err": round(100 - res["top1"], 3),
                 "top5": res["top5"], "top5_err": round(100 - res["top5"], 3),
+                # against the label sets (empty where the set has none; timm writes these to results-*-real.csv)
+                "real_top1": res["real_top1"],
+                "real_top1_err": None if res["real_top1"] is None else round(100 - res["real_top1"], 3),
                 "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": crop.get("crop_pct"),
                 "interpolation": f"{crop.get('filter')}+bicubic" if resized else crop.get("filter"),
                 "top1_diff": round(res["top1"] - clean["top1"], 3), "top5_diff": round(res["top5"] - clean["top5"], 3),
@@ -167,7 +175,8 @@ def _write_results(out: Path, records: list[dict], set_names: list[str], crop: d
             shutil.rmtree(out / "predictions" / stale.stem, ignore_errors=True)
     for r in records:
         record = {k: v for k, v in r.items() if k != "results"}
-        record["accuracy"] = {s: {"top1": v["top1"], "top5": v["top5"], "n": v["n"]} for s, v in r["results"].items()}
+        record["accuracy"] = {s: {k: v[k] for k in ("top1", "top5", "n", "real_top1", "real_n")}
+                              for s, v in r["results"].items()}
         write_json(out / "models" / f"{r['name']}.json", record)
         for s, v in r["results"].items():
             pred_file = out / "predictions" / r["name"] / f"{s}.jsonl"

@@ -138,8 +138,10 @@ def generate_flow(
     seed: int = 0,
     metrics_path: str | None = None,
     cpu_threads: int | str = "auto",
+    method: str | None = None,
 ) -> dict[str, Any]:
-    """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``."""
+    """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``.
+    ``attack`` names the set (its shards and metrics); ``method`` is the attack it runs (default: the same name)."""
     devices = devices or ["cpu"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +153,8 @@ def generate_flow(
                            "to finish or use another output folder") from None
     try:
         with _stop_after_step_on_signals():
-            return _generate(attack, budget, options, surrogate, clean_dir, out, batch_size, devices, seed,
-                             metrics_path, cpu_threads)
+            return _generate(attack, method or attack, budget, options, surrogate, clean_dir, out, batch_size,
+                             devices, seed, metrics_path, cpu_threads)
     finally:
         lock.release()
 
@@ -183,22 +185,22 @@ def _stop_after_step_on_signals():
             signal.signal(s, handler)
 
 
-def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed, metrics_path,
-              threads):
+def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed,
+              metrics_path, threads):
     log = get_run_logger()
     options = dict(options)
     aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
     attack_kwargs = {k: options.pop(k) for k in aoa_arguments if k in options}
     sub_batch = options.pop("sub_batch", "auto")  # resolved per unit, on its device
-    if attack not in list_attacks():
-        raise KeyError(f"unknown attack {attack!r}; known attacks: {', '.join(list_attacks())}")
+    if method not in list_attacks():
+        raise KeyError(f"unknown attack {method!r}; known attacks: {', '.join(list_attacks())}")
     config = attack_config(budget, options)
     inputs = shard_paths(clean_dir)
     if not inputs:
         raise FileNotFoundError(f"{clean_dir}: no clean shards (run the prepare stage first)")
     surrogate_sha256 = weights_sha256(surrogate)  # hashed once: a VGG19 file is half a gigabyte
     units = [{
-        "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": attack,
+        "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": method,
         "in_sha256": sha256_file(p),  # part of the job: a re-prepared clean shard is a different job
         "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
         "surrogate": surrogate, "surrogate_sha256": surrogate_sha256,  # other weights: another job
@@ -231,7 +233,7 @@ def _generate(attack, budget, options, surrogate, clean_dir, out: Path, batch_si
     if failed:
         raise RuntimeError(f"generate {attack}: {len(failed)} unit(s) failed after retry: {metrics['failed_units']}; "
                            f"the other {len(units) - len(failed)} shards are complete and kept")
-    (out / "README.md").write_text(_card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir,
+    (out / "README.md").write_text(_card(attack, method, config, attack_kwargs, budget, surrogate, metrics, clean_dir,
                                          len(outputs)))
     write_index(out, attack, outputs)
     log.info("generate %s: %d images, %d shards written, %d already complete", attack, metrics["images"],
@@ -312,7 +314,7 @@ def _metrics(shards: list[Path], attack: str, done: list[dict], wall: float) -> 
     }
 
 
-def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir, shards: int) -> str:
+def _card(attack, method, config, attack_kwargs, budget, surrogate, metrics, clean_dir, shards: int) -> str:
     params = {**config.__dict__, **attack_kwargs}
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
     # run-dependent numbers (throughput) stay out of the card, so the published set is byte-identical across runs
@@ -322,7 +324,7 @@ def _card(attack, config, attack_kwargs, budget, surrogate, metrics, clean_dir, 
     return header + f"""
 # {attack} shards (DAmageNet-style adversarial set)
 
-Adversarial versions of the clean crops in `{clean_dir}`, made by the `{attack}` attack on the surrogate
+Adversarial versions of the clean crops in `{clean_dir}`, made by the `{method}` attack on the surrogate
 `{surrogate['name']}` (timm `{surrogate['arch']}`), under one budget shared by every attack of this run:
 RMSD at most {budget['eta']} and L-inf at most {budget['eps']} (0-255 scale) after rounding to uint8, step
 {budget['alpha']}, at most {budget['max_steps']} steps. AoA (Attack on Attention) moves the surrogate's SGLRP

@@ -23,6 +23,7 @@ from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
 from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.metric_tables import ood_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_image_folder, load_split
 from training.data import shard_images
@@ -209,6 +210,7 @@ def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "met
     metrics = {"positive": POSITIVE, "seeds": cfg["seeds"],
                "methods": {name: aggregate_seeds(r) for name, r in results.items()}, "margin_search": searches}
     write_json(metrics_path, metrics)
+    write_table(metrics_path, ood_rows(metrics))
     markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg, Path(report_dir))
     create_markdown_artifact(key="ood-fine-tuning", markdown=markdown, description="OOD fine-tuning")
     return metrics

@@ -24,6 +24,7 @@ from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
 from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.metric_tables import optim_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_split
 from training.flat_lora import FlatLoRANoise, add_lora, merge_lora
@@ -117,6 +118,7 @@ def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "m
                "lora": {n: {k: v for k, v in r.items() if k != "spec"} for n, r in adapters.items()},
                "lora_base_shifted_val_acc": base_shifted, "seconds": round(time.perf_counter() - start, 1)}
     write_json(metrics_path, metrics)
+    write_table(metrics_path, optim_rows(metrics))
     markdown = optim_section(metrics, cfg, Path(report_dir))
     create_markdown_artifact(key="optimisers", markdown=markdown, description="SAM / F-SAM / Flat-LoRA")
     return metrics

@@ -29,6 +29,7 @@ from sources.reading import (
     class_folder_source,
     label_file_source,
     load_crop,
+    read_label_sets,
 )
 
 
@@ -133,6 +134,9 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
         raise ConfigError(f"source.root ({source['root']}) has label {labels[-1]} (of {len(labels)} classes) but "
                           f"source.num_classes is {source['num_classes']}: set num_classes or remove the extra "
                           "class folders")
+    # read against every indexed image: a list in file-name order is aligned before the selection
+    label_sets = (read_label_sets(source["label_sets"], indexed, source["num_classes"])
+                  if source.get("label_sets") else {})
     samples = select(indexed, sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
     if not samples:
         raise ConfigError(f"source: nothing selected from {len(indexed)} indexed image(s) (select: {sel}); the "
@@ -152,7 +156,8 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
             continue
         buffer.append({"key": s.key, "image": image, "cls": s.label,
                        "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_file": s.path.name,
-                                "source_sha256": sha256_file(s.path)}})
+                                "source_sha256": sha256_file(s.path),
+                                **({"label_set": label_sets[s.key]} if s.key in label_sets else {})}})
         kept += 1
         if len(buffer) == source["shard_size"]:
             flush()
@@ -167,12 +172,17 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
                              "clean set is kept")
     rejects.write(out / "rejects.tsv")
     header = dataset_card_header("clean", class_names(out), "clean crops (DAmageNet source images)")
-    (out / "README.md").write_text(header + "\n" + _card(source, kept, len(rejects)))
+    with_set = sum(bool(label_sets.get(s.key)) for s in samples)
+    (out / "README.md").write_text(header + "\n" + _card(source, kept, len(rejects), with_set))
     index = write_index(out, "clean")
-    return {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples)}
+    return {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples),
+            **({"label_sets": with_set} if source.get("label_sets") else {})}
 
 
-def _card(source: dict[str, Any], count: int, rejects: int) -> str:
+def _card(source: dict[str, Any], count: int, rejects: int, with_set: int) -> str:
+    sets = (f"\n- label sets (ImageNet-ReaL convention) from `{source['label_sets']}`: {with_set} selected images have "
+            "a non-empty set of acceptable classes (`label_set` in the JSON); the others are left out of ReaL "
+            "accuracy") if source.get("label_sets") else ""
     return f"""# Clean crops
 
 The unattacked source images of this pipeline run, after the same crop every attack and evaluation uses:
@@ -181,7 +191,7 @@ resize the short side to floor({source['size']} / {source['crop_pct']}) with the
 
 - source: `{source['kind']}` at `{source['root']}`
 - images: {count}; rejected source files: {rejects} (listed in `rejects.tsv` with the reason)
-- sample fields: `png`, `cls`, `json` (key, label, WordNet id or class folder, sha256 of the source file)
+- sample fields: `png`, `cls`, `json` (key, label, WordNet id or class folder, sha256 of the source file){sets}
 
 Licence: these crops are derived from the source images and carry the source's licence and terms of use
 (for ImageNet, non-commercial research use under the ImageNet terms).

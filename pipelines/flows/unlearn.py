@@ -25,6 +25,7 @@ from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
 from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.metric_tables import unlearn_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_split
 from training.unlearning import UnlearningData, create_method
@@ -119,6 +120,7 @@ def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dic
                                                     cfg, seed) for seed in cfg["seeds"]])
         results[scenario] = rows
     write_json(metrics_path, results)
+    write_table(metrics_path, unlearn_rows(results))
     markdown = unlearning_section(results, cfg, Path(report_dir))
     create_markdown_artifact(key="unlearning", markdown=markdown, description="Machine unlearning")
     return results

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from model_zoo.converters import package_weights_file
 from model_zoo.training import Recipe, accuracy, train_classifier
 from model_zoo.zoo import ModelSpec, ZooError, build_model, hub_weights, save_weights
+from pipelines.metric_tables import write_table, zoo_rows
 from pipelines.params import write_json
 from sources import sha256_file
 from sources.reading import load_split
@@ -133,4 +134,5 @@ def zoo_flow(zoo: dict[str, Any], metrics_path: str = "metrics/zoo.json", strict
                                   "sha256": sha256_file(m["weights"])}
     write_json(Path(zoo["out"]) / "models.json", specs)
     write_json(metrics_path, metrics)
+    write_table(metrics_path, zoo_rows(metrics))
     return metrics
