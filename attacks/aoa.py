@@ -11,10 +11,13 @@ from each image's own min/max (``bounds="image"``), ReLU per colour channel befo
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from attacks.base import Attack, AttackConfig, runner_up
+from attacks.precision import forward_precision
 from attacks.registry import register_attack
 from attacks.sglrp import SGLRP
 
@@ -50,3 +53,24 @@ class AoA(Attack):
         norms = h.flatten(2).sum(2).float().clamp(min=1e-12).log()
         loss = norms[0] - norms[1] - self.lam * F.cross_entropy(logits.float(), labels, reduction="none")
         return -loss
+
+
+def policy_error(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, policy: str, **sglrp_options) -> dict:
+    """AoA's heat maps and gradient under precision ``policy`` (:mod:`attacks.precision`) against an fp64 copy of
+    ``model``: the maps' relative L1 error (the true class and the runner-up) and the cosine between the gradients."""
+
+    def run(m, xx, p):
+        attack = AoA(m, AttackConfig(si=1, precision=p), **sglrp_options)
+        xx = xx.detach().clone().requires_grad_()
+        with forward_precision(p, xx.device.type):
+            logits = attack.sglrp(xx)
+            maps = attack.sglrp.heatmaps(logits, [labels, (labels + 1) % logits.shape[1]])
+            norms = maps.flatten(2).sum(2).float().clamp(min=1e-12).log()
+            (grad,) = torch.autograd.grad((norms[0] - norms[1]).sum(), xx)
+        return maps.detach().double(), grad.double()
+
+    ref_maps, ref_grad = run(copy.deepcopy(model).double(), x.double(), "fp32")
+    maps, grad = run(model, x, policy)
+    err = ((maps - ref_maps).abs().flatten(2).sum(2) / ref_maps.flatten(2).sum(2).clamp(min=1e-30)).amax()
+    cos = torch.nn.functional.cosine_similarity(grad.flatten(1), ref_grad.flatten(1), dim=1).amin()
+    return {"policy": policy, "map_rel_error": float(err), "grad_cosine": float(cos)}

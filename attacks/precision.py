@@ -7,17 +7,16 @@
 
 Why AoA needs fp32: the heat map ``h = ReLU(A_t - A_d * sum(A_t) / sum(A_d))`` is a small difference of two large
 maps (well under 1% of ``||A_t||`` on a trained net), so rounding errors in either map are amplified by two to three
-orders of magnitude. Measured with :func:`policy_error` against fp64 on the demo VGG (32 px, CPU autocast): fp32 maps
-within 1e-4 and gradient cosine 1.0000; bf16 activations with an fp32 relevance pass 44% map error, cosine 0.67;
-everything in bf16 383%, cosine 0.59. Keeping only the relevance pass in fp32 is therefore not enough, and TF32
-(3 more mantissa bits than bf16) is switched off too. The tests and ``benchmarks/bench_attack_step.py`` report
-:func:`policy_error`.
+orders of magnitude. Measured with :func:`attacks.aoa.policy_error` against fp64 on the demo VGG (32 px, CPU
+autocast): fp32 maps within 1e-4 and gradient cosine 1.0000; bf16 activations with an fp32 relevance pass 44% map
+error, cosine 0.67; everything in bf16 383%, cosine 0.59. Keeping only the relevance pass in fp32 is therefore not
+enough, and TF32 (3 more mantissa bits than bf16) is switched off too. The tests and
+``benchmarks/bench_attack_step.py`` report :func:`attacks.aoa.policy_error`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
@@ -45,26 +44,3 @@ def forward_precision(policy: str, device_type: str):
     if policy == "fp32":
         return _ieee_fp32(device_type)
     return torch.autocast(device_type, dtype=torch.bfloat16)
-
-
-def policy_error(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, policy: str, **sglrp_options) -> dict:
-    """AoA under ``policy`` against an fp64 copy of ``model``: the heat maps' relative L1 error (the true class and the
-    runner-up) and the cosine between the AoA gradients."""
-    from attacks.aoa import AoA
-    from attacks.base import AttackConfig
-
-    def run(m, xx, p):
-        attack = AoA(m, AttackConfig(si=1, precision=p), **sglrp_options)
-        xx = xx.detach().clone().requires_grad_()
-        with forward_precision(p, xx.device.type):
-            logits = attack.sglrp(xx)
-            maps = attack.sglrp.heatmaps(logits, [labels, (labels + 1) % logits.shape[1]])
-            norms = maps.flatten(2).sum(2).float().clamp(min=1e-12).log()
-            (grad,) = torch.autograd.grad((norms[0] - norms[1]).sum(), xx)
-        return maps.detach().double(), grad.double()
-
-    ref_maps, ref_grad = run(copy.deepcopy(model).double(), x.double(), "fp32")
-    maps, grad = run(model, x, policy)
-    err = ((maps - ref_maps).abs().flatten(2).sum(2) / ref_maps.flatten(2).sum(2).clamp(min=1e-30)).amax()
-    cos = torch.nn.functional.cosine_similarity(grad.flatten(1), ref_grad.flatten(1), dim=1).amin()
-    return {"policy": policy, "map_rel_error": float(err), "grad_cosine": float(cos)}

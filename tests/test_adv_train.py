@@ -206,10 +206,10 @@ def test_snapshot_is_a_copy_not_a_view():
 
 @pytest.mark.slow
 def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_path):
-    from model_zoo.training import accuracy
     from model_zoo.zoo import build_model
     from pipelines.flows.adv_train import adv_train_flow
     from sources.reading import load_split
+    from training.supervised import accuracy
 
     cfg = {
         "model": "tiny", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),

@@ -158,7 +158,7 @@ def test_di_transforms_with_exactly_the_configured_probability(random_surrogate)
 def test_precision_policy_fp32_is_faithful_and_bf16_is_not(random_surrogate):
     """The default policy keeps AoA's heat map within 1% of fp64 and the gradient at cosine >= 0.999 (CPU autocast
     stands in for the GPU's bf16); bf16 autocast does not, which is why it is not AoA's policy."""
-    from attacks.precision import policy_error
+    from attacks.aoa import policy_error
 
     torch.manual_seed(2)
     x, y = quantize(torch.rand(4, 3, 32, 32)), torch.tensor([0, 3, 5, 7])

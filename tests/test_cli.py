@@ -75,7 +75,7 @@ def test_params_are_accepted_after_the_stage_name(tmp_path, capsys):
 
 def test_metrics_of_another_params_file_do_not_overwrite_the_default_runs(small_world, prefect_server, tmp_path,
                                                                           monkeypatch):
-    from pipelines.params import metrics_dir
+    from pipelines.stages import metrics_dir
 
     assert metrics_dir("params.yaml") == metrics_dir("/x/params.yaml") == metrics_dir("params.yaml").parent / "metrics"
     monkeypatch.chdir(tmp_path)
@@ -88,14 +88,14 @@ def test_metrics_of_another_params_file_do_not_overwrite_the_default_runs(small_
     assert not (tmp_path / "metrics" / "prepare.json").exists()
 
 
-def test_generate_names_an_attack_missing_from_params(tmp_path):
-    p = _params(tmp_path)
-    with pytest.raises(SystemExit, match="attack 'cw' has no entry under 'attacks'"):
-        main(["--params", str(p), "generate", "--attack", "cw"])
+def test_generate_names_an_attack_missing_from_params(tmp_path, capsys):
+    p = _params(tmp_path, "mine.yaml")
+    err = _one_line_error(capsys, ["--params", str(p), "generate", "--attack", "fgsmm"])
+    assert err.startswith(f"damagenet generate: {p}: attack 'fgsmm' has no entry under 'attacks'")
 
 
 def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
-    from pipelines.cli import evaluate_kwargs
+    from pipelines import stages
     from pipelines.flows.report import scheduled_evaluation_flow
     from pipelines.params import load_params
 
@@ -104,13 +104,14 @@ def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
         name="scheduled-evaluation", cron="0 3 * * *", parameters={"params_path": str(p)})
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters == {"params_path": str(p)}  # nothing frozen at start: the file is read per run
-    before = [m["name"] for m in evaluate_kwargs(load_params(p))["models"]]
+    before = [m["name"] for m in stages.evaluate(load_params(p))["models"]]
     _params(tmp_path, edit=lambda params: params["evaluate"]["models"].append("resnet10t_extra"))
-    after = [m["name"] for m in evaluate_kwargs(load_params(p))["models"]]
+    after = [m["name"] for m in stages.evaluate(load_params(p))["models"]]
     assert after == before + ["resnet10t_extra"]
 
 
-def test_muso_check_prints_the_three_distances(capsys):
+def test_muso_check_prints_the_three_distances_and_needs_no_params_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
     main(["muso-check", "--n", "30", "--p", "200", "--forget", "5"])
     out = capsys.readouterr().out
     values = {line.split(":")[0].strip(): float(line.split(":")[1]) for line in out.splitlines() if ":" in line
@@ -118,18 +119,18 @@ def test_muso_check_prints_the_three_distances(capsys):
     assert values["muso labels"] < 1e-6 < 1e-2 < min(values["random labels"], values["no relabelling"])
 
 
-def test_downstream_stages_name_a_missing_model_or_recipe(tmp_path):
+def test_downstream_stages_name_a_missing_model_or_recipe_against_the_file_read(tmp_path, capsys):
     def edit(params):
         params["zoo"]["models"] = [{"name": "pre", "arch": "resnet18", "weights": "hf-hub"}]
         params["unlearn"]["model"] = "pre"
         params["unlearn"].pop("original")  # no original trained here: retraining needs the zoo recipe
         params["ood"]["model"] = "missing"
 
-    p = _params(tmp_path, edit=edit)
-    with pytest.raises(SystemExit, match="unlearn needs a retraining recipe.*'pre'"):
-        main(["--params", str(p), "unlearn"])
-    with pytest.raises(SystemExit, match="no zoo model named 'missing'"):
-        main(["--params", str(p), "ood"])
+    p = _params(tmp_path, "other.yaml", edit=edit)
+    err = _one_line_error(capsys, ["--params", str(p), "unlearn"])
+    assert err.startswith(f"damagenet unlearn: {p}: unlearn needs a retraining recipe") and "'pre'" in err
+    err = _one_line_error(capsys, ["ood", "--params", str(p)])
+    assert err.startswith(f"damagenet ood: {p}: no zoo model named 'missing'")
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "profiles/imagenet.yaml", "profiles/real.yaml",
@@ -158,3 +159,84 @@ def test_version_is_the_installed_package_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"damagenet {version('damagenet-pipeline')}"
+
+
+def test_flow_runs_and_artifact_keys_carry_the_profile_not_paths(small_world, prefect_server, tmp_path, monkeypatch):
+    import asyncio
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from pipelines.flows import artifact_key
+
+    monkeypatch.chdir(tmp_path)
+    source = {"kind": "class_folder", "data": str(small_world), "root": str(small_world / "val"), "num_classes": 10,
+              "size": 32, "crop_pct": 1.0, "select": {"mode": "first", "n": 4}, "shard_size": 4, "out": "clean"}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"profile": "My_Study", "source": source}))
+    main(["prepare", "--params", "mine.yaml"])
+
+    async def names():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="prepare-")))
+            return {r.name for r in runs}
+
+    assert "prepare-My_Study" in asyncio.run(names())
+    assert artifact_key("My_Study", "ood-fine-tuning") == "my-study-ood-fine-tuning"
+    assert artifact_key("demo", "co-event-fgsm_rs") == "demo-co-event-fgsm-rs"
+
+
+def test_make_runs_serves_the_runs_recorded_by_a_finished_make_style_run(small_world, tmp_path):
+    """The server scripts/with-prefect-server starts dies with the run; `make runs` shows its runs afterwards."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PATH": f"{repo}/.venv/bin:{os.environ['PATH']}"}
+    env.pop("PREFECT_API_URL", None)
+    source = {"kind": "class_folder", "data": str(small_world), "root": str(small_world / "val"), "num_classes": 10,
+              "size": 32, "crop_pct": 1.0, "select": {"mode": "first", "n": 4}, "shard_size": 4, "out": "clean"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"profile": "later", "source": source}))
+    subprocess.run([str(repo / "scripts/with-prefect-server"), "damagenet", "prepare"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["make", "-s", "-C", str(repo), "runs", f"PREFECT_UI_PORT={port}"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(120):
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=b"{}",
+                                                 headers={"Content-Type": "application/json"}, method="POST")
+                names = {r["name"] for r in json.load(urllib.request.urlopen(request, timeout=5))}
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("make runs: no Prefect server answered within 120 s")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    assert "prepare-later" in names
+
+
+def test_generate_names_a_missing_zoo_record_or_surrogate_in_one_line(tmp_path, capsys):
+    import json
+
+    zoo = tmp_path / "zoo"
+    p = _params(tmp_path, "mine.yaml", edit=lambda params: params["zoo"].update(out=str(zoo)))
+    err = _one_line_error(capsys, ["generate", "--attack", "pgd", "--params", str(p)])
+    assert err == f"damagenet generate: {zoo / 'models.json'}: not found (run the zoo stage first)\n"
+    zoo.mkdir()
+    (zoo / "models.json").write_text(json.dumps([{"name": "other", "arch": "resnet10t"}]))
+    err = _one_line_error(capsys, ["generate", "--attack", "pgd", "--params", str(p)])
+    assert err.startswith(f"damagenet generate: {p}: generate.surrogate ") and "(have: other)" in err

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from evaluators.classification import evaluate_shardset
 from model_zoo.zoo import ModelSpec, build_model
-from pipelines.flows.evaluate import evaluate_flow, resolve_models
+from pipelines.flows.evaluate import evaluate_flow
+from pipelines.stages import resolve_models
 from shards.shardset import iter_shardset, read_shard, shard_name, write_index, write_shard
 
 
@@ -197,6 +198,12 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     ood_page = (tmp_path / "report" / "pages" / "ood.html").read_text()
     assert "<table>" in ood_page and '<a href="../report.html">← Robustness report</a>' in ood_page  # the way back
     assert (tmp_path / "report" / "pages" / "../report.html").resolve() == page.resolve()
+    assert "[OOD" in (tmp_path / "report" / "pages" / "README.md").read_text()
+    # a profile without downstream stages: no page stays, and the folder is not empty (DVC warns on an empty output)
+    build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets), specs["vgg_demo"],
+                 budget, str(tmp_path / "report"), attacks=attacks, downstream=[])
+    assert [f.name for f in (tmp_path / "report" / "pages").iterdir()] == ["README.md"]
+    assert "no downstream stages" in (tmp_path / "report" / "pages" / "README.md").read_text()
     assert not (tmp_path / "report" / "downstream" / "ood" / "index.html").exists()  # another stage's output folder is left alone
     assert "data:image/png;base64," in result["markdown_inline"] and "](figures/" not in result["markdown_inline"]
     shot = tmp_path / "screenshot.png"

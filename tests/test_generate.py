@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 from model_zoo.zoo import ModelSpec, build_model
 from pipelines.flows.generate import generate
 from pipelines.flows.prepare import prepare_flow
-from shards.shardset import iter_shardset, shard_paths, write_shard
+from shards.shardset import class_names, iter_shardset, shard_paths, write_shard
 from shards.verify import verify_shardset
 
+REPO = Path(__file__).resolve().parent.parent
 BUDGET = {"eta": 5.0, "eps": 16.0, "alpha": 2.0, "max_steps": 6}
 
 
@@ -187,19 +188,41 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(clean_set, surrogate, re
     assert len(keys) == len(set(keys)) == 20
 
 
-def test_webdataset_and_timm_read_the_set(reference_run):
-    import timm.data
-    import webdataset as wds
+def _python_blocks(markdown: str) -> list[str]:
+    return [block.split("```")[0] for block in markdown.split("```python\n")[1:]]
 
+
+def _run_as_printed(code: str, cwd: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(cwd.parent / "hf-home"))  # the datasets cache, not the user's
+    namespace: dict = {}
+    exec(compile(code, "snippet", "exec"), namespace)  # noqa: S102  (the snippet, verbatim)
+    return namespace
+
+
+def _check_readers(ns: dict, keys: set[str], names: list[str]) -> None:
+    items = list(ns["ds"])
+    assert len(items) == len(keys) and items[0][0].shape == (32, 32, 3) and items[0][2]["attack"] == "aoa"
+    assert len(ns["timm_ds"]) == len(keys) and next(iter(ns["timm_ds"]))[0].size == (32, 32)
+    hf = ns["hf_ds"]
+    assert set(hf["__key__"]) == keys and hf[0]["json"]["attack"] == "aoa"  # the key and the JSON record survive
+    assert hf.features["cls"].names == names and hf[0]["cls"] == hf[0]["json"]["label"]
+
+
+def test_every_reader_the_card_and_the_readme_print_runs_as_printed(clean_set, reference_run, tmp_path, monkeypatch):
     out = reference_run[0]
-    urls = [str(p) for p in shard_paths(out)]
-    ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("png", "cls")
-    items = list(ds)
-    assert len(items) == 20 and items[0][0].shape == (32, 32, 3)
-    timm_ds = timm.data.create_dataset("wds/aoa", root=str(out), split="validation")
-    img, target = next(iter(timm_ds))
-    assert img.size == (32, 32) and 0 <= target < 10
-    assert len(timm_ds) == 20
+    keys = {s["key"] for s in iter_shardset(out)}
+    names = [n for _, n in sorted(class_names(clean_set[0]).items())]
+    card = _python_blocks((out / "README.md").read_text())
+    assert len(card) == 1
+    ns = _run_as_printed(card[0], out, monkeypatch)
+    _check_readers(ns, keys, names)
+    readme = [b for b in _python_blocks((REPO / "README.md").read_text()) if "data/shards/aoa" in b]
+    assert len(readme) == 1
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    shutil.copytree(out, tmp_path / "data" / "shards" / "aoa")
+    _check_readers(_run_as_printed(readme[0], tmp_path, monkeypatch), keys, names)
 
 
 def test_metrics_and_provenance(reference_run):
@@ -443,8 +466,9 @@ def test_pickle_members_are_refused_and_never_run(reference_run, tmp_path):
     card = (reference_run[0] / "README.md").read_text()
     snippet = card.split("```python")[1].split("```")[0]
     assert "{000000..000003}" in snippet  # the set's real shard range
-    scope = {}
-    exec(snippet.replace('"aoa-{000000..000003}.tar"', repr(str(shard))), scope)
+    scope = {}  # the snippet's webdataset reader, on the shard with the pickle
+    reader = "import webdataset as wds\n" + snippet[snippet.index("ds = ("):snippet.index("timm_ds = ")]
+    exec(reader.replace('"aoa-{000000..000003}.tar"', repr(str(shard))), scope)
     assert len(list(scope["ds"])) == 5
     assert not marker.exists()
     assert wds  # the snippet's import
@@ -456,7 +480,7 @@ def test_prefect_runs_are_named_after_the_stage_attack_and_shard(reference_run):
     with get_client(sync_client=True) as client:
         flow_runs = {r.name for r in client.read_flow_runs()}
         task_runs = {t.name for t in client.read_task_runs()}
-    assert "generate-aoa" in flow_runs
+    assert "generate-demo-aoa" in flow_runs  # the stage, the profile (here the default) and the attack set
     assert {f"attack-aoa-{i:06d}" for i in range(4)} <= task_runs
 
 
@@ -468,7 +492,9 @@ def test_dataset_card_header_names_the_classes_and_the_shards(clean_set, referen
     for folder, name in ((clean_set[0], "clean"), (reference_run[0], "aoa")):
         card = (folder / "README.md").read_text()
         header = yaml.safe_load(card.split("---\n")[1])
-        names = header["dataset_info"]["features"][1]["dtype"]["class_label"]["names"]
+        features = {f["name"]: f["dtype"] for f in header["dataset_info"]["features"]}
+        names = features["cls"]["class_label"]["names"]
+        assert features["__key__"] == "string" and features["png"] == "image" and features["json"] == "json"
         assert names == {str(i): f"{i:02d}_{c}" for i, c in enumerate(CLASSES)}  # the class folders, in index order
         assert header["configs"][0]["data_files"][0] == {"split": "validation", "path": f"{name}-*.tar"}
 

@@ -151,3 +151,21 @@ def test_sanity_warnings_flag_near_chance_and_far_from_published_only():
     assert [w.split(":")[0] for w in warned] == ["random", "random", "off", "mine"]
     assert "14.0 points above the published 26.85%" in warned[2]
     assert sanity_warnings(errors, archs, 10, imagenet=False) == []  # 95% of 10 classes is not chance's 90%
+
+
+@pytest.mark.parametrize("stage", ["hub-weights", "zoo"])
+def test_missing_hub_weights_are_one_message_naming_the_cache_in_use(stage, tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    cache = tmp_path / "elsewhere" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--params", str(REPO / "profiles/imagenet.yaml")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count(f"damagenet {stage}:") == 1
+    models = [m for m in yaml.safe_load((REPO / "profiles/imagenet.yaml").read_text())["zoo"]["models"]
+              if m.get("weights") == "hf-hub"]
+    assert f"{len(models)} hub model(s) are not in the local cache" in err
+    assert err.count(f"({cache})") == len(models) and ".cache/huggingface" not in err
+    assert all(f"`hf download timm/{m['arch']}`" in err for m in models)

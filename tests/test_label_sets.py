@@ -82,7 +82,8 @@ def test_an_attack_set_runs_the_method_it_names_and_an_unnamed_unknown_one_is_re
 
     params = _real_profile()
     params["attacks"]["aoa-authors"] = {"attack": "aoa", "si": 4, "si_x_twice": True}
-    assert validate_params(params, "p.yaml")["attacks"]["aoa-authors"] == {"attack": "aoa", "si": 4, "si_x_twice": True}
+    assert validate_params(params, "p.yaml").attacks["aoa-authors"].model_dump() == {"attack": "aoa", "si": 4,
+                                                                                   "si_x_twice": True}
     params["attacks"]["aoa-authors"] = {"si": 4}  # what used to pass here and fail in generate with a KeyError
     with pytest.raises(ConfigError, match=r"p.yaml: parameters: attacks.aoa-authors: 'aoa-authors' is not an attack "
                                           r"method \(known: aoa, .*aoa-authors: \{attack: aoa, \.\.\.\}"):

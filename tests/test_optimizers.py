@@ -218,8 +218,8 @@ def test_shift_images_blurs_and_lowers_contrast_towards_the_tint():
 def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
     import json
 
+    from model_zoo.zoo import zoo_specs
     from pipelines.flows.optim import optim_flow
-    from pipelines.flows.zoo import zoo_specs
     from shards.shardset import shard_name, write_index, write_shard
     from sources.reading import load_split
 

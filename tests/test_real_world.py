@@ -118,8 +118,8 @@ def test_each_profile_has_exactly_its_stages_and_each_has_a_documented_subcomman
 
     params = load_params(REPO / profile)
     stages = _dvc_stages(tmp_path, REPO / profile)
-    expected = ({f"world@{w}" for w in params["worlds"]} | {f"generate@{a}" for a in params["attacks"]}
-                | {f"downstream@{d}" for d in params["downstream"]}
+    expected = ({f"world@{w}" for w in params.worlds} | {f"generate@{a}" for a in params.attacks}
+                | {f"downstream@{d}" for d in params.downstream}
                 | {"hub_weights", "zoo", "prepare", "evaluate", "report"})
     assert set(stages) == expected
     parser = build_parser()

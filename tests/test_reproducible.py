@@ -47,7 +47,7 @@ def test_the_switch_gives_the_same_weights_under_any_kernel_level(tmp_path, smal
 def test_a_process_whose_kernels_are_already_chosen_is_refused(tmp_path):
     """The libraries read their setting once: a switch applied after the first tensor operation cannot act."""
     code = ("import torch; torch.ones(2).sum(); from pipelines.reproducible import pin_cpu; "
-            "pin_cpu({'threads': 1})")
+            "pin_cpu(1)")
     env = {k: v for k, v in os.environ.items() if k not in MACHINE_KERNELS}
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**env, "ATEN_CPU_CAPABILITY": "default"})

@@ -294,7 +294,7 @@ def test_pretrained_lite0_heatmap_puts_its_relevance_on_the_cup(lite0, coffee_ph
 
 
 def test_precision_policy_on_pretrained_lite0(lite0, coffee_photo):
-    from attacks.precision import policy_error
+    from attacks.aoa import policy_error
 
     faithful = policy_error(lite0, coffee_photo, torch.tensor([ESPRESSO]), "fp32")
     assert faithful["map_rel_error"] < 0.01 and faithful["grad_cosine"] >= 0.999

@@ -276,8 +276,8 @@ def test_every_method_changes_the_model_and_keeps_it_finite():
 
 @pytest.mark.slow
 def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
+    from model_zoo.zoo import zoo_specs
     from pipelines.flows.unlearn import unlearn_flow
-    from pipelines.flows.zoo import zoo_specs
 
     spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
     cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,

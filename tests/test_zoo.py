@@ -63,8 +63,8 @@ def test_local_weights_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_zoo_flow_trains_saves_and_reports(trained_zoo):
-    from model_zoo.training import accuracy
     from sources.reading import Rejects, class_folder_source, load_images
+    from training.supervised import accuracy
 
     metrics, out = trained_zoo["metrics"], trained_zoo["out"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -83,7 +83,7 @@ def test_training_history_has_one_row_per_epoch_with_the_epoch_end_measurements(
     eval mode, and the curve file with the plotted column last."""
     import csv
 
-    from model_zoo.training import Recipe, train_classifier, write_curve
+    from training.supervised import Recipe, train_classifier, write_curve
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(name="t", arch="test_resnet", num_classes=3,
@@ -103,7 +103,7 @@ def test_training_history_has_one_row_per_epoch_with_the_epoch_end_measurements(
 
 
 def test_frozen_norm_keeps_batchnorm_statistics_and_plain_training_moves_them():
-    from model_zoo.training import Recipe, train_classifier
+    from training.supervised import Recipe, train_classifier
 
     images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
     labels = torch.randint(0, 3, (32,))
@@ -120,7 +120,7 @@ def test_frozen_norm_keeps_batchnorm_statistics_and_plain_training_moves_them():
 
 
 def test_a_tiny_last_batch_is_skipped_and_a_reasonable_one_kept():
-    from model_zoo.training import batch_starts
+    from training.supervised import batch_starts
 
     assert batch_starts(450, 64) == [0, 64, 128, 192, 256, 320, 384]  # 2 images left over: skipped
     assert batch_starts(500, 64) == [0, 64, 128, 192, 256, 320, 384, 448]  # 52 left over: a batch
@@ -161,3 +161,20 @@ def test_cifar_preact_resnet_checkpoint_loads_back_into_the_same_network(tmp_pat
     save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
     x = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(build_model({**spec, "weights": str(path)})(x), model(x))
+
+
+def test_zoo_records_source_and_sha256_of_a_local_weights_file_without_machine_paths(tmp_path, prefect_server):
+    import hashlib
+
+    from pipelines.flows.zoo import zoo_flow
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name="v", arch="vgg_demo", num_classes=10))
+    weights = tmp_path / "mine.safetensors"  # an absolute path, as a user may give one
+    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, weights)
+    zoo = {"out": str(tmp_path / "zoo"), "num_classes": 10, "img_size": 32, "seed": 0,
+           "models": [{"name": "v", "arch": "vgg_demo", "weights": str(weights)}]}
+    metrics = zoo_flow(zoo, metrics_path=str(tmp_path / "zoo.json"))
+    assert metrics["v"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert metrics["v"]["weights_source"] == "file:mine.safetensors"
+    assert str(tmp_path) not in (tmp_path / "zoo.json").read_text()

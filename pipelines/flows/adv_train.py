@@ -20,14 +20,15 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import adv_training_section
 from evaluators.white_box import pgd_robust_accuracy
-from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.flows import artifact_key
 from pipelines.metric_tables import adv_train_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_split
 from training.adversarial import create_method
 from training.adversarial.monitors import CODetector, COMonitor, early_conv_layers
 from training.data import shard_images
+from training.supervised import Recipe, accuracy, train_classifier, write_curve
 
 
 def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +38,7 @@ def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) 
 
 @task(name="adversarial-training-run", task_run_name="adv-train-{name}", cache_policy=NO_CACHE)  # tensors are not cache keys
 def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any],
-                             data, plots_dir: str) -> dict[str, Any]:
+                             data, plots_dir: str, profile: str) -> dict[str, Any]:
     log = get_run_logger()
     (x, y), (xv, yv) = data
     torch.manual_seed(cfg["seed"])
@@ -52,7 +53,7 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
                     name, event["step"], event["pgd_acc_peak"], event["pgd_acc"], event["fgsm_acc_at_peak"],
                     event["fgsm_acc"], event["response"])
         create_markdown_artifact(
-            key=f"co-event-{name}".lower().replace("_", "-"),
+            key=artifact_key(profile, f"co-event-{name}"),
             markdown=f"**Catastrophic overfitting** in `{name}` ({method}) at step {event['step']}: PGD accuracy "
                      f"{event['pgd_acc_peak']:.1f} (peak) -> {event['pgd_acc']:.1f}, FGSM accuracy "
                      f"{event['fgsm_acc_at_peak']:.1f} -> {event['fgsm_acc']:.1f}; response: {event['response']}.",
@@ -92,9 +93,10 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
     }
 
 
-@flow(name="adv-train", flow_run_name="adv-train-{spec[name]}")
+@flow(name="adv-train", flow_run_name="adv-train-{profile}-{spec[name]}")
 def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/adv_train.json",
-                   report_dir: str = "reports", plots_dir: str = "plots/downstream/adv_train") -> dict[str, Any]:
+                   report_dir: str = "reports", plots_dir: str = "plots/downstream/adv_train",
+                   profile: str = "demo") -> dict[str, Any]:
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg["train_root"], size)
     xv, yv, _ = load_split(cfg["val_root"], size)
@@ -103,12 +105,14 @@ def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str 
         get_run_logger().info("%d DAmageNet images mixed into %d training images", len(xs), len(x))
         x, y = torch.cat([x, xs]), torch.cat([y, ys])
     data = ((x, y), (xv, yv))  # loaded once, shared by every run
-    results = {name: adversarial_training_run(name, run, cfg, spec, data, plots_dir) for name, run in cfg["runs"].items()}
+    results = {name: adversarial_training_run(name, run, cfg, spec, data, plots_dir, profile)
+               for name, run in cfg["runs"].items()}
     write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(metrics_path, metrics)
     write_table(metrics_path, adv_train_rows(metrics))
     markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg, Path(report_dir),
                                     chance=100 / spec["num_classes"])
-    create_markdown_artifact(key="adversarial-training", markdown=markdown, description="Adversarial training and CO")
+    create_markdown_artifact(key=artifact_key(profile, "adversarial-training"), markdown=markdown,
+                             description="Adversarial training and CO")
     return metrics

@@ -10,8 +10,9 @@ from prefect import flow, get_run_logger
 from sources.demo_world import CLASSES, generate_demo_world
 
 
-@flow(name="demo-data", flow_run_name="demo-data-seed{seed}-{size}px")
-def demo_data_flow(root: str, seed: int, size: int, train: int, val: int, outliers: int = 0) -> dict[str, int]:
+@flow(name="demo-data", flow_run_name="demo-data-{profile}")
+def demo_data_flow(root: str, seed: int, size: int, train: int, val: int, outliers: int = 0,
+                   profile: str = "demo") -> dict[str, int]:
     out = Path(root)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

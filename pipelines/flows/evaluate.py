@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import timm
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
@@ -22,31 +21,6 @@ from evaluators.classification import evaluate_shardset, shardset_hash
 from model_zoo.zoo import build_model, timm_model_name, weights_hash
 from pipelines.metric_tables import evaluate_rows, write_table
 from pipelines.params import write_json
-
-
-def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
-    """Entries are zoo names, full specs, ``{pattern, weights}`` expanded with timm's registry, or
-    ``{models_file}``: the specs a training stage wrote (missing file: one error record naming it)."""
-    specs = []
-    for e in entries:
-        if isinstance(e, dict) and "models_file" in e:
-            path = Path(e["models_file"])
-            if not path.is_file():
-                specs.append({"name": str(path), "arch": "?", "error": f"{path}: not found (run the stage that writes it)"})
-            else:
-                specs += json.loads(path.read_text())
-            continue
-        if isinstance(e, str):
-            if e not in zoo_specs:
-                specs.append({"name": e, "arch": e, "error": f"unknown model {e!r}: not in the zoo ({', '.join(zoo_specs)})"})
-            else:
-                specs.append(zoo_specs[e])
-        elif "pattern" in e:
-            for arch in timm.list_models(e["pattern"], pretrained=e.get("weights") == "hf-hub"):
-                specs.append({"name": arch, "arch": arch, "weights": e.get("weights"), "num_classes": 1000})
-        else:
-            specs.append(e)
-    return specs
 
 
 @task(name="evaluate-model", task_run_name="evaluate-{spec[name]}")
@@ -100,10 +74,11 @@ def evaluate(**kwargs) -> dict[str, Any]:
     return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(**kwargs)
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{out}")
+@flow(name="evaluate", flow_run_name="evaluate-{profile}")
 def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, batch_size: int = 256,
                   devices: list[str] | None = None, workers: int = 0,
-                  metrics_path: str = "metrics/evaluate.json", crop: dict[str, Any] | None = None) -> dict[str, Any]:
+                  metrics_path: str = "metrics/evaluate.json", crop: dict[str, Any] | None = None,
+                  profile: str = "demo") -> dict[str, Any]:
     """Every model on every set. ``crop`` (``size``, ``crop_pct``, ``filter`` of the prepare stage) describes how
     the shard images were made, for the results files. Results of the models that worked are always written; the
     run then fails (state Failed) when any model failed."""

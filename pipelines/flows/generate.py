@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -34,6 +33,7 @@ from attacks import AttackConfig, list_attacks
 from model_zoo.zoo import weights_sha256
 from pipelines.params import write_json
 from pipelines.progress import RUNNING, Progress
+from pipelines.stages import resolve_devices
 from shards import STOP, Stopped
 from shards.adversarial import attack_shard_file
 from shards.shardset import (
@@ -53,13 +53,6 @@ def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConf
     """The shared budget (0-255 scale in params.yaml) plus one attack's own options."""
     return AttackConfig(eta=budget["eta"] / 255, eps=budget["eps"] / 255, alpha=budget["alpha"] / 255,
                         max_steps=int(budget["max_steps"]), **options)
-
-
-def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
-    if devices == "auto":
-        n = torch.cuda.device_count()
-        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"] * cpu_workers
-    return list(devices)
 
 
 def _shard_task_name() -> str:
@@ -125,7 +118,7 @@ def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, das
     return generate_flow.with_options(task_runner=runner)(*args, devices=device_list, **kwargs)
 
 
-@flow(name="generate", flow_run_name="generate-{attack}")
+@flow(name="generate", flow_run_name="generate-{profile}-{attack}")
 def generate_flow(
     attack: str,
     budget: dict[str, Any],
@@ -139,6 +132,7 @@ def generate_flow(
     metrics_path: str | None = None,
     cpu_threads: int | str = "auto",
     method: str | None = None,
+    profile: str = "demo",
 ) -> dict[str, Any]:
     """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``.
     ``attack`` names the set (its shards and metrics); ``method`` is the attack it runs (default: the same name)."""
@@ -346,15 +340,21 @@ key and sha256, label, surrogate, attack and config hash, budgets, RMSD, L-inf, 
 true-class probability and attention ratio before/after, seed). Index files: `shardindex.json` (wids),
 `_info.json` (timm `wds/` reader), `manifest.jsonl`, `SHA256SUMS`.
 
+Read from this folder:
+
 ```python
+import os
+
+import datasets  # pip install datasets
+import timm.data
 import webdataset as wds
+
 # only= : decode the format's fields and nothing else (a stray .pyd member would otherwise be unpickled)
 ds = (wds.WebDataset("{attack}-{{000000..{shards - 1:06d}}}.tar", shardshuffle=False)
       .decode("rgb8", only=["png", "cls", "json"]).to_tuple("png", "cls", "json"))
+timm_ds = timm.data.create_dataset("wds/{attack}", root=".", split="validation")  # reads _info.json
+hf_ds = datasets.load_dataset(os.getcwd(), split="validation")  # named classes, __key__, JSON record (this card)
 ```
-Also readable with `wids` (its own package: `pip install wids`; `wids.ShardListDataset("shardindex.json")`),
-timm's `wds/` reader (`_info.json`) and Hugging Face `datasets` (`load_dataset("webdataset", data_dir=...)`, named
-classes from this card's header).
 
 Licence: derived from the source images; the source's licence and terms apply (ImageNet: non-commercial research).
 """

@@ -21,14 +21,15 @@ from prefect.cache_policies import NO_CACHE
 
 from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
-from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.flows import artifact_key
 from pipelines.metric_tables import ood_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_image_folder, load_split
 from training.data import shard_images
 from training.ood import SCORES, create_method
 from training.ood.features import class_weights, features_and_logits
+from training.supervised import Recipe, accuracy, batch_starts, train_classifier, write_curve
 
 
 def select_classes(images, labels, classes: list[int] | None, relabel: bool = True):
@@ -177,9 +178,9 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "all_scores_first_seed": runs[0]["sets"]}
 
 
-@flow(name="ood", flow_run_name="ood-{spec[name]}")
+@flow(name="ood", flow_run_name="ood-{profile}-{spec[name]}")
 def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/ood.json",
-             report_dir: str = "reports", plots_dir: str = "plots/downstream/ood") -> dict[str, Any]:
+             report_dir: str = "reports", plots_dir: str = "plots/downstream/ood", profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     data = load_ood_data(cfg, size)
@@ -212,5 +213,5 @@ def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "met
     write_json(metrics_path, metrics)
     write_table(metrics_path, ood_rows(metrics))
     markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg, Path(report_dir))
-    create_markdown_artifact(key="ood-fine-tuning", markdown=markdown, description="OOD fine-tuning")
+    create_markdown_artifact(key=artifact_key(profile, "ood-fine-tuning"), markdown=markdown, description="OOD fine-tuning")
     return metrics

@@ -22,12 +22,13 @@ from prefect.cache_policies import NO_CACHE
 from evaluators.claims import over_seeds
 from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
-from model_zoo.training import Recipe, accuracy, batch_starts, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.flows import artifact_key
 from pipelines.metric_tables import optim_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_split
 from training.flat_lora import FlatLoRANoise, add_lora, merge_lora
+from training.supervised import Recipe, accuracy, batch_starts, train_classifier, write_curve
 
 
 def shift_images(images: torch.Tensor, contrast: float, blur: int, tint: list[float]) -> torch.Tensor:
@@ -90,9 +91,9 @@ def lora_run(name: str, sigma: float, cfg: dict[str, Any], spec: dict[str, Any],
             **shard_accuracy(model, cfg["shard_sets"])}
 
 
-@flow(name="optim", flow_run_name="optim-{spec[name]}")
+@flow(name="optim", flow_run_name="optim-{profile}-{spec[name]}")
 def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/optim.json",
-               report_dir: str = "reports", plots_dir: str = "plots/downstream/optim") -> dict[str, Any]:
+               report_dir: str = "reports", plots_dir: str = "plots/downstream/optim", profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg["train_root"], size)
@@ -120,5 +121,5 @@ def optim_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "m
     write_json(metrics_path, metrics)
     write_table(metrics_path, optim_rows(metrics))
     markdown = optim_section(metrics, cfg, Path(report_dir))
-    create_markdown_artifact(key="optimisers", markdown=markdown, description="SAM / F-SAM / Flat-LoRA")
+    create_markdown_artifact(key=artifact_key(profile, "optimisers"), markdown=markdown, description="SAM / F-SAM / Flat-LoRA")
     return metrics

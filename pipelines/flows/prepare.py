@@ -87,8 +87,9 @@ def _swap_in(built: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-@flow(name="prepare", flow_run_name="prepare-{source[kind]}-{source[size]}px")
-def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.json", strict: bool = False) -> dict:
+@flow(name="prepare", flow_run_name="prepare-{profile}")
+def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.json", strict: bool = False,
+                 profile: str = "demo") -> dict:
     """Write the clean set into a temporary folder beside ``source.out`` and swap it in only when complete, so a
     failure (missing source, a ``--strict`` reject, a crash) leaves the previous set as it was."""
     out = Path(source["out"])

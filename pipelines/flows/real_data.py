@@ -10,8 +10,8 @@ from prefect import flow, get_run_logger
 from sources.real_world import select_photos, write_real_world
 
 
-@flow(name="real-data", flow_run_name="real-data-{root}")
-def real_data_flow(root: str, photos: list[str] | None = None) -> dict[str, int]:
+@flow(name="real-data", flow_run_name="real-data-{profile}")
+def real_data_flow(root: str, photos: list[str] | None = None, profile: str = "demo") -> dict[str, int]:
     chosen = select_photos(photos)
     out = Path(root)
     tmp = out.with_name(out.name + ".tmp")

@@ -7,13 +7,17 @@ published shards at the next run, without a restart (cached results are reused f
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from evaluators.report import build_report
+from pipelines import stages
+from pipelines.flows import artifact_key
 from pipelines.flows.evaluate import evaluate
+from pipelines.params import load_params
 
 
 @flow(name="report", flow_run_name="report-{profile}")
@@ -24,7 +28,7 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
     result = build_report(eval_dir, shards_root, clean_dir, sets, surrogate, budget, out_dir, profile, examples,
                           victims, attacks, downstream, downstream_dir)
     # figures inline: the Prefect UI cannot follow links to files on this machine
-    create_markdown_artifact(key="damagenet-robustness-report", markdown=result["markdown_inline"],
+    create_markdown_artifact(key=artifact_key(profile, "robustness-report"), markdown=result["markdown_inline"],
                              description="DAmageNet robustness report")
     log = get_run_logger()
     for w in result["warnings"]:
@@ -33,11 +37,14 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
     return result
 
 
-@flow(name="scheduled-evaluation", flow_run_name="scheduled-evaluation-{params_path}")
-def scheduled_evaluation_flow(params_path: str = "params.yaml") -> dict[str, Any]:
-    from pipelines.cli import evaluate_kwargs, report_kwargs  # the CLI's reading of params, at run time
-    from pipelines.params import load_params
+def _scheduled_run_name() -> str:
+    from prefect.runtime import flow_run
 
-    params = load_params(params_path)
-    evaluate(**evaluate_kwargs(params))
-    return report_flow(**report_kwargs(params))
+    return "scheduled-evaluation-" + Path(flow_run.parameters["params_path"]).stem  # the profile's file, no path
+
+
+@flow(name="scheduled-evaluation", flow_run_name=_scheduled_run_name)
+def scheduled_evaluation_flow(params_path: str = "params.yaml") -> dict[str, Any]:
+    params = load_params(params_path)  # at every run: a model added to the file is evaluated at the next one
+    evaluate(**stages.evaluate(params))
+    return report_flow(**stages.report(params))

@@ -23,11 +23,12 @@ from prefect.cache_policies import NO_CACHE
 from evaluators.claims import over_seeds
 from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
-from model_zoo.training import Recipe, accuracy, train_classifier, write_curve
 from model_zoo.zoo import build_model, save_weights
+from pipelines.flows import artifact_key
 from pipelines.metric_tables import unlearn_rows, write_table
 from pipelines.params import write_json
 from sources.reading import load_split
+from training.supervised import Recipe, accuracy, train_classifier, write_curve
 from training.unlearning import UnlearningData, create_method
 
 
@@ -73,10 +74,10 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
     return metrics
 
 
-@flow(name="unlearn", flow_run_name="unlearn-{spec[name]}")
+@flow(name="unlearn", flow_run_name="unlearn-{profile}-{spec[name]}")
 def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dict[str, Any],
                  metrics_path: str = "metrics/downstream/unlearn.json", report_dir: str = "reports",
-                 plots_dir: str = "plots/downstream/unlearn") -> dict[str, Any]:
+                 plots_dir: str = "plots/downstream/unlearn", profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg["train_root"], size)
@@ -122,5 +123,5 @@ def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dic
     write_json(metrics_path, results)
     write_table(metrics_path, unlearn_rows(results))
     markdown = unlearning_section(results, cfg, Path(report_dir))
-    create_markdown_artifact(key="unlearning", markdown=markdown, description="Machine unlearning")
+    create_markdown_artifact(key=artifact_key(profile, "unlearning"), markdown=markdown, description="Machine unlearning")
     return results

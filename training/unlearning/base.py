@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_zoo.training import Recipe, train_classifier
+from training.supervised import Recipe, train_classifier
 
 
 @dataclass

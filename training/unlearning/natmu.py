@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from model_zoo.training import predict
+from training.supervised import predict
 from training.unlearning.base import UnlearningMethod
 
 

@@ -1,0 +1,185 @@
+"""From the typed parameters (:class:`pipelines.config.Params`) to each stage's flow arguments, in one place.
+
+The CLI parses its arguments and calls a flow with what these functions return; a scheduled run
+(:func:`pipelines.flows.report.scheduled_evaluation_flow`) re-reads the parameters and uses the same functions.
+Where the stages write is fixed here as dvc.yaml declares it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from attacks.registry import attack_method
+from model_zoo.zoo import zoo_specs
+from pipelines.config import ConfigError, Params
+
+# the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
+HUB_WEIGHTS = Path("data/hub_weights.json")
+# where the downstream stages write, as dvc.yaml declares it
+DOWNSTREAM_OUT, DOWNSTREAM_REPORTS, DOWNSTREAM_PLOTS = (Path("data/downstream"), Path("reports/downstream"),
+                                                         Path("plots/downstream"))
+
+
+def metrics_dir(params_path: str | Path) -> Path:
+    """Where a run's metrics go: ``metrics/`` for ``params.yaml`` (what dvc.yaml declares), ``metrics/<stem>/``
+    for any other parameters file, so a profile run never overwrites the default run's metrics."""
+    name = Path(params_path)
+    return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
+
+
+def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
+    """Entries are zoo names, full specs, ``{pattern, weights}`` expanded with timm's registry, or
+    ``{models_file}``: the specs a training stage wrote (missing file: one error record naming it)."""
+    specs = []
+    for e in entries:
+        if isinstance(e, dict) and "models_file" in e:
+            path = Path(e["models_file"])
+            if not path.is_file():
+                specs.append({"name": str(path), "arch": "?", "error": f"{path}: not found (run the stage that writes it)"})
+            else:
+                specs += json.loads(path.read_text())
+            continue
+        if isinstance(e, str):
+            if e not in zoo_specs:
+                specs.append({"name": e, "arch": e, "error": f"unknown model {e!r}: not in the zoo ({', '.join(zoo_specs)})"})
+            else:
+                specs.append(zoo_specs[e])
+        elif "pattern" in e:
+            for arch in timm.list_models(e["pattern"], pretrained=e.get("weights") == "hf-hub"):
+                specs.append({"name": arch, "arch": arch, "weights": e.get("weights"), "num_classes": 1000})
+        else:
+            specs.append(e)
+    return specs
+
+
+def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
+    """``auto``: every GPU, else ``cpu_workers`` CPU workers; a list is taken as given."""
+    if devices == "auto":
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"] * cpu_workers
+    return list(devices)
+
+
+def world(params: Params, name: str) -> dict[str, Any]:
+    """``demo-data`` / ``real-data``: the folder to write the world to and its own settings."""
+    if name not in params.worlds:
+        raise ConfigError(f"{params.path}: 'worlds' has no entry {name!r} (the folder to write it to)")
+    return {"root": params.worlds[name], **params.require(f"{name}_world").model_dump(), "profile": params.profile}
+
+
+def hub_weights(params: Params) -> dict[str, Any]:
+    return {"zoo": params.require("zoo").model_dump(), "out": str(HUB_WEIGHTS), "profile": params.profile}
+
+
+def zoo(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
+    hub = json.loads(HUB_WEIGHTS.read_text()) if HUB_WEIGHTS.is_file() else None
+    return {"zoo": params.require("zoo").model_dump(), "metrics_path": str(metrics / "zoo.json"), "strict": strict,
+            "hub": hub, "profile": params.profile}
+
+
+def prepare(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
+    return {"source": params.require("source").model_dump(), "metrics_path": str(metrics / "prepare.json"),
+            "strict": strict, "profile": params.profile}
+
+
+def _trained_specs(params: Params) -> dict[str, dict[str, Any]]:
+    """The resolved zoo specs by name, as the zoo stage wrote them (empty before it has run)."""
+    models_file = Path(params.require("zoo").out) / "models.json"
+    return {s["name"]: s for s in json.loads(models_file.read_text())} if models_file.is_file() else {}
+
+
+def surrogate_spec(params: Params) -> dict[str, Any]:
+    """The resolved zoo spec of the surrogate (written by the zoo stage)."""
+    name, models_file = params.require("generate").surrogate, Path(params.require("zoo").out) / "models.json"
+    if not models_file.is_file():
+        raise ConfigError(f"{models_file}: not found (run the zoo stage first)")
+    specs = _trained_specs(params)
+    if name not in specs:
+        raise ConfigError(f"{params.path}: generate.surrogate {name!r} is not a model the zoo stage wrote to "
+                          f"{models_file} (have: {', '.join(specs)})")
+    return specs[name]
+
+
+def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
+    """One attack set: its method (``attack:``, default the set's name) and options, under the run's budget."""
+    gen, attacks = params.require("generate"), params.require("attacks")
+    if attack not in attacks:
+        raise ConfigError(f"{params.path}: attack {attack!r} has no entry under 'attacks' (have: {', '.join(attacks)})")
+    options = attacks[attack].model_dump() if attacks[attack] else {}
+    method = attack_method(attack, options)
+    options.pop("attack", None)
+    # the switch fixes the threads unless the params give a number themselves (auto follows the core count)
+    threads = params.reproducible.threads if params.reproducible and gen.cpu_threads == "auto" else gen.cpu_threads
+    return {
+        "attack": attack, "method": method,
+        "budget": params.require("budget").model_dump(),
+        "options": {**options, "sub_batch": gen.sub_batch},  # memory: a generate parameter
+        "surrogate": surrogate_spec(params),
+        "clean_dir": params.require("source").out,
+        "out_dir": str(Path(gen.out_root) / attack),
+        "batch_size": gen.batch_size, "devices": gen.devices, "cpu_workers": gen.cpu_workers, "cpu_threads": threads,
+        "seed": gen.seed, "dask": gen.dask.model_dump(),
+        "metrics_path": str(metrics / "generate" / f"{attack}.json"), "profile": params.profile,
+    }
+
+
+def zoo_spec(params: Params, name: str) -> dict[str, Any]:
+    """The zoo spec of ``name`` as the zoo stage resolves it (architecture and data config; no weights needed)."""
+    specs = {s["name"]: s for s in zoo_specs(params.require("zoo").model_dump())}
+    if name not in specs:
+        raise ConfigError(f"{params.path}: no zoo model named {name!r} (have: {', '.join(specs)})")
+    return specs[name]
+
+
+def downstream(params: Params, stage: str, metrics: Path) -> dict[str, Any]:
+    """A downstream stage (adv_train, ood, unlearn, optim): its section with its output folder, the model's spec,
+    and the flow's metrics, report and curve paths; unlearning also gets the recipe it retrains with."""
+    section = params.require(stage)
+    args = {"cfg": {**section.model_dump(), "out": str(DOWNSTREAM_OUT / stage)},
+            "spec": zoo_spec(params, section.model),
+            "metrics_path": str(metrics / "downstream" / f"{stage}.json"),
+            "report_dir": str(DOWNSTREAM_REPORTS), "plots_dir": str(DOWNSTREAM_PLOTS / stage), "profile": params.profile}
+    if stage == "unlearn":
+        zoo_recipes = {m.name: m.recipe for m in params.require("zoo").models}
+        recipe = (section.original or {}).get("recipe") or section.retrain_recipe or zoo_recipes.get(section.model)
+        if not recipe:
+            raise ConfigError(f"{params.path}: unlearn needs a retraining recipe (retraining is the reference): give "
+                              f"unlearn.retrain_recipe or a zoo recipe for {section.model!r}")
+        args["original_recipe"] = recipe
+    return args
+
+
+def shard_sets(params: Params, names: list[str]) -> dict[str, str]:
+    """Set name -> folder: ``clean`` is the prepare stage's output, an attack set's name its generate output."""
+    root = Path(params.require("generate").out_root)
+    return {n: params.require("source").out if n == "clean" else str(root / n) for n in names}
+
+
+def evaluate(params: Params) -> dict[str, Any]:
+    ev, source = params.require("evaluate"), params.require("source")
+    return {
+        "models": resolve_models(ev.models, _trained_specs(params)),
+        "sets": shard_sets(params, ev.sets),
+        "out": ev.out, "batch_size": ev.batch_size, "workers": ev.workers,
+        "devices": resolve_devices(ev.devices, 1),
+        "crop": {"size": source.size, "crop_pct": source.crop_pct, "filter": source.filter}, "profile": params.profile,
+    }
+
+
+def report(params: Params) -> dict[str, Any]:
+    ev, rep = params.require("evaluate"), params.require("report")
+    return {
+        "eval_dir": ev.out, "shards_root": params.require("generate").out_root,
+        "clean_dir": params.require("source").out, "sets": ev.sets,
+        "surrogate": surrogate_spec(params),
+        "budget": params.require("budget").model_dump(),
+        "attacks": {k: v.model_dump() if v else None for k, v in params.require("attacks").items()},
+        "out_dir": rep.out, "profile": params.profile, "examples": rep.examples,
+        "victims": [m.name for m in params.require("zoo").models],
+        "downstream": list(params.downstream), "downstream_dir": str(DOWNSTREAM_REPORTS),
+    }
