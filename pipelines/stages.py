@@ -66,7 +66,7 @@ def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
 
 
 def world(params: Params, name: str) -> dict[str, Any]:
-    """``demo-data`` / ``real-data``: the folder to write the world to and its own settings."""
+    """``<name>-data`` (demo, real, mnist): the folder to write the world to and its own settings."""
     if name not in params.worlds:
         raise ConfigError(f"{params.path}: 'worlds' has no entry {name!r} (the folder to write it to)")
     return {"root": params.worlds[name], **params.require(f"{name}_world").model_dump(), "profile": params.profile}

@@ -90,10 +90,11 @@ def test_a_missing_wheel_names_the_command_that_fetches_it(tmp_path):
         read_split(tmp_path / "nope.whl")
 
 
-@pytest.mark.skipif(not WHEEL.is_file(), reason="run `make mnist-wheel` (make test does)")
 def test_the_real_wheel_gives_the_classic_split_and_the_stage_writes_folders_the_sources_read(tmp_path, monkeypatch,
                                                                                              prefect_server):
     import yaml
+
+    assert WHEEL.is_file(), f"{WHEEL}: missing; `make mnist-wheel` fetches it (make test does, before the tests)"
 
     from pipelines.cli import main
     from sources.reading import Rejects, class_folder_source, load_crop

@@ -32,17 +32,21 @@ from sources.reading import load_split
 from training.supervised import Recipe, accuracy, train_classifier
 
 
+def _hub_models(zoo: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{**m, "num_classes": m.get("num_classes", zoo["num_classes"])} for m in zoo["models"]
+            if m.get("weights") == "hf-hub"]
+
+
 def check_hub_cache(zoo: dict[str, Any]) -> None:
     """Every ``hf-hub`` model of the zoo is in the local cache, or one :class:`ZooError` lists each missing one with
     the command that fetches it. The CLI calls it before a flow starts, so a user reads that list once, not inside
     Prefect's traceback of the failed run."""
     problems = []
-    for m in zoo["models"]:
-        if m.get("weights") == "hf-hub":
-            try:
-                hub_weights_file(ModelSpec.from_dict({**m, "num_classes": m.get("num_classes", zoo["num_classes"])}))
-            except ZooError as e:
-                problems.append(str(e))
+    for m in _hub_models(zoo):
+        try:
+            hub_weights_file(ModelSpec.from_dict(m))
+        except ZooError as e:
+            problems.append(str(e))
     if problems:
         raise ZooError(f"{len(problems)} hub model(s) are not in the local cache:\n  " + "\n  ".join(problems))
 
@@ -51,16 +55,8 @@ def check_hub_cache(zoo: dict[str, Any]) -> None:
 def hub_weights_flow(zoo: dict[str, Any], out: str, profile: str = "demo") -> dict[str, dict[str, str]]:
     """Resolve every ``hf-hub`` model of the zoo (every missing one listed at once, with its download command) and
     write ``{name: {hub_id, revision, file, sha256}}`` to ``out``."""
-    record, problems = {}, []
-    for m in zoo["models"]:
-        if m.get("weights") != "hf-hub":
-            continue
-        try:
-            record[m["name"]] = hub_weights({**m, "num_classes": m.get("num_classes", zoo["num_classes"])})
-        except ZooError as e:
-            problems.append(str(e))
-    if problems:
-        raise ZooError(f"{len(problems)} hub model(s) cannot be resolved:\n  " + "\n  ".join(problems))
+    check_hub_cache(zoo)  # for callers that did not check first (the CLI does)
+    record = {m["name"]: hub_weights(m) for m in _hub_models(zoo)}
     write_json(out, record)
     get_run_logger().info("hub weights: %d model(s) resolved into %s", len(record), out)
     return record
