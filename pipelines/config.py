@@ -211,6 +211,7 @@ class Monitor(_Section):
     pgd_steps: Positive
     drop: Annotated[float, Field(gt=0, lt=1)] = 0.5  # CO: share of the running peak PGD accuracy lost ...
     min_drop: PositiveFloat = 5.0  # ... and at least these points
+    min_peak: Annotated[float, Field(ge=0, le=100)] = 0.0  # ... from a peak of at least this PGD accuracy
     response: Literal["log", "rollback"] = "log"
     step_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
     layers: list[str] | None = None

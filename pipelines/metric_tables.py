@@ -22,8 +22,10 @@ def table_dir(metrics_path: str | Path) -> Path:
 
 
 def write_table(metrics_path: str | Path, rows: dict[str, dict[str, Any]]) -> None:
-    """One JSON file per row; row files of an earlier run that this one has not (a model no longer listed) go."""
+    """One JSON file per row; row files of an earlier run that this one has not (a model no longer listed) go.
+    The folder exists even with no rows (a zoo of untrained models), as dvc.yaml declares it."""
     folder = table_dir(metrics_path)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, row in rows.items():
         write_json(folder / f"{name}.json", row)
     for stale in folder.glob("*.json"):
@@ -43,7 +45,7 @@ def evaluate_rows(top1_err: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 
 def adv_train_rows(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    keep = ("method", "eps", "val_acc", "final_val_pgd_acc", "final_val_fgsm_acc", "white_box_val_acc")
+    keep = ("method", "eps", "seed", "val_acc", "final_val_pgd_acc", "final_val_fgsm_acc", "white_box_val_acc")
     return {run: {**{k: m[k] for k in keep if k in m}, "co_events": len(m["co_events"])} for run, m in metrics.items()}
 
 

@@ -192,6 +192,26 @@ def test_rollback_restores_the_last_good_weights_exactly_and_scales_the_step():
     assert [r["co"] for r in mon.history] == [0, 0, 1]
 
 
+def test_rollback_after_a_slow_collapse_returns_to_the_peak_not_to_the_check_before_the_alarm():
+    """co-mnist's FGSM seed 1 lost its robustness over several checks (PGD 54 -> 47 -> 36 -> 29): the check before
+    the alarm had already lost most of it, so the rollback goes back to the peak's weights."""
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mon = _ScriptedMonitor(method=create_method("fgsm", eps=EPS), train_batch=None, val_batch=None, eps=EPS, every=1,
+                           response="rollback", step_factor=0.5)
+    mon.script = _levels([30, 54, 47, 36, 25], [60, 88, 90, 92, 95])
+    x, y = _batch()
+    weights = {}
+    for step in range(1, 6):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        mon(step, model, opt)
+    assert [e["restored_step"] for e in mon.events] == [2] and mon.events[0]["step"] == 5
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights[2].items())
+
+
 def test_snapshot_is_a_copy_not_a_view():
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -409,3 +429,12 @@ def test_a_run_at_chance_is_named_and_left_out_of_the_co_claim(tmp_path):
     unmarked = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, cfg,
                                     tmp_path)
     assert "at chance" not in unmarked and "no run of each kind" not in unmarked
+
+
+def test_co_detector_with_min_peak_ignores_the_wobble_at_chance_and_still_flags_the_collapse_from_a_robust_peak():
+    """MNIST at eps 0.25 (co-mnist): the first checks sit at chance (10 classes) and wobble by more than min_drop,
+    which the plain rule reads as a collapse; with min_peak 20 only the fall from the robust peak counts."""
+    pgd = [11, 4, 17, 37, 44, 43, 30, 19]
+    fgsm = [11, 11, 46, 80, 86, 88, 92, 95]
+    assert _fired(pgd, fgsm) == [1, 7]
+    assert _fired(pgd, fgsm, min_peak=20) == [7]

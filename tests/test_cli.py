@@ -134,7 +134,7 @@ def test_downstream_stages_name_a_missing_model_or_recipe_against_the_file_read(
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "profiles/imagenet.yaml", "profiles/real.yaml",
-                                     "profiles/experiment.yaml"])
+                                     "profiles/experiment.yaml", "profiles/mnist.yaml", "profiles/co-mnist.yaml"])
 def test_profiles_define_every_parameter_dvc_yaml_uses(profile):
     import re
 

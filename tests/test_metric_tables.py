@@ -29,6 +29,8 @@ def test_a_row_of_an_earlier_run_goes_and_the_full_record_stays(tmp_path):
     assert table_dir(record) == tmp_path / "metrics" / "tables" / "evaluate"
     assert sorted(p.name for p in table_dir(record).iterdir()) == ["clean.json"]
     assert json.loads((table_dir(record) / "clean.json").read_text()) == {"a": 1.5} and record.read_text() == "{}"
+    write_table(record, {})  # a stage with nothing to tabulate (a zoo of untrained models): DVC's output exists
+    assert table_dir(record).is_dir() and not any(table_dir(record).iterdir())
 
 
 def test_each_stage_table_fits_a_screen_in_dvc_metrics_show(tmp_path):

@@ -111,7 +111,8 @@ def _dvc_stages(tmp_path: Path, params: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "profiles/real.yaml", "profiles/imagenet.yaml",
-                                     "profiles/experiment.yaml", "profiles/label-noise.yaml"])
+                                     "profiles/experiment.yaml", "profiles/label-noise.yaml", "profiles/mnist.yaml",
+                                     "profiles/co-mnist.yaml"])
 def test_each_profile_has_exactly_its_stages_and_each_has_a_documented_subcommand(profile, tmp_path, capsys):
     from pipelines.cli import build_parser
     from pipelines.params import load_params

@@ -152,6 +152,26 @@ def test_cifar_preact_resnet_keeps_every_pixel_in_its_first_stage_and_carries_it
     assert timm.create_model("resnetv2_18").stem.conv.stride == (2, 2)  # the stock stem this one replaces
 
 
+def test_mnist_cnn_is_the_one_channel_network_so_a_signed_gradient_step_stays_grey():
+    """Wong et al.'s MNIST network: 16 and 32 filters of 4x4 at stride 2, 100 hidden units; on the channel mean, so
+    its output on RGB equals a hand-built one-channel copy on the grey image, and the input gradient is the same in
+    every channel (an FGSM step on a grey digit stays grey). No normalisation: pixels go in as they are."""
+    torch.manual_seed(0)
+    model = build_model({"name": "m", "arch": "mnist_cnn", "num_classes": 10,
+                         "data": {"input_size": [3, 28, 28], "crop_pct": 1.0}})
+    net = model.model
+    assert model.data_config["mean"] == (0.0, 0.0, 0.0) and model.data_config["std"] == (1.0, 1.0, 1.0)
+    one_channel = torch.nn.Sequential(net.conv1, torch.nn.ReLU(), net.conv2, torch.nn.ReLU(), torch.nn.Flatten(),
+                                      net.fc1, torch.nn.ReLU(), net.fc2)
+    assert [tuple(m.weight.shape) for m in (net.conv1, net.conv2, net.fc1)] == [(16, 1, 4, 4), (32, 16, 4, 4), (100, 1568)]
+    grey = torch.rand(4, 1, 28, 28)
+    x = grey.expand(-1, 3, -1, -1).clone().requires_grad_(True)
+    out = model(x)
+    torch.testing.assert_close(out, one_channel(grey))
+    out[:, 3].sum().backward()
+    assert torch.equal(x.grad[:, 0], x.grad[:, 1]) and torch.equal(x.grad[:, 1], x.grad[:, 2])
+
+
 def test_cifar_preact_resnet_checkpoint_loads_back_into_the_same_network(tmp_path):
     spec = {"name": "p", "arch": "preact_resnet18_cifar", "num_classes": 10, "kwargs": {"width": 8},
             "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}

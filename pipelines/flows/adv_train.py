@@ -41,11 +41,12 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
                              data, plots_dir: str, profile: str) -> dict[str, Any]:
     log = get_run_logger()
     (x, y), (xv, yv) = data
-    torch.manual_seed(cfg["seed"])
+    seed = run.get("seed", cfg["seed"])  # a run may repeat another with its own seed (init, batches, attack noise)
+    torch.manual_seed(seed)
     model = build_model({**spec, "weights": None, "name": name})
     eps = run["eps"] / 255
     alpha = run["step"] / 255 if run.get("step") is not None else None  # None: the method's default step
-    method = create_method(run["method"], eps=eps, alpha=alpha, seed=cfg["seed"], **run.get("options", {}))
+    method = create_method(run["method"], eps=eps, alpha=alpha, seed=seed, **run.get("options", {}))
     mon = cfg["monitor"]
 
     def alert(event: dict[str, Any]) -> None:
@@ -61,13 +62,13 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
 
     monitor = COMonitor(
         method=method, eps=eps, every=mon["every"], pgd_steps=mon["pgd_steps"],
-        detector=CODetector(drop=mon["drop"], min_drop=mon["min_drop"]),
+        detector=CODetector(drop=mon["drop"], min_drop=mon["min_drop"], min_peak=mon.get("min_peak", 0.0)),
         response=run.get("response", mon["response"]), step_factor=mon.get("step_factor", 1.0),
-        train_batch=fixed_subset(x, y, mon["n"], cfg["seed"]), val_batch=fixed_subset(xv, yv, mon["n"], cfg["seed"] + 1),
+        train_batch=fixed_subset(x, y, mon["n"], seed), val_batch=fixed_subset(xv, yv, mon["n"], seed + 1),
         layers=mon.get("layers") or early_conv_layers(model, 2), on_event=alert)
     recipe = Recipe(**{**cfg["recipe"], **run.get("recipe", {})})
     log.info("%s: %s, %d epochs of %d images", name, method, recipe.epochs, len(x))
-    info = train_classifier(model, x, y, recipe, seed=cfg["seed"], desc=name, objective=method.loss, callback=monitor)
+    info = train_classifier(model, x, y, recipe, seed=seed, desc=name, objective=method.loss, callback=monitor)
     weights = Path(cfg["out"]) / "models" / f"{name}.safetensors"
     save_weights(model, weights)
     write_curve(Path(plots_dir) / f"{name}.csv", monitor.history, last="train_pgd_acc")
@@ -77,14 +78,14 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
         fe = cfg["final_eval"]
         n = min(fe.get("n") or len(xv), len(xv))
         white_box = {"white_box_val_acc": round(pgd_robust_accuracy(
-            model, *fixed_subset(xv, yv, n, cfg["seed"] + 2), eps, steps=fe["pgd_steps"], restarts=fe["restarts"],
-            seed=cfg["seed"], desc=f"{name}: PGD-{fe['pgd_steps']} x{fe['restarts']}"), 2)}
+            model, *fixed_subset(xv, yv, n, seed + 2), eps, steps=fe["pgd_steps"], restarts=fe["restarts"],
+            seed=seed, desc=f"{name}: PGD-{fe['pgd_steps']} x{fe['restarts']}"), 2)}
         log.info("%s: white-box PGD-%d x%d accuracy on %d val images: %.2f", name, fe["pgd_steps"], fe["restarts"],
                  n, white_box["white_box_val_acc"])
     return {
         "spec": {**spec, "name": f"at-{name}", "weights": str(weights)},
         "metrics": {
-            "method": run["method"], "eps": run["eps"], "val_acc": round(accuracy(model, xv, yv), 2),
+            "method": run["method"], "eps": run["eps"], "seed": seed, "val_acc": round(accuracy(model, xv, yv), 2),
             "final_val_pgd_acc": round(last["val_pgd_acc"], 2), "final_val_fgsm_acc": round(last["val_fgsm_acc"], 2),
             **white_box,
             "co_events": monitor.events, "train_seconds": round(info["train_seconds"], 1),

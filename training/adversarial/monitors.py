@@ -93,10 +93,13 @@ class CODetector:
     ``min_drop`` points, a collapse spread over several checks included, while FGSM accuracy has fallen by less
     than half as much (the model still resists FGSM: CO's signature; a fall of both, e.g. a learning-rate spike,
     is not CO). It fires once per collapse: the peak restarts from the collapsed level, and the detector re-arms once
-    PGD accuracy has recovered ``min_drop`` points (after a rollback, at the next check)."""
+    PGD accuracy has recovered ``min_drop`` points (after a rollback, at the next check). ``min_peak``: a peak
+    below this PGD accuracy is no robust level to collapse from (early checks near chance wobble by more than
+    ``min_drop``)."""
 
     drop: float = 0.5
     min_drop: float = 5.0
+    min_peak: float = 0.0
     peak: dict[str, float] | None = None  # the check with the highest PGD accuracy since the last event
     floor: float | None = None  # PGD accuracy at the last event: disarmed until it recovers min_drop above it
 
@@ -110,7 +113,8 @@ class CODetector:
             return None
         pgd_fall = self.peak["pgd_acc"] - pgd
         fgsm_fall = self.peak["fgsm_acc"] - current["fgsm_acc"]
-        if self.floor is None and pgd_fall >= max(self.min_drop, self.drop * self.peak["pgd_acc"]) \
+        if self.floor is None and self.peak["pgd_acc"] >= self.min_peak \
+                and pgd_fall >= max(self.min_drop, self.drop * self.peak["pgd_acc"]) \
                 and fgsm_fall < pgd_fall / 2:
             peak, self.peak, self.floor = self.peak, dict(current), pgd
             return peak
@@ -120,8 +124,8 @@ class CODetector:
 @dataclass
 class COMonitor:
     """Called after every optimiser step; checks every ``every`` steps on a fixed training batch and a fixed
-    validation subset, detects CO on the training batch, and by option rolls back to the last good checkpoint
-    (model and optimiser state) and scales the attack step down."""
+    validation subset, detects CO on the training batch, and by option rolls back to the checkpoint of the peak
+    the collapse fell from (model and optimiser state) and scales the attack step down."""
 
     method: Any  # the AdvTrainMethod being trained (its step_scale is the knob of the response)
     train_batch: tuple[torch.Tensor, torch.Tensor]
@@ -153,7 +157,12 @@ class COMonitor:
         if step % self.every:
             return
         row, current = self.check(step, model)
+        prior_peak = self.detector.peak
         peak = self.detector.update(current)
+        if self.response == "rollback" and peak is None and self.detector.peak is not prior_peak:
+            # a new running peak: the robust model a rollback returns to (the check just before a slow collapse
+            # has already lost most of it)
+            self._good = snapshot(step, model, optimizer)
         if peak is not None:
             row["co"] = 1
             event = {"step": step, "pgd_acc_peak": peak["pgd_acc"], "pgd_acc": current["pgd_acc"],
@@ -166,8 +175,6 @@ class COMonitor:
             self.events.append(event)
             if self.on_event:
                 self.on_event(event)
-        if row["co"] == 0:
-            self._good = snapshot(step, model, optimizer)
         self.history.append(row)
 
 
