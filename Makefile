@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo real imagenet mnist co-mnist runs mnist-wheel test bench install lint clean
+.PHONY: demo real imagenet mnist co-mnist co-mnist-wong runs mnist-wheel test bench install lint clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ mnist: $(STAMP) $(MNIST_WHEEL)
 
 co-mnist: $(STAMP) $(MNIST_WHEEL)
 	OMP_NUM_THREADS=1 scripts/run-profile profiles/co-mnist.yaml
+
+# catastrophic overfitting in the fast-AT papers' MNIST regime (Wong et al.'s recipe, eps 0.3 and 0.35), runs/co-mnist-wong
+co-mnist-wong: $(STAMP) $(MNIST_WHEEL)
+	OMP_NUM_THREADS=1 scripts/run-profile profiles/co-mnist-wong.yaml
 
 # the Prefect UI over the runs that make demo / real / test recorded in .prefect (their servers stop with the run)
 PREFECT_UI_PORT ?= 4200

@@ -61,14 +61,22 @@ def _adv_curves(histories: dict[str, list[dict[str, Any]]], events: dict[str, li
     return png_bytes(fig)
 
 
-def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]],
-                         cfg: dict[str, Any], report_dir: Path, chance: float | None = None) -> str:
-    """``chance``: the accuracy of guessing (100 / classes); a run whose val accuracy is within ``CHANCE_MARGIN``
-    points of it learned nothing, is named as such and is left out of the seed claim."""
+def co_events_cell(m: dict[str, Any]) -> str:
+    """The CO events of a run, each with the step a rollback went back to, and the step the run ended on."""
+    cell = ", ".join(f"step {e['step']}" + (f" (back to step {e['restored_step']})" if "restored_step" in e else "")
+                     for e in m["co_events"]) or "none"
+    return cell + (f"; ends on step {m['kept_step']}" if "kept_step" in m else "")
+
+
+def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, Any]]], mon,
+                         fe, report_dir: Path, chance: float | None = None) -> str:
+    """``mon``, ``fe``: the stage's monitor and final-eval settings (``adv_train.monitor``, ``adv_train.final_eval``,
+    None when there is no final check); ``chance``: the accuracy of guessing (100 / classes); a run whose val
+    accuracy is within ``CHANCE_MARGIN`` points of it learned nothing, is named as such and is left out of the seed
+    claim."""
     events = {n: m["co_events"] for n, m in metrics.items()}
     at_chance = set() if chance is None else {n for n, m in metrics.items() if m["val_acc"] <= chance + CHANCE_MARGIN}
-    fe = cfg.get("final_eval")
-    white_box = f"white-box PGD-{fe['pgd_steps']} x{fe['restarts']} val acc" if fe else None
+    white_box = f"white-box PGD-{fe.pgd_steps} x{fe.restarts} val acc" if fe else None
     rows = []
     for name, m in metrics.items():
         h = histories[name]
@@ -79,20 +87,19 @@ def adv_training_section(metrics: dict[str, dict[str, Any]], histories: dict[str
                     + ([number(m["white_box_val_acc"])] if fe else [])
                     + [f"{peak['train_pgd_acc']:.1f} @ {peak['step']}", f"{h[-1]['train_pgd_acc']:.1f}",
                        f"{h[0]['train_self_info_acc_proxy']:.1f} -> {h[-1]['train_self_info_acc_proxy']:.1f}",
-                       ", ".join(f"step {e['step']}" for e in m["co_events"]) or "none", number(m["train_seconds"])])
-    mon = cfg["monitor"]
+                       co_events_cell(m), number(m["train_seconds"])])
     md = (
         "# Adversarial training and catastrophic overfitting\n\n"
-        f"Checks every {mon['every']} steps on a fixed training batch and a fixed validation subset ({mon['n']} images "
-        f"each): PGD-{mon['pgd_steps']} (step eps/4, random start) and FGSM accuracy. CO is flagged when PGD accuracy on "
-        f"the training batch has lost {mon['drop']:.0%} of its running peak (and at least {mon['min_drop']} points) "
+        f"Checks every {mon.every} steps on a fixed training batch and a fixed validation subset ({mon.n} images "
+        f"each): PGD-{mon.pgd_steps} (step eps/4, random start) and FGSM accuracy. CO is flagged when PGD accuracy on "
+        f"the training batch has lost {mon.drop:.0%} of its running peak (and at least {mon.min_drop} points) "
         "while FGSM accuracy fell by less than half as much. The self-fitting quantities are **proxies** (the paper's exact metrics are unpublished): accuracy on the "
         "FGSM perturbation alone on a grey image, and the share of activation mass in the top 10% of channels of the "
         "first two conv layers. Robustness on the clean/AoA/PGD shard sets: the `at-*` rows of the evaluate stage.\n\n"
-        + (f"Final white-box check of each trained model at its own eps: PGD-{fe['pgd_steps']} (step eps/4) with "
-           f"{fe['restarts']} random restart(s) on {fe.get('n') or 'all'} val images; an image counts as robust only if "
+        + (f"Final white-box check of each trained model at its own eps: PGD-{fe.pgd_steps} (step eps/4) with "
+           f"{fe.restarts} random restart(s) on {fe.n or 'all'} val images; an image counts as robust only if "
            "no iterate of any restart misclassifies it.\n\n" if fe else "")
-        + md_table(["run", "method", "eps", "val acc", "val PGD acc (last)", "val FGSM acc (last)"]
+        + md_table(["run", "method", "eps", "val acc", "val PGD acc (final model)", "val FGSM acc (final model)"]
                    + ([white_box] if fe else [])
                    + ["train PGD acc peak @ step", "train PGD acc last", "self-info proxy first -> last", "CO events",
                       "train s"], rows)
@@ -136,7 +143,7 @@ def _self_info_control(metrics: dict[str, dict[str, Any]], histories: dict[str, 
                      f"{100 * h['train_channel_share_fgsm_proxy']:.1f}"])
     co = [n for n, m in metrics.items() if m["co_events"]]
     calm = [n for n in metrics if n not in co]
-    table = md_table(["run", "detector", "val FGSM - PGD acc (last)", "self-info proxy first -> last",
+    table = md_table(["run", "detector", "val FGSM - PGD acc (final model)", "self-info proxy first -> last",
                       "top-10% channel share on FGSM inputs, % (last)"], rows)
     if not co or not calm:
         verdict_line = ("cannot tell whether the proxies separate CO from non-CO runs: "
@@ -182,7 +189,7 @@ def _orthloss_claim(methods: dict[str, Any], sets: list[str]) -> str:
     return "**Seed claim** (OrthLoss detects OOD better than OE, lower FPR95), over seeds:\n\n" + "\n".join(lines)
 
 
-def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, Any]]], cfg: dict[str, Any],
+def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, Any]]], id_classes: list[int] | None,
                 report_dir: Path) -> str:
     methods = metrics["methods"]
     sets = list(next(iter(methods.values()))["sets"])
@@ -206,7 +213,7 @@ def ood_section(metrics: dict[str, Any], scores: dict[str, dict[str, dict[str, A
         f"Positive class: **{metrics['positive']}** (the OE/OrthLoss papers' convention; OpenOOD and pytorch-ood "
         "take OOD as positive, which swaps AUPR-in and AUPR-out). Each method is read with its own score; "
         "`metrics/downstream/ood.json` has every score (MSP, energy, max logit, OrthLoss) and AUPR-in/out for every method and "
-        f"set (first seed). ID classes: {cfg['id_classes'] or 'all'}. Fine-tuned methods: mean ± sample std over "
+        f"set (first seed). ID classes: {id_classes or 'all'}. Fine-tuned methods: mean ± sample std over "
         f"seeds {metrics['seeds']}; the ROC curves are the first seed's.\n\n"
         "FPR95 (lower is better) / AUROC (higher is better), in %:\n\n"
         + md_table(["method", "score", "seeds", "ID acc"] + sets, rows)
@@ -239,20 +246,21 @@ def scenario_title(name: str, spec: dict[str, Any]) -> str:
     return f"{name}: {settings(spec)}"
 
 
-def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg: dict[str, Any], report_dir: Path) -> str:
+def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg, report_dir: Path) -> str:
+    """``cfg``: the unlearn section of the parameters (its scenarios, seeds and MIA attack)."""
     md = ["# Machine unlearning\n",
           "UA = 100 - forget accuracy, RA / TA = remaining / test accuracy, MIA = SalUn's MIA-efficacy (share of "
           "forget samples a confidence attack fit on remaining vs test calls non-member; higher = more forgotten), "
           "MIA-member = the entropy attack's member rate (lower = more forgotten). Avg Gap = mean |metric - retrain| "
           "over UA, RA, TA, MIA (lower is better); KL/JS: forget-set outputs against the retrained model's. "
           "For a class scenario TA covers the other classes. MIA attack acc: the confidence attack's balanced accuracy "
-          f"on remaining vs test ({cfg.get('mia_attack', 'logistic')}); within {CHANCE_MARGIN:g} points of 50% its "
+          f"on remaining vs test ({cfg.mia_attack}); within {CHANCE_MARGIN:g} points of 50% its "
           "verdicts on the forget set carry no information, so MIA is n/a and left out of Avg Gap. "
-          f"Methods: mean ± sample std over seeds {cfg.get('seeds', [cfg.get('seed', 0)])} (the original, the split "
+          f"Methods: mean ± sample std over seeds {cfg.seeds} (the original, the split "
           "and the retrained reference are one model each).\n"]
     keys = ["UA", "RA", "TA", "MIA", "MIA_member_rate", "MIA_attack_acc", "avg_gap", "KL", "JS", "seconds"]
     for scenario, rows in results.items():
-        md.append(f"## {scenario_title(scenario, cfg['scenarios'][scenario])}\n")
+        md.append(f"## {scenario_title(scenario, cfg.scenarios[scenario])}\n")
         md.append(md_table(["method", "UA", "RA", "TA", "MIA", "MIA-member", "MIA attack acc", "Avg Gap", "KL", "JS",
                             "time (s)"], [[n] + [_mean_std(r, k) for k in keys] for n, r in rows.items()]) + "\n")
     md.append(_unlearning_claim(results))
@@ -277,7 +285,8 @@ def _unlearning_claim(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             + ("\n".join(lines) or "cannot tell (no fine-tuning baseline in this run)") + "\n")
 
 
-def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path) -> str:
+def optim_section(metrics: dict[str, Any], cfg, report_dir: Path) -> str:
+    """``cfg``: the optim section of the parameters (its recipe and LoRA settings)."""
     def rows(runs):
         return [[n, r.get("seeds", 1), *(_mean_std(r, k) for k in ("val_acc", "train_acc", "clean", "aoa")),
                  number(r["aoa"] - r["clean"]) if "aoa" in r and "clean" in r else "", number(r["train_seconds"])]
@@ -289,12 +298,12 @@ def optim_section(metrics: dict[str, Any], cfg: dict[str, Any], report_dir: Path
              "those labels: memorisation)." if metrics.get("label_noise") else "")
     md = (
         "# Optimisers: SGD vs SAM vs F-SAM, LoRA vs Flat-LoRA\n\n"
-        f"## From scratch, same epochs and schedule ({settings(cfg['recipe'])})\n\n"
+        f"## From scratch, same epochs and schedule ({settings(cfg.recipe)})\n\n"
         "SAM and F-SAM take two forward/backward passes per step (about twice the compute of SGD). Mean ± sample std "
-        f"over seeds {metrics.get('seeds', [cfg.get('seed', 0)])}.{noise}\n\n"
+        f"over seeds {metrics['seeds']}.{noise}\n\n"
         + md_table(header, rows(metrics["optimizers"]))
-        + f"\n\n## Adapting the zoo model to a shifted split ({settings(cfg['lora']['shift'])}), "
-        f"rank {cfg['lora']['rank']}, {cfg['lora']['train_images']} shifted training images, BatchNorm statistics "
+        + f"\n\n## Adapting the zoo model to a shifted split ({settings(cfg.lora['shift'])}), "
+        f"rank {cfg.lora['rank']}, {cfg.lora['train_images']} shifted training images, BatchNorm statistics "
         "frozen (only the adapters adapt)\n\n"
         f"Zoo model on the shifted val split before adaptation: {number(metrics['lora_base_shifted_val_acc'])}%. "
         "Val acc below is on the shifted val split; the shard sets are the unshifted clean/AoA sets.\n\n"

@@ -226,6 +226,19 @@ class FinalEval(_Section):
     n: Positive | None = None
 
 
+class AdvRun(_Section):
+    """One adversarial training run: the method (training.adversarial) at ``eps`` (0-255 scale; kept as written,
+    so ``eps: 16`` reads 16/255 on the page), with its own step, seed, response and recipe when they differ."""
+
+    method: str
+    eps: Annotated[int | float, Field(gt=0, le=255)]
+    step: Annotated[int | float, Field(gt=0, le=255)] | None = None  # null: the method's default step
+    seed: int | None = None  # null: the section's seed
+    response: Literal["log", "rollback"] | None = None  # null: the monitor's response
+    options: dict[str, Any] = {}  # the method's own options (GradAlign's lam, PGD-AT's steps)
+    recipe: dict[str, Any] = {}  # overrides of the section's recipe
+
+
 class AdvTrain(_Section):
     model: str
     train_root: str
@@ -234,7 +247,7 @@ class AdvTrain(_Section):
     mix_shards: list[str] | None = None
     recipe: dict[str, Any]
     monitor: Monitor
-    runs: dict[str, dict[str, Any]]
+    runs: dict[str, AdvRun]
     final_eval: FinalEval | None = None
 
 

@@ -83,7 +83,7 @@ def zoo(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
 
 
 def prepare(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
-    return {"source": params.require("source").model_dump(), "metrics_path": str(metrics / "prepare.json"),
+    return {"source": params.require("source"), "metrics_path": str(metrics / "prepare.json"),
             "strict": strict, "profile": params.profile}
 
 
@@ -137,11 +137,10 @@ def zoo_spec(params: Params, name: str) -> dict[str, Any]:
 
 
 def downstream(params: Params, stage: str, metrics: Path) -> dict[str, Any]:
-    """A downstream stage (adv_train, ood, unlearn, optim): its section with its output folder, the model's spec,
+    """A downstream stage (adv_train, ood, unlearn, optim): its typed section, its output folder, the model's spec,
     and the flow's metrics, report and curve paths; unlearning also gets the recipe it retrains with."""
     section = params.require(stage)
-    args = {"cfg": {**section.model_dump(), "out": str(DOWNSTREAM_OUT / stage)},
-            "spec": zoo_spec(params, section.model),
+    args = {"cfg": section, "out": str(DOWNSTREAM_OUT / stage), "spec": zoo_spec(params, section.model),
             "metrics_path": str(metrics / "downstream" / f"{stage}.json"),
             "report_dir": str(DOWNSTREAM_REPORTS), "plots_dir": str(DOWNSTREAM_PLOTS / stage), "profile": params.profile}
     if stage == "unlearn":

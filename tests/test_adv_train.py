@@ -61,6 +61,37 @@ def test_fgsm_rs_steps_one_and_a_quarter_eps_from_its_random_start():
     assert create_method("gradalign", eps=16 / 255).lam == pytest.approx(2.0)
 
 
+def test_on_a_black_image_a_clamped_start_turns_fgsm_rs_into_fgsm_and_a_free_start_does_not():
+    """Digits are mostly black: a start clamped to the image keeps only its positive half there, so the 1.25 eps
+    step always reaches the eps bound and FGSM-RS gives FGSM's perturbation; Wong et al.'s MNIST code leaves the
+    start as drawn."""
+    x, y = torch.zeros(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():  # class 1 gains with every pixel: the loss of class 0 rises with every pixel
+        model[1].weight.copy_(torch.stack([-torch.ones(16), torch.ones(16)]))
+        model[1].bias.zero_()
+    eps = 0.3
+    fgsm = create_method("fgsm", eps=eps).perturb(model, x, y)
+    torch.testing.assert_close(fgsm, torch.full_like(x, eps))
+    clamped = create_method("fgsm-rs", eps=eps, seed=3).perturb(model, x, y)
+    torch.testing.assert_close(clamped, fgsm)
+    drawn = (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * eps
+    free = create_method("fgsm-rs", eps=eps, seed=3, clamp_start=False).perturb(model, x, y)
+    torch.testing.assert_close(free, (drawn + 1.25 * eps).clamp(max=eps))  # >= 0: already an image
+    assert (free < eps - 1e-6).float().mean() > 0.3  # a start below -0.25 eps keeps the pixel inside the ball
+
+
+def test_grey_noise_is_one_draw_per_pixel_shared_by_the_channels():
+    x = torch.rand(64, 3, 8, 8)
+    grey = create_method("fgsm-rs", eps=0.3, seed=4, grey_noise=True).uniform(x, 0.3)
+    drawn = (torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1) * 0.3
+    torch.testing.assert_close(grey, drawn.expand(64, 3, 8, 8))
+    # what a network that averages the channels sees: the full U(-0.3, 0.3) variance (0.03), not a third of it
+    independent = create_method("fgsm-rs", eps=0.3, seed=4).uniform(x, 0.3)
+    assert grey.mean(1).var().item() == pytest.approx(0.3 ** 2 / 3, rel=0.1)
+    assert independent.mean(1).var().item() == pytest.approx(0.3 ** 2 / 9, rel=0.1)
+
+
 def test_gradalign_regulariser_is_zero_for_a_linear_model_and_positive_otherwise():
     x, y = _batch()
     torch.manual_seed(0)
@@ -212,6 +243,52 @@ def test_rollback_after_a_slow_collapse_returns_to_the_peak_not_to_the_check_bef
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights[2].items())
 
 
+@pytest.mark.parametrize("response", ["rollback", "log"])
+def test_a_rolled_back_run_that_does_not_recover_ends_on_its_most_robust_weights(response):
+    """After the rollback to step 2 the run recovers to 40 (a new running peak of the detector, still below 54) and
+    ends at 38: with rollback it ends on step 2's weights; logging alone never changes the weights."""
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mon = _ScriptedMonitor(method=create_method("fgsm", eps=EPS), train_batch=None, val_batch=None, eps=EPS, every=1,
+                           response=response, step_factor=0.5)
+    mon.script = _levels([30, 54, 47, 36, 25, 40, 38], [60, 88, 90, 92, 95, 85, 86])
+    x, y = _batch()
+    weights = {}
+    for step in range(1, 8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        mon(step, model, opt)
+    kept = mon.keep_robust(model)
+    assert [e["step"] for e in mon.events] == [5]
+    if response == "rollback":
+        assert kept == 2 and all(torch.equal(model.state_dict()[k], v) for k, v in weights[2].items())
+    else:
+        assert kept is None and all(torch.equal(model.state_dict()[k], v) for k, v in weights[7].items())
+
+
+def test_a_run_without_collapse_or_that_recovers_past_its_peak_keeps_its_last_weights():
+    for pgd in ([30, 40, 45, 44], [30, 54, 25, 60]):  # no CO; CO at step 3, then above the old peak
+        model = _cnn()
+        mon = _ScriptedMonitor(method=create_method("fgsm", eps=EPS), train_batch=None, val_batch=None, eps=EPS,
+                               every=1, response="rollback")
+        mon.script = _levels(pgd, [60, 88, 95, 90])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for step in range(1, 5):
+            mon(step, model, opt)
+        assert mon.keep_robust(model) is None
+
+
+def test_the_page_names_the_rollback_target_and_the_step_a_run_ended_on():
+    from evaluators.downstream_report import co_events_cell
+
+    run = {"co_events": [{"step": 1850, "restored_step": 1150}], "kept_step": 1150}
+    assert co_events_cell(run) == "step 1850 (back to step 1150); ends on step 1150"
+    assert co_events_cell({"co_events": [{"step": 5}, {"step": 9}]}) == "step 5, step 9"
+    assert co_events_cell({"co_events": []}) == "none"
+
+
 def test_snapshot_is_a_copy_not_a_view():
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -227,22 +304,23 @@ def test_snapshot_is_a_copy_not_a_view():
 @pytest.mark.slow
 def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_path):
     from model_zoo.zoo import build_model
+    from pipelines.config import AdvTrain
     from pipelines.flows.adv_train import adv_train_flow
     from sources.reading import load_split
     from training.supervised import accuracy
 
-    cfg = {
+    cfg = AdvTrain(**{
         "model": "tiny", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
-        "out": str(tmp_path / "adv"), "seed": 0, "mix_shards": None,
+        "seed": 0, "mix_shards": None,
         "recipe": {"epochs": 2, "lr": 0.1, "batch_size": 100, "optimizer": "sgd", "weight_decay": 5e-4,
                    "schedule": "cyclic", "warmup_epochs": 0, "label_smoothing": 0.0},
         "monitor": {"every": 3, "n": 32, "pgd_steps": 3, "drop": 0.5, "min_drop": 5.0, "response": "log"},
         "runs": {"fgsm": {"method": "fgsm", "eps": 16}, "n-fgsm": {"method": "n-fgsm", "eps": 16}},
         "final_eval": {"pgd_steps": 3, "restarts": 2, "n": 50},
-    }
+    })
     spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10,
             "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
-    metrics = adv_train_flow(cfg, spec, metrics_path=str(tmp_path / "m.json"), report_dir=str(tmp_path / "reports"),
+    metrics = adv_train_flow(cfg, spec, out=str(tmp_path / "adv"), metrics_path=str(tmp_path / "m.json"), report_dir=str(tmp_path / "reports"),
                              plots_dir=str(tmp_path / "plots"))
     assert set(metrics) == {"fgsm", "n-fgsm"}
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(metrics))
@@ -411,6 +489,7 @@ def test_self_fitting_control_compares_the_proxies_of_co_and_non_co_runs():
 
 def test_a_run_at_chance_is_named_and_left_out_of_the_co_claim(tmp_path):
     from evaluators.downstream_report import adv_training_section
+    from pipelines.config import Monitor
 
     def run(method, val_acc, pgd):
         h = [{"step": s, "train_pgd_acc": p, "val_pgd_acc": p, "train_fgsm_acc": p + 5, "train_clean_acc": val_acc,
@@ -421,13 +500,13 @@ def test_a_run_at_chance_is_named_and_left_out_of_the_co_claim(tmp_path):
         return m, h
 
     runs = {"fgsm": run("fgsm", 70.0, [10, 20, 30]), "gradalign": run("gradalign", 12.0, [9, 10, 11])}
-    cfg = {"monitor": {"every": 10, "n": 8, "pgd_steps": 3, "drop": 0.5, "min_drop": 5}}
-    page = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, cfg,
-                                tmp_path, chance=10.0)
+    monitor = Monitor(every=10, n=8, pgd_steps=3, drop=0.5, min_drop=5.0)
+    page = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, monitor,
+                                None, tmp_path, chance=10.0)
     assert "| gradalign (at chance: not ranked) | gradalign |" in page and "| fgsm | fgsm |" in page
     assert "no run of each kind" in page  # the only guarded run learned nothing: no claim from it
-    unmarked = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, cfg,
-                                    tmp_path)
+    unmarked = adv_training_section({n: r[0] for n, r in runs.items()}, {n: r[1] for n, r in runs.items()}, monitor,
+                                    None, tmp_path)
     assert "at chance" not in unmarked and "no run of each kind" not in unmarked
 
 

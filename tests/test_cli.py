@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.cli import main
@@ -133,8 +135,7 @@ def test_downstream_stages_name_a_missing_model_or_recipe_against_the_file_read(
     assert err.startswith(f"damagenet ood: {p}: no zoo model named 'missing'")
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "profiles/imagenet.yaml", "profiles/real.yaml",
-                                     "profiles/experiment.yaml", "profiles/mnist.yaml", "profiles/co-mnist.yaml"])
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(str(p) for p in Path("profiles").glob("*.yaml"))])
 def test_profiles_define_every_parameter_dvc_yaml_uses(profile):
     import re
 
@@ -240,3 +241,22 @@ def test_generate_names_a_missing_zoo_record_or_surrogate_in_one_line(tmp_path, 
     (zoo / "models.json").write_text(json.dumps([{"name": "other", "arch": "resnet10t"}]))
     err = _one_line_error(capsys, ["generate", "--attack", "pgd", "--params", str(p)])
     assert err.startswith(f"damagenet generate: {p}: generate.surrogate ") and "(have: other)" in err
+
+
+@pytest.mark.parametrize("stage", ["adv_train", "ood", "unlearn", "optim"])
+def test_a_downstream_flow_receives_its_typed_section_and_its_output_folder(stage):
+    """The flow gets the validated section object itself (attributes, not a re-dumped dict looked up by string),
+    annotated as such, and the output folder dvc.yaml declares."""
+    import importlib
+    import typing
+
+    from pipelines import config, stages
+    from pipelines.params import load_params
+
+    params = load_params("params.yaml")
+    args = stages.downstream(params, stage, stages.metrics_dir("params.yaml"))
+    assert args["cfg"] is getattr(params, stage)
+    flow = getattr(importlib.import_module(f"pipelines.flows.{stage}"), f"{stage}_flow")
+    section_type = type(getattr(params, stage))
+    assert typing.get_type_hints(flow.fn)["cfg"] is section_type and section_type.__module__ == config.__name__
+    assert args["out"] == f"data/downstream/{stage}" and args["out"] in open("dvc.yaml").read().replace("${key}", stage)

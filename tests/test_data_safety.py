@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, Source
 from pipelines.flows.prepare import prepare_flow
 from sources import BadSourceError
 
@@ -20,10 +20,14 @@ def _tree(root, classes=3, per_class=2):
     return root
 
 
-def _source(root, out, **kw):
+def _source_params(root, out, **kw):
+    """The source section as params.yaml writes it."""
     return {"kind": "class_folder", "data": str(root), "root": str(root), "num_classes": 10, "size": 32, "crop_pct": 1.0,
-            "filter": "bicubic", "select": {"mode": "all", "n": 0, "seed": 0}, "shard_size": 4, "out": str(out),
-            **kw}
+            "filter": "bicubic", "select": {"mode": "all", "n": 0, "seed": 0}, "shard_size": 4, "out": str(out), **kw}
+
+
+def _source(root, out, **kw):
+    return Source.model_validate(_source_params(root, out, **kw))
 
 
 def _files(folder):
@@ -93,7 +97,7 @@ def test_a_stray_folder_among_wnid_folders_is_one_line_without_traceback(tmp_pat
     Image.new("RGB", (40, 40)).save(root / "n01440764" / "a.JPEG", "JPEG")
     (root / "backup").mkdir()
     params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"source": _source(root, tmp_path / "clean", num_classes=1000)}))
+    params.write_text(yaml.safe_dump({"source": _source_params(root, tmp_path / "clean", num_classes=1000)}))
     with pytest.raises(SystemExit) as e:
         main(["prepare", "--params", str(params)])
     err = capsys.readouterr().err.strip()
@@ -112,7 +116,7 @@ def test_a_prefect_api_that_does_not_answer_is_named_in_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
     params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"source": _source(_tree(tmp_path / "val"), tmp_path / "clean")}))
+    params.write_text(yaml.safe_dump({"source": _source_params(_tree(tmp_path / "val"), tmp_path / "clean")}))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_CLIENT_MAX_RETRIES"}
     run = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", "--params", str(params)],
                          env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, cwd=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 
@@ -115,6 +116,7 @@ def test_unknown_model_and_unreadable_set_are_reported_while_others_report(sets,
 def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_server, tmp_path):
     """The demo pipeline end to end on a tiny set, then the HTML report screenshotted by a real browser."""
     from evaluators.report import build_report
+    from pipelines.config import Select, Source
     from pipelines.flows.generate import generate
     from pipelines.flows.prepare import prepare_flow
 
@@ -128,15 +130,15 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     label_sets = {f.name: [folders.index(f.parent.name), (folders.index(f.parent.name) + 1) % 10] for f in files}
     label_sets.update({f.name: [] for f in files if f.parent.name == folders[0]})
     (tmp_path / "real.json").write_text(json.dumps(label_sets))
-    source = {"kind": "class_folder", "root": str(small_world / "val"), "num_classes": 10, "size": 32, "crop_pct": 1.0,
-              "filter": "bicubic", "select": {"mode": "per_class", "n": 1, "seed": 0}, "shard_size": 5,
-              "out": str(tmp_path / "shards" / "clean"), "label_sets": str(tmp_path / "real.json")}
+    source = Source(kind="class_folder", data=os.path.commonpath([small_world, tmp_path]), root=str(small_world / "val"),
+                    num_classes=10, size=32, crop_pct=1.0, select=Select(mode="per_class", n=1), shard_size=5,
+                    out=str(tmp_path / "shards" / "clean"), label_sets=str(tmp_path / "real.json"))
     prepare_flow(source, metrics_path=str(tmp_path / "p.json"))
     budget = {"eta": 7.0, "eps": 25.5, "alpha": 2.0, "max_steps": 8}
     attacks = {"aoa": {"si": 2}, "aoa-si1": {"attack": "aoa", "si": 1}, "pgd": {}}  # two settings of one method
     for attack, options in attacks.items():
         generate(attack, budget, {k: v for k, v in options.items() if k != "attack"}, specs["vgg_demo"],
-                 source["out"], str(tmp_path / "shards" / attack), batch_size=10, devices=["cpu"],
+                 source.out, str(tmp_path / "shards" / attack), batch_size=10, devices=["cpu"],
                  method=options.get("attack"))
     sets = {n: str(tmp_path / "shards" / n) for n in ("clean", *attacks)}
     evaluate_flow(models=list(specs.values()), sets=sets, out=str(tmp_path / "eval"), batch_size=16,

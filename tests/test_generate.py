@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from model_zoo.zoo import ModelSpec, build_model
+from pipelines.config import Select, Source
 from pipelines.flows.generate import generate
 from pipelines.flows.prepare import prepare_flow
 from shards.shardset import class_names, iter_shardset, shard_paths, write_shard
@@ -30,9 +31,8 @@ BUDGET = {"eta": 5.0, "eps": 16.0, "alpha": 2.0, "max_steps": 6}
 @pytest.fixture(scope="module")
 def clean_set(small_world, prefect_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    source = {"kind": "class_folder", "root": str(small_world / "val"), "num_classes": 10, "size": 32,
-              "crop_pct": 1.0, "filter": "bicubic", "select": {"mode": "per_class", "n": 2, "seed": 0},
-              "shard_size": 5, "out": str(out)}
+    source = Source(kind="class_folder", data=str(small_world), root=str(small_world / "val"), num_classes=10, size=32,
+                    crop_pct=1.0, select=Select(mode="per_class", n=2), shard_size=5, out=str(out))
     metrics = prepare_flow(source, metrics_path=str(out.parent / "prepare.json"))
     return out, metrics
 
@@ -282,9 +282,9 @@ def test_verify_cli_exits_nonzero(reference_run, tmp_path):
 
 
 def _source(root, out, **kw):
-    return {"kind": "class_folder", "root": str(root), "num_classes": 10, "size": 32, "crop_pct": 1.0,
-            "filter": "bicubic", "select": {"mode": "per_class", "n": 1, "seed": 0}, "shard_size": 4,
-            "out": str(out), **kw}
+    return Source(**{"kind": "class_folder", "data": str(root), "root": str(root), "num_classes": 10, "size": 32,
+                     "crop_pct": 1.0, "filter": "bicubic", "select": {"mode": "per_class", "n": 1, "seed": 0},
+                     "shard_size": 4, "out": str(out), **kw})
 
 
 def test_a_failed_prepare_keeps_the_previous_clean_set(small_world, prefect_server, tmp_path):

@@ -122,18 +122,19 @@ def outlier_folders(tmp_path_factory):
 @pytest.mark.slow
 def test_ood_stage_on_the_small_world(small_world, outlier_folders, prefect_server, tmp_path):
     from model_zoo.zoo import build_model
+    from pipelines.config import Ood
     from pipelines.flows.ood import evaluate_detector, load_ood_data, ood_flow
 
-    cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
+    cfg = Ood(**{"model": "tiny", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
            "id_classes": [0, 1, 2, 5, 6, 7], "pretrain": {"epochs": 3, "lr": 0.005},
            "aux_outliers": {"classes": [3, 8], "folders": [str(outlier_folders / "smooth_noise")]},
            "test_ood": {"held-out-classes": {"classes": [4, 9]}, "blobs": {"folder": str(outlier_folders / "blobs")}},
            "recipe": {"epochs": 1, "lr": 0.001, "warmup_epochs": 0},
            "methods": {"oe": {"method": "oe"}, "orthloss": {"method": "orthloss"},
                        "energy-oe": {"method": "energy-oe", "search": {"m_in": [-2.0, 0.0], "m_out": [2.0]}}},
-           "seed": 0, "seeds": [0, 1], "out": str(tmp_path / "ood")}
+           "seed": 0, "seeds": [0, 1]})
     spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10, "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
-    metrics = ood_flow(cfg, spec, metrics_path=str(tmp_path / "ood.json"), report_dir=str(tmp_path / "reports"),
+    metrics = ood_flow(cfg, spec, out=str(tmp_path / "ood"), metrics_path=str(tmp_path / "ood.json"), report_dir=str(tmp_path / "reports"),
                        plots_dir=str(tmp_path / "plots"))
     assert metrics["positive"] == "in-distribution"
     assert list(metrics["methods"]) == ["baseline", "oe", "orthloss", "energy-oe"]

@@ -219,6 +219,7 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
     import json
 
     from model_zoo.zoo import zoo_specs
+    from pipelines.config import Optim
     from pipelines.flows.optim import optim_flow
     from shards.shardset import shard_name, write_index, write_shard
     from sources.reading import load_split
@@ -232,14 +233,14 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
         write_index(tmp_path / name, name)
         sets[name] = str(tmp_path / name)
     spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
-    cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,
-           "recipe": {"epochs": 1, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "warmup_epochs": 0},
+    cfg = Optim(**{"model": "resnet10t", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
+           "seed": 0, "recipe": {"epochs": 1, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "warmup_epochs": 0},
            "optimizers": {"sgd": {}, "fsam": {"optimizer": "fsam", "optimizer_kwargs": {"rho": 0.05}}},
            "lora": {"shift": {"contrast": 0.35, "blur": 3, "tint": [150, 110, 90]}, "train_images": 200, "rank": 2,
                     "alpha": 4, "recipe": {"epochs": 1, "lr": 0.003, "optimizer": "adamw", "warmup_epochs": 0},
                     "runs": {"lora": {"sigma": 0.0}, "flat-lora": {"sigma": 0.05}}},
-           "shard_sets": sets, "out": str(tmp_path / "optim"), "seeds": [0, 1], "label_noise": 0.2}
-    metrics = optim_flow(cfg, spec, metrics_path=str(tmp_path / "optim.json"), report_dir=str(tmp_path / "reports"),
+           "shard_sets": sets, "seeds": [0, 1], "label_noise": 0.2})
+    metrics = optim_flow(cfg, spec, out=str(tmp_path / "optim"), metrics_path=str(tmp_path / "optim.json"), report_dir=str(tmp_path / "reports"),
                        plots_dir=str(tmp_path / "plots"))
     assert list(metrics["optimizers"]) == ["sgd", "fsam"] and list(metrics["lora"]) == ["lora", "flat-lora"]
     assert metrics["lora"]["flat-lora"]["sigma"] == 0.05
@@ -294,3 +295,21 @@ def test_sam_state_dict_carries_the_base_momentum_and_the_fsam_ema():
     step(w2, opt2)
     assert torch.equal(w2.detach(), expected)
     assert opt2.param_groups is opt2.base_optimizer.param_groups
+
+
+@pytest.mark.parametrize("peak", [0.5, 0.4])
+def test_the_cyclic_schedule_is_the_triangle_of_the_fast_at_codes(peak):
+    """Linear from 0 to the peak (at ``peak`` of the run: Wong et al.'s CIFAR-10 code 1/2, their MNIST code 2/5),
+    then linear back to 0, as ``np.interp`` draws it; the rise counts the step being taken, so the first step
+    does not train at a learning rate of 0."""
+    import numpy as np
+
+    from training.supervised import lr_factor
+
+    total = 50
+    ours = [lr_factor("cyclic", s, total, 0, peak) for s in range(total)]
+    triangle = np.interp(np.arange(1, total + 1), [0, total * peak, total], [0, 1, 0])
+    assert ours[:int(total * peak)] == pytest.approx(triangle[:int(total * peak)])
+    assert ours[int(total * peak):] == pytest.approx(np.interp(np.arange(int(total * peak), total),
+                                                               [0, total * peak, total], [0, 1, 0]))
+    assert max(ours) == pytest.approx(1.0)

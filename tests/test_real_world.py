@@ -110,9 +110,7 @@ def _dvc_stages(tmp_path: Path, params: Path) -> dict[str, str]:
     return {s.name: s.cmd for s in Repo(str(tmp_path)).index.stages}
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "profiles/real.yaml", "profiles/imagenet.yaml",
-                                     "profiles/experiment.yaml", "profiles/label-noise.yaml", "profiles/mnist.yaml",
-                                     "profiles/co-mnist.yaml"])
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(f"profiles/{p.name}" for p in (REPO / "profiles").glob("*.yaml"))])
 def test_each_profile_has_exactly_its_stages_and_each_has_a_documented_subcommand(profile, tmp_path, capsys):
     from pipelines.cli import build_parser
     from pipelines.params import load_params

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from evaluators.unlearning import avg_gap, divergences, mia
 from model_zoo.zoo import build_model
+from pipelines.config import Unlearn
 from pipelines.flows.unlearn import forget_indices
 from training.unlearning import METHODS, UnlearningData, create_method
 from training.unlearning.linear import exact_unlearning_check
@@ -280,12 +281,11 @@ def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_serv
     from pipelines.flows.unlearn import unlearn_flow
 
     spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
-    cfg = {"train_root": str(small_world / "train"), "val_root": str(small_world / "val"), "seed": 0,
-           "scenarios": {"class-2": {"kind": "class", "class": 2}},
+    cfg = Unlearn(**{"model": "resnet10t", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
+           "seed": 0, "scenarios": {"class-2": {"kind": "class", "class": 2}},
            "recipe": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 64},
-           "methods": {"ft": {}, "muso": {}}, "seeds": [0, 1], "out": str(tmp_path / "unlearn"),
-           "mia_attack": "logistic"}
-    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, metrics_path=str(tmp_path / "unlearn.json"),
+           "methods": {"ft": {}, "muso": {}}, "seeds": [0, 1], "mia_attack": "logistic"})
+    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, out=str(tmp_path / "unlearn"), metrics_path=str(tmp_path / "unlearn.json"),
                            report_dir=str(tmp_path / "reports"), plots_dir=str(tmp_path / "plots"))
     rows = results["class-2"]
     assert list(rows) == ["retrain", "original", "ft", "muso"]

@@ -3,9 +3,10 @@
 Each run trains a zoo architecture from scratch with one method (FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT),
 optionally with DAmageNet shards mixed into the training set. A ``COMonitor`` checks robustness and the
 self-fitting proxies every ``monitor.every`` steps, flags CO, raises a Prefect artifact and (``response:
-rollback``) restores the last good checkpoint. Outputs: checkpoints and their specs (``models.json``, which the
-evaluate stage reads, so the trained models are measured on the clean/AoA/PGD shard sets), per-check curves
-(DVC plots), metrics JSON, and the report section with the curves and every CO event marked.
+rollback``) restores the most robust checkpoint, on which the run also ends if it does not recover.
+Outputs: checkpoints and their specs (``models.json``, which the evaluate stage reads, so the trained models are
+measured on the clean/AoA/PGD shard sets), per-check curves (DVC plots), metrics JSON, and the report section with
+the curves and every CO event marked.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from evaluators.downstream_report import adv_training_section
 from evaluators.white_box import pgd_robust_accuracy
 from model_zoo.zoo import build_model, save_weights
+from pipelines.config import AdvRun, AdvTrain
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import adv_train_rows, write_table
 from pipelines.params import write_json
@@ -37,17 +39,17 @@ def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) 
 
 
 @task(name="adversarial-training-run", task_run_name="adv-train-{name}", cache_policy=NO_CACHE)  # tensors are not cache keys
-def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any], spec: dict[str, Any],
-                             data, plots_dir: str, profile: str) -> dict[str, Any]:
+def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: dict[str, Any], data, out: Path,
+                             plots_dir: str, profile: str) -> dict[str, Any]:
     log = get_run_logger()
     (x, y), (xv, yv) = data
-    seed = run.get("seed", cfg["seed"])  # a run may repeat another with its own seed (init, batches, attack noise)
+    seed = cfg.seed if run.seed is None else run.seed  # a run may repeat another with its own seed (init, batches, attack noise)
     torch.manual_seed(seed)
     model = build_model({**spec, "weights": None, "name": name})
-    eps = run["eps"] / 255
-    alpha = run["step"] / 255 if run.get("step") is not None else None  # None: the method's default step
-    method = create_method(run["method"], eps=eps, alpha=alpha, seed=seed, **run.get("options", {}))
-    mon = cfg["monitor"]
+    eps = run.eps / 255
+    alpha = run.step / 255 if run.step is not None else None  # None: the method's default step
+    method = create_method(run.method, eps=eps, alpha=alpha, seed=seed, **run.options)
+    mon = cfg.monitor
 
     def alert(event: dict[str, Any]) -> None:
         log.warning("%s: catastrophic overfitting at step %d: PGD acc %.1f (peak) -> %.1f, FGSM acc %.1f -> %.1f (%s)",
@@ -61,33 +63,35 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
             description=f"CO alert: {name}")
 
     monitor = COMonitor(
-        method=method, eps=eps, every=mon["every"], pgd_steps=mon["pgd_steps"],
-        detector=CODetector(drop=mon["drop"], min_drop=mon["min_drop"], min_peak=mon.get("min_peak", 0.0)),
-        response=run.get("response", mon["response"]), step_factor=mon.get("step_factor", 1.0),
-        train_batch=fixed_subset(x, y, mon["n"], seed), val_batch=fixed_subset(xv, yv, mon["n"], seed + 1),
-        layers=mon.get("layers") or early_conv_layers(model, 2), on_event=alert)
-    recipe = Recipe(**{**cfg["recipe"], **run.get("recipe", {})})
+        method=method, eps=eps, every=mon.every, pgd_steps=mon.pgd_steps,
+        detector=CODetector(drop=mon.drop, min_drop=mon.min_drop, min_peak=mon.min_peak),
+        response=run.response or mon.response, step_factor=mon.step_factor,
+        train_batch=fixed_subset(x, y, mon.n, seed), val_batch=fixed_subset(xv, yv, mon.n, seed + 1),
+        layers=mon.layers or early_conv_layers(model, 2), on_event=alert)
+    recipe = Recipe(**{**cfg.recipe, **run.recipe})
     log.info("%s: %s, %d epochs of %d images", name, method, recipe.epochs, len(x))
     info = train_classifier(model, x, y, recipe, seed=seed, desc=name, objective=method.loss, callback=monitor)
-    weights = Path(cfg["out"]) / "models" / f"{name}.safetensors"
+    kept = monitor.keep_robust(model)
+    if kept is not None:
+        log.info("%s: ends on the weights of step %d, its most robust check before the collapse", name, kept)
+    weights = out / "models" / f"{name}.safetensors"
     save_weights(model, weights)
     write_curve(Path(plots_dir) / f"{name}.csv", monitor.history, last="train_pgd_acc")
-    last = monitor.history[-1]
+    last = next(r for r in monitor.history if r["step"] == kept) if kept is not None else monitor.history[-1]
     white_box = {}
-    if cfg.get("final_eval"):  # the white-box number of record, at the run's own eps: the val split or a random subset
-        fe = cfg["final_eval"]
-        n = min(fe.get("n") or len(xv), len(xv))
+    if fe := cfg.final_eval:  # the white-box number of record, at the run's own eps: the val split or a random subset
+        n = min(fe.n or len(xv), len(xv))
         white_box = {"white_box_val_acc": round(pgd_robust_accuracy(
-            model, *fixed_subset(xv, yv, n, seed + 2), eps, steps=fe["pgd_steps"], restarts=fe["restarts"],
-            seed=seed, desc=f"{name}: PGD-{fe['pgd_steps']} x{fe['restarts']}"), 2)}
-        log.info("%s: white-box PGD-%d x%d accuracy on %d val images: %.2f", name, fe["pgd_steps"], fe["restarts"],
+            model, *fixed_subset(xv, yv, n, seed + 2), eps, steps=fe.pgd_steps, restarts=fe.restarts,
+            seed=seed, desc=f"{name}: PGD-{fe.pgd_steps} x{fe.restarts}"), 2)}
+        log.info("%s: white-box PGD-%d x%d accuracy on %d val images: %.2f", name, fe.pgd_steps, fe.restarts,
                  n, white_box["white_box_val_acc"])
     return {
         "spec": {**spec, "name": f"at-{name}", "weights": str(weights)},
         "metrics": {
-            "method": run["method"], "eps": run["eps"], "seed": seed, "val_acc": round(accuracy(model, xv, yv), 2),
+            "method": run.method, "eps": run.eps, "seed": seed, "val_acc": round(accuracy(model, xv, yv), 2),
             "final_val_pgd_acc": round(last["val_pgd_acc"], 2), "final_val_fgsm_acc": round(last["val_fgsm_acc"], 2),
-            **white_box,
+            **white_box, **({"kept_step": kept} if kept is not None else {}),
             "co_events": monitor.events, "train_seconds": round(info["train_seconds"], 1),
         },
         "history": monitor.history,
@@ -95,24 +99,26 @@ def adversarial_training_run(name: str, run: dict[str, Any], cfg: dict[str, Any]
 
 
 @flow(name="adv-train", flow_run_name="adv-train-{profile}-{spec[name]}")
-def adv_train_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/adv_train.json",
+def adv_train_flow(cfg: AdvTrain, spec: dict[str, Any], out: str = "data/downstream/adv_train",
+                   metrics_path: str = "metrics/downstream/adv_train.json",
                    report_dir: str = "reports", plots_dir: str = "plots/downstream/adv_train",
                    profile: str = "demo") -> dict[str, Any]:
     size = spec["data"]["input_size"][-1]
-    x, y, _ = load_split(cfg["train_root"], size)
-    xv, yv, _ = load_split(cfg["val_root"], size)
-    if cfg.get("mix_shards"):
-        xs, ys = shard_images(cfg["mix_shards"])
+    x, y, _ = load_split(cfg.train_root, size)
+    xv, yv, _ = load_split(cfg.val_root, size)
+    if cfg.mix_shards:
+        xs, ys = shard_images(cfg.mix_shards)
         get_run_logger().info("%d DAmageNet images mixed into %d training images", len(xs), len(x))
         x, y = torch.cat([x, xs]), torch.cat([y, ys])
     data = ((x, y), (xv, yv))  # loaded once, shared by every run
-    results = {name: adversarial_training_run(name, run, cfg, spec, data, plots_dir, profile)
-               for name, run in cfg["runs"].items()}
-    write_json(Path(cfg["out"]) / "models.json", [r["spec"] for r in results.values()])
+    results = {name: adversarial_training_run(name, run, cfg, spec, data, Path(out), plots_dir, profile)
+               for name, run in cfg.runs.items()}
+    write_json(Path(out) / "models.json", [r["spec"] for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
     write_json(metrics_path, metrics)
     write_table(metrics_path, adv_train_rows(metrics))
-    markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg, Path(report_dir),
+    markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg.monitor, cfg.final_eval,
+                                    Path(report_dir),
                                     chance=100 / spec["num_classes"])
     create_markdown_artifact(key=artifact_key(profile, "adversarial-training"), markdown=markdown,
                              description="Adversarial training and CO")

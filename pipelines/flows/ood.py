@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
 from model_zoo.zoo import build_model, save_weights
+from pipelines.config import Ood
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import ood_rows, write_table
 from pipelines.params import write_json
@@ -41,24 +42,24 @@ def select_classes(images, labels, classes: list[int] | None, relabel: bool = Tr
     return images[keep], torch.tensor([mapping[int(v)] for v in labels[keep]]) if relabel else labels[keep]
 
 
-def load_ood_data(cfg: dict[str, Any], size: int) -> dict[str, Any]:
-    x, y, _ = load_split(cfg["train_root"], size)
-    xv, yv, _ = load_split(cfg["val_root"], size)
-    aux = cfg["aux_outliers"]
+def load_ood_data(cfg: Ood, size: int) -> dict[str, Any]:
+    x, y, _ = load_split(cfg.train_root, size)
+    xv, yv, _ = load_split(cfg.val_root, size)
+    aux = cfg.aux_outliers
     outliers = [select_classes(x, y, aux.get("classes"), relabel=False)[0]] if aux.get("classes") else []
     outliers += [load_image_folder(f, size) for f in aux.get("folders", [])]
     tests = {}
-    for name, t in cfg["test_ood"].items():
+    for name, t in cfg.test_ood.items():
         if "classes" in t:
             tests[name] = select_classes(xv, yv, t["classes"], relabel=False)[0]
         elif "folder" in t:
             tests[name] = load_image_folder(t["folder"], size)
         elif "shards" in t:
             images, labels = shard_images([t["shards"]])
-            tests[name] = select_classes(images, labels, cfg["id_classes"], relabel=False)[0]
+            tests[name] = select_classes(images, labels, cfg.id_classes, relabel=False)[0]
         else:
             raise ValueError(f"params ood.test_ood.{name}: give one of classes, folder, shards")
-    return {"train": select_classes(x, y, cfg["id_classes"]), "id_test": select_classes(xv, yv, cfg["id_classes"]),
+    return {"train": select_classes(x, y, cfg.id_classes), "id_test": select_classes(xv, yv, cfg.id_classes),
             "outliers": torch.cat(outliers), "tests": tests}
 
 
@@ -140,11 +141,12 @@ def energy_margin_search(base, data, method_cfg: dict[str, Any], recipe: Recipe,
 
 
 @task(name="ood-fine-tune", task_run_name="ood-{name}-seed{seed}", cache_policy=NO_CACHE)  # models, tensors: no keys
-def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg, seed: int, plots_dir: str) -> dict[str, Any]:
+def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg: Ood, out: Path, seed: int,
+            plots_dir: str) -> dict[str, Any]:
     model = copy.deepcopy(base)
     seconds, options = 0.0, {}
     if method_cfg is not None:
-        recipe = Recipe(**{**cfg["recipe"], **method_cfg.get("recipe", {})})
+        recipe = Recipe(**{**cfg.recipe, **method_cfg.get("recipe", {})})
         options = dict(method_cfg.get("options", {}))
         method = create_method(method_cfg["method"], **options)
         info = fine_tune(model, method, data, recipe, seed)
@@ -153,8 +155,8 @@ def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg, seed:
         score = method.score
     else:
         score = "msp"
-    if seed == cfg["seeds"][0]:
-        save_weights(model, Path(cfg["out"]) / f"{name}.safetensors")
+    if seed == cfg.seeds[0]:
+        save_weights(model, out / f"{name}.safetensors")
     result = evaluate_detector(model, data)
     get_run_logger().info("%s seed %d (%s score): ID acc %.1f; %s", name, seed, score, result["id_acc"],
                           ", ".join(f"{s}: FPR95 {v[score]['fpr95']:.1f} AUROC {v[score]['auroc']:.1f}"
@@ -179,39 +181,40 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @flow(name="ood", flow_run_name="ood-{profile}-{spec[name]}")
-def ood_flow(cfg: dict[str, Any], spec: dict[str, Any], metrics_path: str = "metrics/downstream/ood.json",
+def ood_flow(cfg: Ood, spec: dict[str, Any], out: str = "data/downstream/ood",
+             metrics_path: str = "metrics/downstream/ood.json",
              report_dir: str = "reports", plots_dir: str = "plots/downstream/ood", profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     data = load_ood_data(cfg, size)
     log.info("ID: %d train / %d test images of %s classes; %d auxiliary outliers; test OOD sets: %s",
-             len(data["train"][0]), len(data["id_test"][0]), cfg["id_classes"] or "all", len(data["outliers"]),
+             len(data["train"][0]), len(data["id_test"][0]), cfg.id_classes or "all", len(data["outliers"]),
              {k: len(v) for k, v in data["tests"].items()})
-    torch.manual_seed(cfg["seed"])
-    num_classes = len(cfg["id_classes"]) if cfg["id_classes"] else spec["num_classes"]
-    if cfg.get("pretrain"):
+    torch.manual_seed(cfg.seed)
+    num_classes = len(cfg.id_classes) if cfg.id_classes else spec["num_classes"]
+    if cfg.pretrain:
         base = build_model({**spec, "weights": None, "num_classes": num_classes})
-        info = train_classifier(base, *data["train"], Recipe(**cfg["pretrain"]), seed=cfg["seed"], desc="ID base",
+        info = train_classifier(base, *data["train"], Recipe(**cfg.pretrain), seed=cfg.seed, desc="ID base",
                                 epoch_end=lambda m: {"id_acc": accuracy(m, *data["id_test"])})
         write_curve(Path(plots_dir) / "id-base.csv", info["history"], last="id_acc")
     else:
         base = build_model(spec)
-    runs = {"baseline": None, **cfg["methods"]}
+    runs = {"baseline": None, **cfg.methods}
     searches = {}
-    for name, m in cfg["methods"].items():  # margins searched once (first seed), then every seed trains with them
+    for name, m in cfg.methods.items():  # margins searched once (first seed), then every seed trains with them
         if m.get("search"):
-            recipe = Recipe(**{**cfg["recipe"], **m.get("recipe", {})})
-            searches[name] = energy_margin_search(base, data, m, recipe, cfg["seeds"][0])
+            recipe = Recipe(**{**cfg.recipe, **m.get("recipe", {})})
+            searches[name] = energy_margin_search(base, data, m, recipe, cfg.seeds[0])
             runs[name] = {**m, "options": {**m.get("options", {}), "m_in": searches[name]["m_in"],
                                            "m_out": searches[name]["m_out"]}}
             log.info("%s: margins m_in %.2f, m_out %.2f chosen on validation data", name, searches[name]["m_in"],
                      searches[name]["m_out"])
-    results = {name: [ood_run(name, m, base, data, cfg, seed, plots_dir) for seed in (cfg["seeds"] if m else cfg["seeds"][:1])]
+    results = {name: [ood_run(name, m, base, data, cfg, Path(out), seed, plots_dir) for seed in (cfg.seeds if m else cfg.seeds[:1])]
                for name, m in runs.items()}  # the baseline is not trained: one evaluation
-    metrics = {"positive": POSITIVE, "seeds": cfg["seeds"],
+    metrics = {"positive": POSITIVE, "seeds": cfg.seeds,
                "methods": {name: aggregate_seeds(r) for name, r in results.items()}, "margin_search": searches}
     write_json(metrics_path, metrics)
     write_table(metrics_path, ood_rows(metrics))
-    markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg, Path(report_dir))
+    markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg.id_classes, Path(report_dir))
     create_markdown_artifact(key=artifact_key(profile, "ood-fine-tuning"), markdown=markdown, description="OOD fine-tuning")
     return metrics

@@ -13,13 +13,12 @@ import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from tqdm import tqdm
 
-from pipelines.config import ConfigError
+from pipelines.config import ConfigError, Select, Source
 from pipelines.params import write_json
 from shards.shardset import class_names, dataset_card_header, shard_name, write_index, write_shard
 from sources import BadSourceError, sha256_file
@@ -33,28 +32,24 @@ from sources.reading import (
 )
 
 
-def index_source(source: dict[str, Any], rejects: Rejects) -> list[SourceSample]:
-    if source["kind"] == "class_folder":
-        return class_folder_source(source["root"], rejects)[0]
-    if source["kind"] == "label_file":
-        return label_file_source(source["root"], source["label_file"], rejects, source.get("num_classes", 1000))
-    raise ValueError(f"params.yaml: source.kind must be 'class_folder' or 'label_file', not {source['kind']!r}")
+def index_source(source: Source, rejects: Rejects) -> list[SourceSample]:
+    if source.kind == "class_folder":
+        return class_folder_source(source.root, rejects)[0]
+    return label_file_source(source.root, source.label_file, rejects, source.num_classes)
 
 
-def select(samples: list[SourceSample], mode: str, n: int, seed: int) -> list[SourceSample]:
+def select(samples: list[SourceSample], sel: Select) -> list[SourceSample]:
     """``all``; ``first`` n; ``per_class``: n per class drawn with ``seed``. Output is sorted by key (stable order)."""
-    if mode == "all":
+    if sel.mode == "all":
         chosen = samples
-    elif mode == "first":
-        chosen = samples[:n]
-    elif mode == "per_class":
+    elif sel.mode == "first":
+        chosen = samples[: sel.n]
+    else:  # per_class
         by_class: dict[int, list[SourceSample]] = defaultdict(list)
         for s in samples:
             by_class[s.label].append(s)
-        rng = random.Random(seed)
-        chosen = [s for c in sorted(by_class) for s in rng.sample(by_class[c], min(n, len(by_class[c])))]
-    else:
-        raise ValueError(f"params.yaml: source.select.mode must be all, first or per_class, not {mode!r}")
+        rng = random.Random(sel.seed)
+        chosen = [s for c in sorted(by_class) for s in rng.sample(by_class[c], min(sel.n, len(by_class[c])))]
     return sorted(chosen, key=lambda s: s.key)
 
 
@@ -62,17 +57,17 @@ SET_FILE = re.compile(r"(clean-\d{6}\.tar|shardindex\.json|_info\.json|manifest\
                       r"rejects\.tsv)")  # every file a clean set holds: what prepare may replace
 
 
-def check_output_folder(source: dict[str, Any]) -> None:
+def check_output_folder(source: Source) -> None:
     """Refuse an output that would destroy data: ``out`` equal to, inside or holding the source root, or an
     existing folder with files this stage did not write (named)."""
-    root, out = Path(source["root"]).resolve(), Path(source["out"]).resolve()
+    root, out = Path(source.root).resolve(), Path(source.out).resolve()
     if out == root or root in out.parents or out in root.parents:
-        raise ConfigError(f"source.out ({source['out']}) {'is' if out == root else 'overlaps'} source.root "
-                          f"({source['root']}): the clean set replaces its folder, so it must lie outside the images")
+        raise ConfigError(f"source.out ({source.out}) {'is' if out == root else 'overlaps'} source.root "
+                          f"({source.root}): the clean set replaces its folder, so it must lie outside the images")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not SET_FILE.fullmatch(p.name))
         if foreign:
-            raise ConfigError(f"source.out ({source['out']}) holds files the prepare stage did not write "
+            raise ConfigError(f"source.out ({source.out}) holds files the prepare stage did not write "
                               f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); it replaces that "
                               "folder whole: choose an empty or new folder")
 
@@ -88,11 +83,11 @@ def _swap_in(built: Path, out: Path) -> None:
 
 
 @flow(name="prepare", flow_run_name="prepare-{profile}")
-def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.json", strict: bool = False,
+def prepare_flow(source: Source, metrics_path: str = "metrics/prepare.json", strict: bool = False,
                  profile: str = "demo") -> dict:
     """Write the clean set into a temporary folder beside ``source.out`` and swap it in only when complete, so a
     failure (missing source, a ``--strict`` reject, a crash) leaves the previous set as it was."""
-    out = Path(source["out"])
+    out = Path(source.out)
     check_output_folder(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out.parent / f".{out.name}.lock")
@@ -106,7 +101,7 @@ def prepare_flow(source: dict[str, Any], metrics_path: str = "metrics/prepare.js
         lock.release()
 
 
-def _prepare(source: dict[str, Any], out: Path, metrics_path: str, strict: bool) -> dict:
+def _prepare(source: Source, out: Path, metrics_path: str, strict: bool) -> dict:
     log = get_run_logger()
     for stale in out.parent.glob(f".{out.name}.building-*"):  # a killed run's; we hold the lock, so none is live
         log.warning("removing %s, left by an interrupted prepare run", stale)
@@ -126,21 +121,21 @@ def _prepare(source: dict[str, Any], out: Path, metrics_path: str, strict: bool)
     return metrics
 
 
-def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
+def _build(source: Source, out: Path, strict: bool) -> dict:
     rejects = Rejects(strict=strict)
-    sel = source.get("select", {})
+    sel = source.select
     indexed = index_source(source, rejects)
     labels = sorted({s.label for s in indexed})
-    if labels and labels[-1] >= source["num_classes"]:
-        raise ConfigError(f"source.root ({source['root']}) has label {labels[-1]} (of {len(labels)} classes) but "
-                          f"source.num_classes is {source['num_classes']}: set num_classes or remove the extra "
+    if labels and labels[-1] >= source.num_classes:
+        raise ConfigError(f"source.root ({source.root}) has label {labels[-1]} (of {len(labels)} classes) but "
+                          f"source.num_classes is {source.num_classes}: set num_classes or remove the extra "
                           "class folders")
     # read against every indexed image: a list in file-name order is aligned before the selection
-    label_sets = (read_label_sets(source["label_sets"], indexed, source["num_classes"])
-                  if source.get("label_sets") else {})
-    samples = select(indexed, sel.get("mode", "all"), sel.get("n", 0), sel.get("seed", 0))
+    label_sets = (read_label_sets(source.label_sets, indexed, source.num_classes)
+                  if source.label_sets else {})
+    samples = select(indexed, sel)
     if not samples:
-        raise ConfigError(f"source: nothing selected from {len(indexed)} indexed image(s) (select: {sel}); the "
+        raise ConfigError(f"source: nothing selected from {len(indexed)} indexed image(s) (select: {sel.model_dump()}); the "
                           "previous clean set is kept")
     buffer, shards, kept = [], 0, 0
 
@@ -151,7 +146,7 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
 
     for s in tqdm(samples, desc="prepare", unit="img", mininterval=2):
         try:
-            image = load_crop(s.path, source["size"], source["crop_pct"], source["filter"], source.get("min_side", 16))
+            image = load_crop(s.path, source.size, source.crop_pct, source.filter, source.min_side)
         except BadSourceError as e:
             rejects.add(e.path, e.reason)
             continue
@@ -160,15 +155,15 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
                                 "source_sha256": sha256_file(s.path),
                                 **({"label_set": label_sets[s.key]} if s.key in label_sets else {})}})
         kept += 1
-        if len(buffer) == source["shard_size"]:
+        if len(buffer) == source.shard_size:
             flush()
     if buffer:
         flush()
     if not kept:  # an empty set never replaces a good one
-        kept_rejects = Path(str(source["out"]).rstrip("/") + ".rejects.tsv")
+        kept_rejects = Path(str(source.out).rstrip("/") + ".rejects.tsv")
         rejects.write(kept_rejects)
         reasons = sorted({r for _, r in rejects.items})
-        raise BadSourceError(source["root"], f"all {len(samples)} selected image(s) were rejected ({'; '.join(reasons[:3])}"
+        raise BadSourceError(source.root, f"all {len(samples)} selected image(s) were rejected ({'; '.join(reasons[:3])}"
                              f"{'; ...' if len(reasons) > 3 else ''}; every file in {kept_rejects}); the previous "
                              "clean set is kept")
     rejects.write(out / "rejects.tsv")
@@ -177,20 +172,20 @@ def _build(source: dict[str, Any], out: Path, strict: bool) -> dict:
     (out / "README.md").write_text(header + "\n" + _card(source, kept, len(rejects), with_set))
     index = write_index(out, "clean")
     return {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples),
-            **({"label_sets": with_set} if source.get("label_sets") else {})}
+            **({"label_sets": with_set} if source.label_sets else {})}
 
 
-def _card(source: dict[str, Any], count: int, rejects: int, with_set: int) -> str:
-    sets = (f"\n- label sets (ImageNet-ReaL convention) from `{source['label_sets']}`: {with_set} selected images have "
+def _card(source: Source, count: int, rejects: int, with_set: int) -> str:
+    sets = (f"\n- label sets (ImageNet-ReaL convention) from `{source.label_sets}`: {with_set} selected images have "
             "a non-empty set of acceptable classes (`label_set` in the JSON); the others are left out of ReaL "
-            "accuracy") if source.get("label_sets") else ""
+            "accuracy") if source.label_sets else ""
     return f"""# Clean crops
 
 The unattacked source images of this pipeline run, after the same crop every attack and evaluation uses:
-resize the short side to floor({source['size']} / {source['crop_pct']}) with the {source['filter']} filter
-(antialiased), then centre-crop {source['size']} x {source['size']}; stored as PNG (lossless).
+resize the short side to floor({source.size} / {source.crop_pct}) with the {source.filter} filter
+(antialiased), then centre-crop {source.size} x {source.size}; stored as PNG (lossless).
 
-- source: `{source['kind']}` at `{source['root']}`
+- source: `{source.kind}` at `{source.root}`
 - images: {count}; rejected source files: {rejects} (listed in `rejects.tsv` with the reason)
 - sample fields: `png`, `cls`, `json` (key, label, WordNet id or class folder, sha256 of the source file){sets}
 

@@ -24,6 +24,7 @@ from evaluators.claims import over_seeds
 from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
 from model_zoo.zoo import build_model, save_weights
+from pipelines.config import Unlearn
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import unlearn_rows, write_table
 from pipelines.params import write_json
@@ -59,15 +60,15 @@ def split(x, y, xt, yt, scenario, seed):
 
 @task(name="unlearning-run", task_run_name="unlearn-{scenario}-{name}-seed{seed}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
 def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], original, data: UnlearningData, test,
-                   reference: dict[str, Any], cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+                   reference: dict[str, Any], cfg: Unlearn, out: Path, seed: int) -> dict[str, Any]:
     model = copy.deepcopy(original)
-    method = create_method(method_cfg.get("method", name), {**cfg["recipe"], **method_cfg.get("recipe", {})},
+    method = create_method(method_cfg.get("method", name), {**cfg.recipe, **method_cfg.get("recipe", {})},
                            seed=seed)
     start = time.perf_counter()
     method.unlearn(model, data)
     seconds = time.perf_counter() - start
-    save_weights(model, Path(cfg["out"]) / scenario / f"{name}-seed{seed}.safetensors")
-    metrics, probs = unlearning_metrics(model, data.forget, data.remain, test, cfg["seed"], cfg["mia_attack"])
+    save_weights(model, out / scenario / f"{name}-seed{seed}.safetensors")
+    metrics, probs = unlearning_metrics(model, data.forget, data.remain, test, cfg.seed, cfg.mia_attack)
     metrics.update(avg_gap=avg_gap(metrics, reference["metrics"]), seconds=round(seconds, 1),
                    **divergences(reference["probs"], probs))
     get_run_logger().info("%s / %s / seed %d: %s", scenario, name, seed, metrics)
@@ -75,50 +76,50 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
 
 
 @flow(name="unlearn", flow_run_name="unlearn-{profile}-{spec[name]}")
-def unlearn_flow(cfg: dict[str, Any], spec: dict[str, Any], original_recipe: dict[str, Any],
-                 metrics_path: str = "metrics/downstream/unlearn.json", report_dir: str = "reports",
+def unlearn_flow(cfg: Unlearn, spec: dict[str, Any], original_recipe: dict[str, Any],
+                 out: str = "data/downstream/unlearn", metrics_path: str = "metrics/downstream/unlearn.json", report_dir: str = "reports",
                  plots_dir: str = "plots/downstream/unlearn", profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
-    x, y, _ = load_split(cfg["train_root"], size)
-    xt, yt, _ = load_split(cfg["val_root"], size)
-    if cfg.get("original"):  # trained here on a seeded subset, to memorise it (what a membership attack can see)
-        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg["seed"]))
-        x, y = x[pick[: cfg["original"]["train_images"]]], y[pick[: cfg["original"]["train_images"]]]
-        original_recipe = cfg["original"]["recipe"]
-        torch.manual_seed(cfg["seed"])
+    x, y, _ = load_split(cfg.train_root, size)
+    xt, yt, _ = load_split(cfg.val_root, size)
+    if cfg.original:  # trained here on a seeded subset, to memorise it (what a membership attack can see)
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+        x, y = x[pick[: cfg.original["train_images"]]], y[pick[: cfg.original["train_images"]]]
+        original_recipe = cfg.original["recipe"]
+        torch.manual_seed(cfg.seed)
         original = build_model({**spec, "weights": None})
-        info = train_classifier(original, x, y, Recipe(**original_recipe), seed=cfg["seed"], desc="original",
+        info = train_classifier(original, x, y, Recipe(**original_recipe), seed=cfg.seed, desc="original",
                                 epoch_end=lambda m: {"test_acc": accuracy(m, xt, yt), "train_acc": accuracy(m, x, y)})
         write_curve(Path(plots_dir) / "original.csv", info["history"], last="test_acc")
-        save_weights(original, Path(cfg["out"]) / "original.safetensors")
+        save_weights(original, Path(out) / "original.safetensors")
         log.info("original: %d training images, train acc %.1f%%, test acc %.1f%%", len(x),
                  info["history"][-1]["train_acc"], info["history"][-1]["test_acc"])
     else:
         original = build_model(spec)
     results: dict[str, dict[str, Any]] = {}
-    for scenario, sc in cfg["scenarios"].items():
-        forget, remain, test = split(x, y, xt, yt, sc, cfg["seed"])
+    for scenario, sc in cfg.scenarios.items():
+        forget, remain, test = split(x, y, xt, yt, sc, cfg.seed)
         data = UnlearningData(forget, remain, spec["num_classes"])
         log.info("%s: forget %d, remain %d, test %d", scenario, len(forget[0]), len(remain[0]), len(test[0]))
-        torch.manual_seed(cfg["seed"])
+        torch.manual_seed(cfg.seed)
         retrained = build_model({**spec, "weights": None})
         start = time.perf_counter()
-        info = train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg["seed"], desc=f"retrain {scenario}",
+        info = train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg.seed, desc=f"retrain {scenario}",
                                 epoch_end=lambda m, test=test, forget=forget: {"test_acc": accuracy(m, *test),
                                                                                "forget_acc": accuracy(m, *forget)})
         write_curve(Path(plots_dir) / f"retrain-{scenario}.csv", info["history"], last="forget_acc")
         seconds = time.perf_counter() - start
-        save_weights(retrained, Path(cfg["out"]) / scenario / "retrain.safetensors")
-        ref_metrics, ref_probs = unlearning_metrics(retrained, forget, remain, test, cfg["seed"], cfg["mia_attack"])
+        save_weights(retrained, Path(out) / scenario / "retrain.safetensors")
+        ref_metrics, ref_probs = unlearning_metrics(retrained, forget, remain, test, cfg.seed, cfg.mia_attack)
         reference = {"metrics": ref_metrics, "probs": ref_probs}
         rows = {"retrain": {**ref_metrics, "avg_gap": 0.0, "seconds": round(seconds, 1), "KL": 0.0, "JS": 0.0}}
-        orig_metrics, orig_probs = unlearning_metrics(original, forget, remain, test, cfg["seed"], cfg["mia_attack"])
+        orig_metrics, orig_probs = unlearning_metrics(original, forget, remain, test, cfg.seed, cfg.mia_attack)
         rows["original"] = {**orig_metrics, "avg_gap": avg_gap(orig_metrics, ref_metrics), "seconds": 0.0,
                             **divergences(ref_probs, orig_probs)}
-        for name, method_cfg in cfg["methods"].items():
+        for name, method_cfg in cfg.methods.items():
             rows[name] = over_seeds([unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference,
-                                                    cfg, seed) for seed in cfg["seeds"]])
+                                                    cfg, Path(out), seed) for seed in cfg.seeds])
         results[scenario] = rows
     write_json(metrics_path, results)
     write_table(metrics_path, unlearn_rows(results))

@@ -45,10 +45,12 @@ class AdvTrainMethod:
 
     name = "base"
 
-    def __init__(self, eps: float, alpha: float | None = None, seed: int = 0):
+    def __init__(self, eps: float, alpha: float | None = None, seed: int = 0, clamp_start: bool = True,
+                 grey_noise: bool = False):
         if eps <= 0:
             raise ValueError(f"{self.name}: eps must be > 0, got {eps}")
         self.eps = eps
+        self.clamp_start, self.grey_noise = clamp_start, grey_noise
         self.alpha = self.default_alpha(eps) if alpha is None else alpha
         self.step_scale = 1.0
         self.gen = torch.Generator().manual_seed(seed)
@@ -61,11 +63,20 @@ class AdvTrainMethod:
         return self.alpha * self.step_scale
 
     def uniform(self, x: torch.Tensor, bound: float) -> torch.Tensor:
-        return (torch.rand(x.shape, generator=self.gen) * 2 - 1).to(x.device) * bound
+        """U(-bound, bound) per value, or (``grey_noise``) one draw per pixel shared by the channels: grey images
+        stored as RGB get the noise a one-channel network would see (a network that averages the channels would
+        otherwise see the mean of three draws, a third of the variance)."""
+        shape = (x.shape[0], 1, *x.shape[2:]) if self.grey_noise else x.shape
+        return ((torch.rand(shape, generator=self.gen) * 2 - 1).to(x.device) * bound).expand(x.shape)
 
     def start_noise(self, x: torch.Tensor, bound: float) -> torch.Tensor:
-        """U(-bound, bound) noise clamped so that ``x + start`` stays an image (as Wong et al.'s code clamps it)."""
-        return (x + self.uniform(x, bound)).clamp(0, 1) - x
+        """U(-bound, bound) noise, clamped so that ``x + start`` stays an image (``clamp_start``, as the CIFAR-10 codes
+        of Wong et al. and de Jorge et al. do) or not (Wong et al.'s MNIST code: the gradient is taken at ``x +
+        start`` as it falls). On digits, whose pixels sit at 0 or 1, the clamp drops half the noise of nearly every
+        pixel and FGSM-RS behaves like FGSM: in Wong et al.'s MNIST recipe at eps 0.3, PGD-20 accuracy 3.6% with
+        the clamp, 81% without (profiles/co-mnist.yaml)."""
+        noise = self.uniform(x, bound)
+        return (x + noise).clamp(0, 1) - x if self.clamp_start else noise
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -75,4 +86,5 @@ class AdvTrainMethod:
         return F.cross_entropy(model((x + delta).clamp(0, 1)), y)
 
     def __repr__(self) -> str:
-        return f"{self.name}(eps={self.eps * 255:.1f}/255, step={self.step * 255:.1f}/255)"
+        return (f"{self.name}(eps={self.eps * 255:.1f}/255, step={self.step * 255:.1f}/255"
+                + ("" if self.clamp_start else ", start not clamped") + (", grey noise" if self.grey_noise else "") + ")")

@@ -14,8 +14,8 @@ from training.adversarial.fgsm import FGSM
 class GradAlign(FGSM):
     name = "gradalign"
 
-    def __init__(self, eps, alpha=None, seed=0, lam: float | None = None):
-        super().__init__(eps, alpha, seed)
+    def __init__(self, eps, alpha=None, seed=0, lam: float | None = None, **noise):
+        super().__init__(eps, alpha, seed, **noise)  # clamp_start, grey_noise
         # the paper's values: 0.2 at 8/255, 2.0 at 16/255; between and beyond, interpolate on a log scale
         self.lam = lam if lam is not None else 0.2 * 10 ** ((eps * 255 - 8) / 8)
 

@@ -124,8 +124,9 @@ class CODetector:
 @dataclass
 class COMonitor:
     """Called after every optimiser step; checks every ``every`` steps on a fixed training batch and a fixed
-    validation subset, detects CO on the training batch, and by option rolls back to the checkpoint of the peak
-    the collapse fell from (model and optimiser state) and scales the attack step down."""
+    validation subset, detects CO on the training batch, and by option (``response: rollback``) rolls back to the
+    checkpoint of the most robust check so far (model and optimiser state) and scales the attack step down; a
+    rolled-back run that ends below that check ends on its weights (``keep_robust``)."""
 
     method: Any  # the AdvTrainMethod being trained (its step_scale is the knob of the response)
     train_batch: tuple[torch.Tensor, torch.Tensor]
@@ -140,7 +141,8 @@ class COMonitor:
     on_event: Callable[[dict[str, Any]], None] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
-    _good: dict[str, Any] | None = None
+    _best: dict[str, Any] | None = None  # with rollback: the checkpoint of the highest training PGD accuracy
+    _last_pgd: float | None = None
 
     def __post_init__(self):
         if self.response not in ("log", "rollback"):
@@ -157,25 +159,33 @@ class COMonitor:
         if step % self.every:
             return
         row, current = self.check(step, model)
-        prior_peak = self.detector.peak
         peak = self.detector.update(current)
-        if self.response == "rollback" and peak is None and self.detector.peak is not prior_peak:
-            # a new running peak: the robust model a rollback returns to (the check just before a slow collapse
-            # has already lost most of it)
-            self._good = snapshot(step, model, optimizer)
+        self._last_pgd = current["pgd_acc"]
+        if self.response == "rollback" and (self._best is None or current["pgd_acc"] > self._best["pgd_acc"]):
+            # the robust model a rollback returns to: the best check, not the last before the alarm (a slow
+            # collapse has lost most of it by then), nor a peak of the recovery after a rollback
+            self._best = {**snapshot(step, model, optimizer), "pgd_acc": current["pgd_acc"]}
         if peak is not None:
             row["co"] = 1
             event = {"step": step, "pgd_acc_peak": peak["pgd_acc"], "pgd_acc": current["pgd_acc"],
                      "fgsm_acc_at_peak": peak["fgsm_acc"], "fgsm_acc": current["fgsm_acc"],
                      "response": self.response}
-            if self.response == "rollback" and self._good is not None:
-                restore(model, optimizer, self._good)
+            if self.response == "rollback":
+                restore(model, optimizer, self._best)
                 self.method.step_scale *= self.step_factor
-                event.update(restored_step=self._good["step"], new_attack_step=self.method.step)
+                event.update(restored_step=self._best["step"], new_attack_step=self.method.step)
             self.events.append(event)
             if self.on_event:
                 self.on_event(event)
         self.history.append(row)
+
+    def keep_robust(self, model: nn.Module) -> int | None:
+        """After training: a rolled-back run whose last check is below its best ends on the best check's weights
+        (Wong et al.'s early stop, here only once CO was seen); returns that check's step, else None."""
+        if self.response != "rollback" or not self.events or self._last_pgd >= self._best["pgd_acc"]:
+            return None
+        model.load_state_dict(self._best["model"])
+        return self._best["step"]
 
 
 def snapshot(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
