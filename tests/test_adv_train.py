@@ -223,6 +223,20 @@ def test_rollback_restores_the_last_good_weights_exactly_and_scales_the_step():
     assert [r["co"] for r in mon.history] == [0, 0, 1]
 
 
+def _train_watched(mon, model, opt, steps: int) -> dict[int, dict[str, torch.Tensor]]:
+    """``steps`` SGD steps on one batch, the monitor called after each; the weights after each step (before the
+    monitor's response), by step."""
+    x, y = _batch()
+    weights = {}
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        mon(step, model, opt)
+    return weights
+
+
 def test_rollback_after_a_slow_collapse_returns_to_the_peak_not_to_the_check_before_the_alarm():
     """co-mnist's FGSM seed 1 lost its robustness over several checks (PGD 54 -> 47 -> 36 -> 29): the check before
     the alarm had already lost most of it, so the rollback goes back to the peak's weights."""
@@ -231,14 +245,7 @@ def test_rollback_after_a_slow_collapse_returns_to_the_peak_not_to_the_check_bef
     mon = _ScriptedMonitor(method=create_method("fgsm", eps=EPS), train_batch=None, val_batch=None, eps=EPS, every=1,
                            response="rollback", step_factor=0.5)
     mon.script = _levels([30, 54, 47, 36, 25], [60, 88, 90, 92, 95])
-    x, y = _batch()
-    weights = {}
-    for step in range(1, 6):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        mon(step, model, opt)
+    weights = _train_watched(mon, model, opt, steps=5)
     assert [e["restored_step"] for e in mon.events] == [2] and mon.events[0]["step"] == 5
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights[2].items())
 
@@ -252,14 +259,7 @@ def test_a_rolled_back_run_that_does_not_recover_ends_on_its_most_robust_weights
     mon = _ScriptedMonitor(method=create_method("fgsm", eps=EPS), train_batch=None, val_batch=None, eps=EPS, every=1,
                            response=response, step_factor=0.5)
     mon.script = _levels([30, 54, 47, 36, 25, 40, 38], [60, 88, 90, 92, 95, 85, 86])
-    x, y = _batch()
-    weights = {}
-    for step in range(1, 8):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
-        mon(step, model, opt)
+    weights = _train_watched(mon, model, opt, steps=7)
     kept = mon.keep_robust(model)
     assert [e["step"] for e in mon.events] == [5]
     if response == "rollback":
@@ -275,9 +275,9 @@ def test_a_run_without_collapse_or_that_recovers_past_its_peak_keeps_its_last_we
                                every=1, response="rollback")
         mon.script = _levels(pgd, [60, 88, 95, 90])
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        for step in range(1, 5):
-            mon(step, model, opt)
+        weights = _train_watched(mon, model, opt, steps=4)
         assert mon.keep_robust(model) is None
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights[4].items())  # the last step's weights
 
 
 def test_the_page_names_the_rollback_target_and_the_step_a_run_ended_on():

@@ -77,8 +77,9 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
 
 @flow(name="unlearn", flow_run_name="unlearn-{profile}-{spec[name]}")
 def unlearn_flow(cfg: Unlearn, spec: dict[str, Any], original_recipe: dict[str, Any],
-                 out: str = "data/downstream/unlearn", metrics_path: str = "metrics/downstream/unlearn.json", report_dir: str = "reports",
-                 plots_dir: str = "plots/downstream/unlearn", profile: str = "demo") -> dict[str, Any]:
+                 out: str = "data/downstream/unlearn", metrics_path: str = "metrics/downstream/unlearn.json",
+                 report_dir: str = "reports", plots_dir: str = "plots/downstream/unlearn",
+                 profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec["data"]["input_size"][-1]
     x, y, _ = load_split(cfg.train_root, size)

@@ -74,7 +74,7 @@ class AdvTrainMethod:
         of Wong et al. and de Jorge et al. do) or not (Wong et al.'s MNIST code: the gradient is taken at ``x +
         start`` as it falls). On digits, whose pixels sit at 0 or 1, the clamp drops half the noise of nearly every
         pixel and FGSM-RS behaves like FGSM: in Wong et al.'s MNIST recipe at eps 0.3, PGD-20 accuracy 3.6% with
-        the clamp, 81% without (profiles/co-mnist.yaml)."""
+        the clamp, 81% without (profiles/co-mnist-wong.yaml)."""
         noise = self.uniform(x, bound)
         return (x + noise).clamp(0, 1) - x if self.clamp_start else noise
 
