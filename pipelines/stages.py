@@ -15,7 +15,6 @@ import timm
 import torch
 
 from attacks.registry import attack_method
-from model_zoo.zoo import zoo_specs
 from pipelines.config import ConfigError, Params
 
 # the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
@@ -73,12 +72,12 @@ def world(params: Params, name: str) -> dict[str, Any]:
 
 
 def hub_weights(params: Params) -> dict[str, Any]:
-    return {"zoo": params.require("zoo").model_dump(), "out": str(HUB_WEIGHTS), "profile": params.profile}
+    return {"zoo": params.require("zoo"), "out": str(HUB_WEIGHTS), "profile": params.profile}
 
 
 def zoo(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
     hub = json.loads(HUB_WEIGHTS.read_text()) if HUB_WEIGHTS.is_file() else None
-    return {"zoo": params.require("zoo").model_dump(), "metrics_path": str(metrics / "zoo.json"), "strict": strict,
+    return {"zoo": params.require("zoo"), "metrics_path": str(metrics / "zoo.json"), "strict": strict,
             "hub": hub, "profile": params.profile}
 
 
@@ -130,7 +129,7 @@ def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
 
 def zoo_spec(params: Params, name: str) -> dict[str, Any]:
     """The zoo spec of ``name`` as the zoo stage resolves it (architecture and data config; no weights needed)."""
-    specs = {s["name"]: s for s in zoo_specs(params.require("zoo").model_dump())}
+    specs = {s["name"]: s for s in params.require("zoo").specs()}
     if name not in specs:
         raise ConfigError(f"{params.path}: no zoo model named {name!r} (have: {', '.join(specs)})")
     return specs[name]

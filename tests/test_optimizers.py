@@ -218,7 +218,6 @@ def test_shift_images_blurs_and_lowers_contrast_towards_the_tint():
 def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
     import json
 
-    from model_zoo.zoo import zoo_specs
     from pipelines.config import Optim
     from pipelines.flows.optim import optim_flow
     from shards.shardset import shard_name, write_index, write_shard
@@ -232,7 +231,7 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
                      for i in range(40)])
         write_index(tmp_path / name, name)
         sets[name] = str(tmp_path / name)
-    spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
+    spec = next(s for s in trained_zoo["zoo"].specs() if s["name"] == "resnet10t")
     cfg = Optim(**{"model": "resnet10t", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
            "seed": 0, "recipe": {"epochs": 1, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "warmup_epochs": 0},
            "optimizers": {"sgd": {}, "fsam": {"optimizer": "fsam", "optimizer_kwargs": {"rho": 0.05}}},

