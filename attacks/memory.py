@@ -3,8 +3,9 @@
 An attack's memory grows with the copies per pass (images x SI copies): one copy costs about ``memory_factor`` times
 the activation bytes of one forward pass of the model at that resolution. The factors are measured
 (``benchmarks/bench_memory.py``, peak RSS of one gradient, fixed costs counted in, so they err high): AoA keeps the
-forward activations, two relevance maps and the gradient through them, 9.4x for VGG19 at 224 px (1.17 GB a copy);
-a cross-entropy gradient (the FGSM family) about 3x.
+forward activations, the relevance pass (three starts an image) and the gradient through it: 12.0x for VGG19 at
+224 px, one copy per pass (``bench_memory.py --arch vgg19 --size 224 --batch 1 --sub-batch 1``; 15.7x when the pass
+had four starts); a cross-entropy gradient (the FGSM family) about 3x.
 
 ``auto`` gives each concurrent worker an equal share of half the device's *total* memory, not of what happens to be
 free: the number of copies per pass decides the last bits of a gradient (other kernels run), so it must come out the

@@ -21,10 +21,14 @@ Details that decide whether the maps are the authors':
 - ``relu``: ``"channel"`` takes ``ReLU(A_t - A_d * sum(A_t) / sum(A_d))`` per colour channel and sums the channels
   (the authors' code); ``"sum"`` sums the channels first.
 
-The target map A_t starts from p_c on class c, the dual map A_d from p_i on every other class; both starts are
-batched into one relevance pass. The totals ``sum(A_t)``, ``sum(A_d)`` are measured at the input rather than taken as
-p_c and 1 - p_c: every rule conserves, except that a z+ (or z^B) unit with a zero denominator (no positive
-contribution at all) drops what it received. VGG19 (224 px, random weights) keeps p_t to six digits; the pretrained
+The target map A_t starts from p_c on class c, the dual map A_d from p_i on every other class. Every rule is linear
+in the relevance it passes on, so for k classes one pass with k + 1 starts gives all 2k maps (AoA's two classes: 3
+starts, not 4, a quarter less work): the k targets and the dual of the most probable of the k classes (per image),
+A_d(k*); any other class j has A_d(j) = A_d(k*) + A_t(k*) - A_t(j). That sum does not cancel: p_j <= 1/2 (p_j <=
+p_k*), so the start of A_d(j) holds at least half of p, while the dual of a near-certain class, which is tiny, is
+never derived. The totals ``sum(A_t)``, ``sum(A_d)`` are measured at the input rather than taken as p_c and 1 - p_c:
+every rule conserves, except that a z+ (or z^B) unit with a zero denominator (no positive contribution at all)
+drops what it received. VGG19 (224 px, random weights) keeps p_t to six digits; the pretrained
 EfficientNet-Lite0 keeps 4% of it on a real photo, the rest lost in depthwise convs (nine inputs a unit).
 
 Two ways to run the pass, which must agree:
@@ -34,6 +38,10 @@ Two ways to run the pass, which must agree:
 - ``explicit=False`` (the reference): each transpose is taken by ``autograd.grad(create_graph=True)``, which is
   simple and obviously right but makes the attack's gradient a slow double backward.
 
+Speed (``benchmarks/bench_attack_step.py``): on CPU the fast path is within the step's FLOP count of its limit; what
+is left above the convolutions is elementwise work on relevance-sized tensors, which is why the rules avoid
+products by 1, sums from 0 and per-start divisions, and make their weight parts once per model.
+
 Precision: the relevance pass computes in the dtype of the starting relevance (fp32, or fp64 for an fp64 model)
 unless an autocast context lowers it; :mod:`attacks.precision` says why AoA keeps it in fp32.
 """
@@ -41,6 +49,7 @@ unless an autocast context lowers it; :mod:`attacks.precision` says why AoA keep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -64,6 +73,16 @@ class UnsupportedLayerError(TypeError):
 
 def _stabilise(z: torch.Tensor) -> torch.Tensor:
     return z + _EPS * torch.where(z >= 0, 1.0, -1.0)
+
+
+def _signed_sum(terms) -> torch.Tensor:
+    """``sum(sign * term)`` over ``(sign, term)`` pairs (the first sign +1) with no product by 1 and no sum starting
+    from 0: on relevance-sized tensors each of those is a full pass, and another in the attack's backward."""
+    terms = iter(terms)  # one term at a time: each is relevance-sized
+    _, total = next(terms)
+    for sign, term in terms:
+        total = total + term if sign > 0 else total - term
+    return total
 
 
 def _per_image(r: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -163,23 +182,38 @@ class LinearStep(Step):
             return self.op_t(s, w, at)
         return _vjp(lambda x: self.op(x, w), at, s)
 
-    def relevance(self, r, explicit):
-        w = self.weight.to(r.dtype)
+    @cached_property
+    def rule_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the rule uses, made once per model (the rule is final by the first relevance pass): w^2
+        normalised per output for ``wsquare``; the positive part for z+ and z^B, the negative part where the input
+        can be negative (z+ on a signed input) and for z^B's upper bound."""
+        w = self.weight
         if self.rule == "wsquare":
             w2 = w.pow(2).flatten(1)
-            return r @ (w2 / w2.sum(1, keepdim=True).clamp(min=_EPS))
+            return {"w2": w2 / w2.sum(1, keepdim=True).clamp(min=_EPS)}
+        parts = {"w": w, "wp": w.clamp(min=0)}
+        if self.rule == "zb" or self.signed_input:
+            parts["wn"] = w.clamp(max=0)
+        return parts
+
+    def relevance(self, r, explicit):
+        weights = {k: v.to(r.dtype) for k, v in self.rule_weights.items()}
+        if self.rule == "wsquare":
+            return r @ weights["w2"]
         a = self.a.to(r.dtype)
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        w, wp, wn = weights["w"], weights["wp"], weights.get("wn")
         if self.rule == "zplus" and self.signed_input:
             parts = [(a.clamp(min=0), wp, 1), (a.clamp(max=0), wn, 1)]  # positive contributions a+w+ + a-w-
         elif self.rule == "zplus":
             parts = [(a, wp, 1)]
         else:
             parts = [(a, w, 1), (self.lo.to(r.dtype), wp, -1), (self.hi.to(r.dtype), wn, -1)]
-        z = sum(sign * self.op(t, wt) for t, wt, sign in parts)
+        z = _signed_sum((sign, self.op(t, wt)) for t, wt, sign in parts)
         rv, m = _per_image(r, z)
-        s = (rv / _stabilise(z)).flatten(0, 1)
-        out = sum(sign * self._transpose(s, wt, t, explicit).view(m, *t.shape) * t for t, wt, sign in parts)
+        # z+ sums non-negative products: z >= 0, so its stabiliser needs no sign test. Dividing by z is a product
+        # with its reciprocal, taken once per image rather than once per start (here, in AvgPool and ResidualStep)
+        s = (rv * (z + _EPS if self.rule == "zplus" else _stabilise(z)).reciprocal()).flatten(0, 1)
+        out = _signed_sum((sign, self._transpose(s, wt, t, explicit).view(m, *t.shape) * t) for t, wt, sign in parts)
         out = out.flatten(0, 1)
         if self.pad:
             left, right, top, bottom = self.pad
@@ -234,7 +268,7 @@ class AvgPoolStep(Step):
         a = self.a.to(r.dtype)
         z = self.pool(a)
         rv, m = _per_image(r, z)
-        s = (rv / torch.where(z > 0, z, 1)).flatten(0, 1)  # inputs are >= 0: z = 0 only where every input is 0
+        s = (rv * torch.where(z > 0, z, 1).reciprocal()).flatten(0, 1)  # inputs are >= 0: z = 0 only where every input is 0
         if not explicit:
             c = _vjp(self.pool, a, s)
         elif self.kernel is None:
@@ -277,7 +311,7 @@ class ResidualStep(Step):
     def relevance(self, r, explicit):
         b, s = self.b.to(r.dtype), self.s.to(r.dtype)
         rv, _ = _per_image(r, b)
-        share = rv / _stabilise(b + s)
+        share = rv * _stabilise(b + s).reciprocal()
         rb = (share * b).flatten(0, 1)
         rs = (share * s).flatten(0, 1)
         return _relevance(self.branch, rb, explicit) + _relevance(self.shortcut, rs, explicit)
@@ -469,6 +503,8 @@ class SGLRP(nn.Module):
 
     ``bounds`` and ``relu`` choose between the authors' conventions (the defaults) and the literal reading of the
     paper, ``inactive_pool`` between a Flatten head's behaviour (default) and plain z+; see the module docstring.
+    The rules use the weights as they are at construction (BatchNorm folded, positive parts made once): build a new
+    one after the model changes.
     """
 
     def __init__(self, classifier: nn.Module, bounds: str = "image", relu: str = "channel",
@@ -498,15 +534,20 @@ class SGLRP(nn.Module):
         return _run(self.steps, self.classifier.normalize(x))
 
     def heatmaps(self, logits: torch.Tensor, classes: list[torch.Tensor], explicit: bool = True) -> torch.Tensor:
-        """``(len(classes), B, H, W)`` SGLRP maps for the last :meth:`forward`; ``classes`` are ``(B,)`` index tensors."""
+        """``(len(classes), B, H, W)`` SGLRP maps for the last :meth:`forward`; ``classes`` are ``(B,)`` index tensors.
+        One relevance pass with ``len(classes) + 1`` starts (the module docstring says why that is enough)."""
         p = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(1)
-        starts = []
-        for c in classes:
-            target = torch.zeros_like(p).scatter(1, c[:, None], p.gather(1, c[:, None]))
-            starts += [target, p - target]  # A_t from p_c alone; A_d from every other class's probability
-        rel = self.input_relevance(torch.cat(starts), explicit)
-        maps = rel.view(len(classes), 2, *logits.shape[:1], *rel.shape[-3:])
-        a_t, a_d = maps[:, 0], maps[:, 1]
+        c = torch.stack(classes)  # (k, B)
+        p_c = p.gather(1, c.T).T
+        targets = torch.zeros(len(c), *p.shape, dtype=p.dtype, device=p.device).scatter(2, c[..., None], p_c[..., None])
+        top = p_c.argmax(0)  # per image, the most probable of the classes: its dual is the one computed
+        top_target = targets.gather(0, top.view(1, -1, 1).expand(1, *p.shape))[0]
+        rel = self.input_relevance(torch.cat([targets.flatten(0, 1), p - top_target]), explicit)
+        rel = rel.view(len(c) + 1, *p.shape[:1], *rel.shape[1:])
+        a_t, top_dual = rel[:-1], rel[-1]
+        is_top = (torch.arange(len(c), device=p.device)[:, None] == top).view(len(c), -1, 1, 1, 1)
+        a_t_top = a_t.gather(0, top.view(1, -1, 1, 1, 1).expand(1, *a_t.shape[1:]))[0]
+        a_d = torch.where(is_top, top_dual, top_dual + a_t_top - a_t)
         total_t = a_t.flatten(2).sum(2)[..., None, None, None]
         total_d = _stabilise(a_d.flatten(2).sum(2)[..., None, None, None])
         h = a_t - a_d * total_t / total_d

@@ -101,8 +101,8 @@ def test_a_moved_hub_snapshot_is_new_weights_everywhere_and_only_for_that_model(
     """A weight update moves refs/main: the hub record, the zoo's specs, the evaluation cache key and what loads
     follow the file's bytes; the other model keeps its record and its cached results."""
     from model_zoo.zoo import build_model, weights_hash
-    from pipelines.flows.evaluate import evaluate_flow
     from pipelines.config import Zoo
+    from pipelines.flows.evaluate import evaluate_flow
     from pipelines.flows.zoo import hub_weights_flow, zoo_flow
     from shards.shardset import shard_name, write_index, write_shard
 
