@@ -116,13 +116,13 @@ def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
     threads = params.reproducible.threads if params.reproducible and gen.cpu_threads == "auto" else gen.cpu_threads
     return {
         "attack": attack, "method": method,
-        "budget": params.require("budget").model_dump(),
+        "budget": params.require("budget"),
         "options": {**options, "sub_batch": gen.sub_batch},  # memory: a generate parameter
         "surrogate": surrogate_spec(params),
         "clean_dir": params.require("source").out,
         "out_dir": str(Path(gen.out_root) / attack),
         "batch_size": gen.batch_size, "devices": gen.devices, "cpu_workers": gen.cpu_workers, "cpu_threads": threads,
-        "seed": gen.seed, "dask": gen.dask.model_dump(),
+        "seed": gen.seed, "dask": gen.dask,
         "metrics_path": str(metrics / "generate" / f"{attack}.json"), "profile": params.profile,
     }
 
@@ -165,7 +165,7 @@ def evaluate(params: Params) -> dict[str, Any]:
         "sets": shard_sets(params, ev.sets),
         "out": ev.out, "batch_size": ev.batch_size, "workers": ev.workers,
         "devices": resolve_devices(ev.devices, 1),
-        "crop": {"size": source.size, "crop_pct": source.crop_pct, "filter": source.filter}, "profile": params.profile,
+        "source": source, "profile": params.profile,
     }
 
 

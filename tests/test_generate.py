@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from model_zoo.zoo import ModelSpec, build_model
-from pipelines.config import Select, Source
+from pipelines.config import Budget, Dask, Select, Source
 from pipelines.flows.generate import generate
 from pipelines.flows.prepare import prepare_flow
 from shards.shardset import class_names, iter_shardset, shard_paths, write_shard
@@ -49,7 +49,7 @@ def surrogate(tmp_path_factory):
 def _run(clean, surrogate, out, attack="aoa", budget=BUDGET, **kw):
     options = {"si": 2} if attack == "aoa" else {}
     kw.setdefault("cpu_threads", 1)  # one thread per worker: the bytes do not depend on the worker count
-    return generate(attack, budget, options, surrogate, str(clean), str(out), batch_size=4, seed=0, **kw)
+    return generate(attack, Budget(**budget), options, surrogate, str(clean), str(out), batch_size=4, seed=0, **kw)
 
 
 def _tar_bytes(folder: Path) -> dict[str, bytes]:
@@ -134,7 +134,7 @@ def test_a_shard_this_pipeline_did_not_write_is_refused_and_kept(clean_set, surr
 
 
 def test_dask_local_cluster_gives_identical_shards(clean_set, surrogate, reference_run, tmp_path):
-    _run(clean_set[0], surrogate, tmp_path / "dask", devices=["cpu", "cpu"], dask={"n_workers": 2})
+    _run(clean_set[0], surrogate, tmp_path / "dask", devices=["cpu", "cpu"], dask=Dask(n_workers=2))
     assert _tar_bytes(tmp_path / "dask") == _tar_bytes(reference_run[0])
 
 
@@ -162,8 +162,8 @@ def test_a_failing_unit_is_reported_while_the_others_complete(clean_set, surroga
 def test_sigkill_mid_shard_then_rerun_is_byte_identical(clean_set, surrogate, reference_run, tmp_path):
     out = tmp_path / "killed"
     script = (
-        "import json, sys; from pipelines.flows.generate import generate; "
-        f"generate('aoa', {BUDGET!r}, {{'si': 2}}, json.loads(sys.argv[1]), {str(clean_set[0])!r}, {str(out)!r}, "
+        "import json, sys; from pipelines.config import Budget; from pipelines.flows.generate import generate; "
+        f"generate('aoa', Budget(**{BUDGET!r}), {{'si': 2}}, json.loads(sys.argv[1]), {str(clean_set[0])!r}, {str(out)!r}, "
         "batch_size=4, seed=0, devices=['cpu'], cpu_threads=1)"
     )
     from prefect.settings import PREFECT_API_URL
@@ -504,7 +504,7 @@ def _unit(clean_set, surrogate, out, **kw):
     from model_zoo.zoo import weights_sha256
     from pipelines.flows.generate import attack_config
 
-    config = attack_config(BUDGET, {"si": 2}).__dict__
+    config = attack_config(Budget(**BUDGET), {"si": 2}).__dict__
     assert isinstance(config, dict) and AttackConfig(**config).si == 2
     return {"in_shard": str(shard_paths(clean_set[0])[0]), "out_shard": str(out / "aoa-000000.tar"),
             "attack": "aoa", "in_sha256": "x", "config": config, "attack_kwargs": {}, "budget": BUDGET,

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from model_zoo.zoo import ModelSpec, build_model, save_weights
+from pipelines.config import Budget
 from pipelines.flows.generate import generate
 from shards.shardset import shard_paths
 
@@ -102,7 +103,7 @@ def test_stopped_generate_resumes_through_dvc_with_only_the_missing_shards(works
     reference = tmp_path / "reference"
     os.chdir(workspace)  # the spec's weights path is relative to the project, as the stage ran it
     try:
-        generate("aoa", BUDGET, {"si": 2, "sub_batch": "auto"}, surrogate, "data/shards/clean", str(reference),
+        generate("aoa", Budget(**BUDGET), {"si": 2, "sub_batch": "auto"}, surrogate, "data/shards/clean", str(reference),
                  batch_size=5, devices=["cpu"], cpu_threads=1)
     finally:
         os.chdir(REPO)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from evaluators.classification import evaluate_shardset, shardset_hash
 from model_zoo.zoo import build_model, timm_model_name, weights_hash
+from pipelines.config import Source
 from pipelines.metric_tables import evaluate_rows, write_table
 from pipelines.params import write_json
 
@@ -77,9 +78,9 @@ def evaluate(**kwargs) -> dict[str, Any]:
 @flow(name="evaluate", flow_run_name="evaluate-{profile}")
 def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, batch_size: int = 256,
                   devices: list[str] | None = None, workers: int = 0,
-                  metrics_path: str = "metrics/evaluate.json", crop: dict[str, Any] | None = None,
+                  metrics_path: str = "metrics/evaluate.json", source: Source | None = None,
                   profile: str = "demo") -> dict[str, Any]:
-    """Every model on every set. ``crop`` (``size``, ``crop_pct``, ``filter`` of the prepare stage) describes how
+    """Every model on every set. ``source`` (the prepare stage's section: its crop size, share and filter) says how
     the shard images were made, for the results files. Results of the models that worked are always written; the
     run then fails (state Failed) when any model failed."""
     log = get_run_logger()
@@ -95,7 +96,7 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
         else:
             cached = sum(v["cached"] for v in r["results"].values())
             log.info("model %s: %d set(s) evaluated, %d from cache", r["name"], len(sets) - cached, cached)
-    _write_results(out_dir, ok, list(sets), crop or {})
+    _write_results(out_dir, ok, list(sets), source)
     summary = {r["name"]: {s: round(100 - v["top1"], 3) for s, v in r["results"].items()} for r in ok}
     errors = {r["name"]: r["error"] for r in records if "error" in r}
     write_json(metrics_path, {"top1_err": summary, "errors": errors})
@@ -111,12 +112,14 @@ RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count
                    "real_top1", "real_top1_err", "name"]  # ReaL top-1 (timm: results-*-real.csv), the zoo name
 
 
-def _write_results(out: Path, records: list[dict], set_names: list[str], crop: dict[str, Any]) -> None:
+def _write_results(out: Path, records: list[dict], set_names: list[str], source: Source | None) -> None:
     """timm-style results CSV per set (timm's columns, ReaL top-1 and this project's model name added), one JSON
     record per model, per-sample predictions per (model, set).
 
     ``img_size``, ``crop_pct`` and ``interpolation`` say how the images were actually made for each model: the
-    prepare stage's crop (``crop``), then, when the model's input size differs, one bicubic resize."""
+    prepare stage's crop (``source``; unknown when None), then, when the model's input size differs, one bicubic
+    resize."""
+    size, crop_pct, crop_filter = (source.size, source.crop_pct, source.filter) if source else (None, None, None)
     out.mkdir(parents=True, exist_ok=True)
     clean_rank = _ranks(records, "clean") if "clean" in set_names else {}
     for set_name in set_names:
@@ -125,7 +128,7 @@ def _write_results(out: Path, records: list[dict], set_names: list[str], crop: d
         for r in sorted(records, key=lambda r: -r["results"][set_name]["top1"]):
             res, clean = r["results"][set_name], r["results"].get("clean", r["results"][set_name])
             rank_diff = clean_rank.get(r["name"], 0) - ranks[r["name"]] if clean_rank else 0
-            resized = crop.get("size") not in (None, r["img_size"])
+            resized = size not in (None, r["img_size"])
             rows.append({
                 # as timm's CSVs name it (architecture.tag) where it is a timm model; "name": this project's name
                 "model": r["timm_model"] or r["name"], "name": r["name"], "top1": res["top1"], "top1_err": round(100 - res["top1"], 3),
@@ -133,8 +136,8 @@ def _write_results(out: Path, records: list[dict], set_names: list[str], crop: d
                 # against the label sets (empty where the set has none; timm writes these to results-*-real.csv)
                 "real_top1": res["real_top1"],
                 "real_top1_err": None if res["real_top1"] is None else round(100 - res["real_top1"], 3),
-                "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": crop.get("crop_pct"),
-                "interpolation": f"{crop.get('filter')}+bicubic" if resized else crop.get("filter"),
+                "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": crop_pct,
+                "interpolation": f"{crop_filter}+bicubic" if resized else crop_filter,
                 "top1_diff": round(res["top1"] - clean["top1"], 3), "top5_diff": round(res["top5"] - clean["top5"], 3),
                 "rank_diff": f"{rank_diff:+d}" if rank_diff else "0",  # signed, as timm writes it
             })

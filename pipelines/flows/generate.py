@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from attacks import AttackConfig, list_attacks
 from model_zoo.zoo import weights_sha256
+from pipelines.config import Budget, Dask
 from pipelines.params import write_json
 from pipelines.progress import RUNNING, Progress
 from pipelines.stages import resolve_devices
@@ -49,10 +50,10 @@ from shards.shardset import (
 from shards.verify import read_sums
 
 
-def attack_config(budget: dict[str, Any], options: dict[str, Any]) -> AttackConfig:
+def attack_config(budget: Budget, options: dict[str, Any]) -> AttackConfig:
     """The shared budget (0-255 scale in params.yaml) plus one attack's own options."""
-    return AttackConfig(eta=budget["eta"] / 255, eps=budget["eps"] / 255, alpha=budget["alpha"] / 255,
-                        max_steps=int(budget["max_steps"]), **options)
+    return AttackConfig(eta=budget.eta / 255, eps=budget.eps / 255, alpha=budget.alpha / 255,
+                        max_steps=budget.max_steps, **options)
 
 
 def _shard_task_name() -> str:
@@ -98,18 +99,18 @@ def cpu_threads(devices: list[str], units: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _task_runner(dask: dict[str, Any] | None, workers: int):
-    if dask and (dask.get("address") or dask.get("n_workers")):
+def _task_runner(dask: Dask | None, workers: int):
+    if dask and (dask.address or dask.n_workers):
         from prefect_dask import DaskTaskRunner
 
-        if dask.get("address"):
-            return DaskTaskRunner(address=dask["address"])
-        return DaskTaskRunner(cluster_kwargs={"n_workers": dask["n_workers"], "threads_per_worker": 1,
+        if dask.address:
+            return DaskTaskRunner(address=dask.address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask.n_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, dask: dict[str, Any] | None = None,
+def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, dask: Dask | None = None,
              **kwargs) -> dict[str, Any]:
     """Run :func:`generate_flow` on the workers chosen by ``devices`` (``auto``: every visible GPU, else
     ``cpu_workers`` CPU threads) or on Dask (``dask``: a scheduler address or a local cluster size)."""
@@ -121,7 +122,7 @@ def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, das
 @flow(name="generate", flow_run_name="generate-{profile}-{attack}")
 def generate_flow(
     attack: str,
-    budget: dict[str, Any],
+    budget: Budget,
     options: dict[str, Any],
     surrogate: dict[str, Any],
     clean_dir: str,
@@ -196,7 +197,7 @@ def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, 
     units = [{
         "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": method,
         "in_sha256": sha256_file(p),  # part of the job: a re-prepared clean shard is a different job
-        "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget,
+        "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget.model_dump(),
         "surrogate": surrogate, "surrogate_sha256": surrogate_sha256,  # other weights: another job
         "batch_size": batch_size, "seed": seed,
         "sub_batch": sub_batch, "workers_per_device": _workers_per_device(devices, devices[i % len(devices)],
@@ -320,8 +321,8 @@ def _card(attack, method, config, attack_kwargs, budget, surrogate, metrics, cle
 
 Adversarial versions of the clean crops in `{clean_dir}`, made by the `{method}` attack on the surrogate
 `{surrogate['name']}` (timm `{surrogate['arch']}`), under one budget shared by every attack of this run:
-RMSD at most {budget['eta']} and L-inf at most {budget['eps']} (0-255 scale) after rounding to uint8, step
-{budget['alpha']}, at most {budget['max_steps']} steps. AoA (Attack on Attention) moves the surrogate's SGLRP
+RMSD at most {budget.eta} and L-inf at most {budget.eps} (0-255 scale) after rounding to uint8, step
+{budget.alpha}, at most {budget.max_steps} steps. AoA (Attack on Attention) moves the surrogate's SGLRP
 attention off the true class; the baselines maximise cross-entropy with sign steps.
 
 ## Parameters (budgets on the [0,1] scale)
