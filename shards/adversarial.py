@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks import AttackConfig, create_attack
+from attacks import AttackConfig, code_digest, create_attack
 from attacks.memory import auto_sub_batch, copy_bytes, warn_if_short
 from model_zoo.zoo import build_model
 from shards import STOP, Stopped
@@ -32,9 +32,11 @@ def shard_seed(seed: int, name: str) -> int:
 
 def job_digest(unit: dict[str, Any]) -> str:
     """Everything that decides a shard's bytes except its paths: the clean shard's checksum, attack, config (the
-    resolved copies per pass included), surrogate and its weights' sha256, batching, seed."""
+    resolved copies per pass included), surrogate and its weights' sha256, batching, seed, and the attack code (so a
+    changed attack remakes the shards a rerun would otherwise keep as complete)."""
     job = {k: v for k, v in unit.items()
            if k not in ("in_shard", "out_shard", "sub_batch", "workers_per_device", "recorded_sha256")}
+    job["attack_code"] = code_digest()
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 

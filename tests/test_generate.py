@@ -122,6 +122,26 @@ def test_rerun_with_other_parameters_or_weights_makes_every_shard_anew(clean_set
     assert _tar_bytes(moved) == _tar_bytes(reference_run[0])
 
 
+def test_shards_made_by_other_attack_code_are_made_anew(clean_set, surrogate, reference_run, tmp_path,
+                                                        monkeypatch, caplog):
+    """DVC reruns generate when the attacks package changes; the shards already there were made by the old code, so
+    they are another job, not complete ones (the records' job digest names the code); the same code keeps them."""
+    import shards.adversarial
+
+    out = tmp_path / "old_code"
+    shutil.copytree(reference_run[0], out)
+    monkeypatch.setattr(shards.adversarial, "code_digest", lambda: "other attack code")
+    _run(clean_set[0], surrogate, out, devices=["cpu"])
+    assert "made by another job" in caplog.text
+    digests = {s["json"]["job_digest"] for s in iter_shardset(out)}
+    assert digests.isdisjoint(s["json"]["job_digest"] for s in iter_shardset(reference_run[0]))
+    monkeypatch.undo()
+    stamps = {p.name: p.stat().st_mtime_ns for p in shard_paths(out)}
+    _run(clean_set[0], surrogate, out, devices=["cpu"])  # back to this code: made anew once, to the original bytes
+    assert _tar_bytes(out) == _tar_bytes(reference_run[0])
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in shard_paths(out))
+
+
 def test_a_shard_this_pipeline_did_not_write_is_refused_and_kept(clean_set, surrogate, reference_run, tmp_path):
     out = tmp_path / "foreign"
     out.mkdir()
