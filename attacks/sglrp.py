@@ -38,9 +38,10 @@ Two ways to run the pass, which must agree:
 - ``explicit=False`` (the reference): each transpose is taken by ``autograd.grad(create_graph=True)``, which is
   simple and obviously right but makes the attack's gradient a slow double backward.
 
-Speed (``benchmarks/bench_attack_step.py``): on CPU the fast path is within the step's FLOP count of its limit; what
-is left above the convolutions is elementwise work on relevance-sized tensors, which is why the rules avoid
-products by 1, sums from 0 and per-start divisions, and make their weight parts once per model.
+Speed (``benchmarks/bench_attack_step.py``): on CPU the fast path runs about as fast, relative to PGD, as the two
+steps' FLOP counts allow. Beyond the convolutions its time goes to elementwise work on relevance-sized tensors,
+which is why the rules avoid products by 1, sums from 0 and per-start divisions, and make their weight parts once
+per model.
 
 Precision: the relevance pass computes in the dtype of the starting relevance (fp32, or fp64 for an fp64 model)
 unless an autocast context lowers it; :mod:`attacks.precision` says why AoA keeps it in fp32.
