@@ -7,6 +7,11 @@ x/8 with the step ``alpha`` times the mean of the copies' L1-normalised gradient
 from each image's own min/max (``bounds="image"``), ReLU per colour channel before summing the map (``relu=
 "channel"``), ``lam = 1``, relevance pass in fp32. The RMSD budget, L-inf projection and records come from
 :class:`attacks.base.Attack`.
+
+Where a map's ReLU leaves nothing (``||h||_1 = 0``: the class has no positive attention left), the authors' loss
+``log(mean(h_y) / mean(h_y2))`` is infinite, its direction NaN, and their loop stops that image (``if
+isnan(direction): break``). Here the norm is clamped at 1e-12: that term then has no gradient, and the step
+follows the rest of the objective until the budget stops it.
 """
 
 from __future__ import annotations
@@ -57,14 +62,17 @@ class AoA(Attack):
 
 def policy_error(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, policy: str, **sglrp_options) -> dict:
     """AoA's heat maps and gradient under precision ``policy`` (:mod:`attacks.precision`) against an fp64 copy of
-    ``model``: the maps' relative L1 error (the true class and the runner-up) and the cosine between the gradients."""
+    ``model``: the maps' worst relative L1 error (the true class and the runner-up, as AoA picks it) and the worst
+    cosine between the gradients over the images of ``x``."""
+    with torch.no_grad():
+        second = runner_up(model(x), labels)
 
     def run(m, xx, p):
         attack = AoA(m, AttackConfig(si=1, precision=p), **sglrp_options)
         xx = xx.detach().clone().requires_grad_()
         with forward_precision(p, xx.device.type):
             logits = attack.sglrp(xx)
-            maps = attack.sglrp.heatmaps(logits, [labels, (labels + 1) % logits.shape[1]])
+            maps = attack.sglrp.heatmaps(logits, [labels, second])
             norms = maps.flatten(2).sum(2).float().clamp(min=1e-12).log()
             (grad,) = torch.autograd.grad((norms[0] - norms[1]).sum(), xx)
         return maps.detach().double(), grad.double()

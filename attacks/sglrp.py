@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -66,6 +67,8 @@ _EPS = 1e-9
 # sum(A_d) is at most 1 - p_c: 1e-8 or less on a near-certain class, where _EPS would be a sizeable share of it and
 # the map would leave the formula (a test net at 1 - p = 1e-9: 1,900 times off in L1). The authors' code adds 1e-20.
 _TOTAL_EPS = 1e-20
+# a residual sum divides its relevance by the sum only where the sum's output is zero (the global pool's spread)
+_SUM_EPS = 1e-9
 BOUNDS = ("image", "channel")
 RELU = ("channel", "sum")
 INACTIVE_POOL = ("spread", "drop")
@@ -106,13 +109,27 @@ def _vjp(fn, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return c
 
 
+class Relevance(NamedTuple):
+    """Relevance ``r`` at a step's output and, where the rule above gives it, ``ratio`` with ``r = output * ratio``
+    wherever the output is non-zero (None: not known).
+
+    The ratio is what keeps AoA's fp32 gradient: a residual sum splits ``r`` by ``r / (b + s)``, and ``r`` arrives
+    as ``(b + s) * ratio``; dividing again gives the same value, but the attack's gradient of ``r / (b + s)`` is
+    then a difference of two terms of order ``ratio / (b + s)`` that cancel, so a unit with ``b + s`` near zero (a
+    linear bottleneck's sum, where fp32 rounding is all there is) gets a large spurious gradient. Taking the ratio
+    itself is the same rule without the cancellation (see :class:`ResidualStep`)."""
+
+    r: torch.Tensor
+    ratio: torch.Tensor | None = None
+
+
 class Step:
     """One layer of the relevance graph: ``forward`` keeps the activations that ``relevance`` needs."""
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def relevance(self, r: torch.Tensor, explicit: bool) -> torch.Tensor:
+    def relevance(self, rel: Relevance, explicit: bool) -> Relevance:
         raise NotImplementedError
 
 
@@ -123,10 +140,22 @@ class ActivationStep(Step):
     cap: float | None = None
 
     def forward(self, a):
+        self.z = a
+        return self.apply(a)
+
+    def apply(self, a: torch.Tensor) -> torch.Tensor:
         return F.relu(a) if self.cap is None else a.clamp(0, self.cap)
 
-    def relevance(self, r, explicit):
-        return r
+    def input_ratio(self, ratio: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``ratio`` against the output ``act(z)`` as a ratio against the input ``z``: times ``act(z) / z``, which is
+        1 or 0 except above a ReLU6's cap (``6 / z`` there, far from zero)."""
+        gate = (z > 0).to(ratio.dtype)
+        if self.cap is not None:
+            gate = torch.where(z > self.cap, self.cap / z, gate)
+        return (ratio.view(-1, *z.shape) * gate).flatten(0, 1)
+
+    def relevance(self, rel, explicit):
+        return Relevance(rel.r, None if rel.ratio is None else self.input_ratio(rel.ratio, self.z.to(rel.r.dtype)))
 
 
 @dataclass
@@ -200,10 +229,11 @@ class LinearStep(Step):
             parts["wn"] = w.clamp(max=0)
         return parts
 
-    def relevance(self, r, explicit):
+    def relevance(self, rel, explicit):
+        r = rel.r
         weights = {k: v.to(r.dtype) for k, v in self.rule_weights.items()}
         if self.rule == "wsquare":
-            return r @ weights["w2"]
+            return Relevance(r @ weights["w2"])
         a = self.a.to(r.dtype)
         w, wp, wn = weights["w"], weights["wp"], weights.get("wn")
         if self.rule == "zplus" and self.signed_input:
@@ -217,12 +247,20 @@ class LinearStep(Step):
         # z+ sums non-negative products: z >= 0, so its stabiliser needs no sign test. Dividing by z is a product
         # with its reciprocal, taken once per image rather than once per start (here, in AvgPool and ResidualStep)
         s = (rv * (z + _EPS if self.rule == "zplus" else _stabilise(z)).reciprocal()).flatten(0, 1)
-        out = _signed_sum((sign, self._transpose(s, wt, t, explicit).view(m, *t.shape) * t) for t, wt, sign in parts)
-        out = out.flatten(0, 1)
-        if self.pad:
-            left, right, top, bottom = self.pad
-            out = out[..., top : out.shape[-2] - bottom, left : out.shape[-1] - right]
-        return out
+        back = [self._transpose(s, wt, t, explicit).view(m, *t.shape) for t, wt, _ in parts]
+        if self.rule == "zb":  # the input layer: nothing below asks for a ratio
+            out, ratio = _signed_sum((sign, c * t) for c, (t, _, sign) in zip(back, parts)), None
+        else:  # z+ passes a * c on (c from the positive or, on a signed input, the negative part): the ratio is c
+            ratio = back[0] if len(back) == 1 else torch.where(a > 0, back[0], back[1])
+            out = ratio * a
+        out, ratio = (None if v is None else self._unpad(v.flatten(0, 1)) for v in (out, ratio))
+        return Relevance(out, ratio)
+
+    def _unpad(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.pad:
+            return v
+        left, right, top, bottom = self.pad
+        return v[..., top : v.shape[-2] - bottom, left : v.shape[-1] - right]
 
 
 @dataclass
@@ -240,13 +278,17 @@ class MaxPoolStep(Step):
         z, self.idx = F.max_pool2d(a, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode, return_indices=True)
         return z
 
-    def relevance(self, r, explicit):
+    def relevance(self, rel, explicit):
+        # winner-take-all: each window's relevance goes to its argmax (overlapping windows add up); a winner's
+        # input equals the window's output, so the ratio moves the same way
+        return Relevance(*(None if v is None else self._to_winners(v, explicit) for v in rel))
+
+    def _to_winners(self, r: torch.Tensor, explicit: bool) -> torch.Tensor:
         if not explicit:
             return _vjp(self.pool, self.a.to(r.dtype), r)
         m = r.shape[0] // self.a.shape[0]
         idx = self.idx.repeat(m, 1, 1, 1)
         n, ch, h, w = self.a.shape
-        # winner-take-all: scatter each window's relevance onto its argmax (overlapping windows add up)
         out = r.new_zeros(m * n, ch, h * w).scatter_add(2, idx.flatten(2), r.flatten(2))
         return out.view(m * n, ch, h, w)
 
@@ -268,7 +310,8 @@ class AvgPoolStep(Step):
         self.a = a
         return self.pool(a)
 
-    def relevance(self, r, explicit):
+    def relevance(self, rel, explicit):
+        r = rel.r
         a = self.a.to(r.dtype)
         z = self.pool(a)
         rv, m = _per_image(r, z)
@@ -285,7 +328,7 @@ class AvgPoolStep(Step):
             h, w = a.shape[-2:]
             even = (rv / (h * w))[..., None, None].expand_as(out)
             out = torch.where((z > 0)[None, ..., None, None], out, even)
-        return out.flatten(0, 1)
+        return Relevance(out.flatten(0, 1), c.reshape(out.flatten(0, 1).shape))  # c: the ratio where a is not 0
 
 
 class FlattenStep(Step):
@@ -293,14 +336,17 @@ class FlattenStep(Step):
         self.shape = a.shape
         return a.flatten(1)
 
-    def relevance(self, r, explicit):
-        return r.view(-1, *self.shape[1:])
+    def relevance(self, rel, explicit):
+        return Relevance(*(None if v is None else v.view(-1, *self.shape[1:]) for v in rel))
 
 
 @dataclass
 class ResidualStep(Step):
     """``act(branch(a) + shortcut(a))`` (``act=None``: a linear bottleneck's plain sum): the sum's relevance is
-    split in proportion to each input's contribution."""
+    split in proportion to each input's contribution, ``r * b / (b + s)`` and ``r * s / (b + s)``.
+
+    ``r / (b + s)`` is the ratio the rule above passes on (see :class:`Relevance`); only where the sum's output is
+    zero (relevance the global pool spread over an all-zero channel) is ``r`` divided by the sum."""
 
     branch: list[Step]
     shortcut: list[Step] = field(default_factory=list)
@@ -310,15 +356,21 @@ class ResidualStep(Step):
         self.b = _run(self.branch, a)
         self.s = _run(self.shortcut, a)
         z = self.b + self.s
-        return self.act.forward(z) if self.act is not None else z
+        return self.act.apply(z) if self.act is not None else z
 
-    def relevance(self, r, explicit):
-        b, s = self.b.to(r.dtype), self.s.to(r.dtype)
-        rv, _ = _per_image(r, b)
-        share = rv * _stabilise(b + s).reciprocal()
-        rb = (share * b).flatten(0, 1)
-        rs = (share * s).flatten(0, 1)
-        return _relevance(self.branch, rb, explicit) + _relevance(self.shortcut, rs, explicit)
+    def relevance(self, rel, explicit):
+        b, s = self.b.to(rel.r.dtype), self.s.to(rel.r.dtype)
+        z = b + s
+        rv, _ = _per_image(rel.r, b)
+        share = rv * _stabilise(z, _SUM_EPS).reciprocal()
+        if rel.ratio is not None:
+            ratio = rel.ratio if self.act is None else self.act.input_ratio(rel.ratio, z)
+            out = z if self.act is None else self.act.apply(z)
+            share = torch.where(out != 0, ratio.view(share.shape), share)
+        branch = _relevance(self.branch, Relevance((share * b).flatten(0, 1), share.flatten(0, 1)), explicit)
+        shortcut = _relevance(self.shortcut, Relevance((share * s).flatten(0, 1), share.flatten(0, 1)), explicit)
+        ratio = None if branch.ratio is None or shortcut.ratio is None else branch.ratio + shortcut.ratio
+        return Relevance(branch.r + shortcut.r, ratio)
 
 
 def _run(steps: list[Step], a: torch.Tensor) -> torch.Tensor:
@@ -327,10 +379,10 @@ def _run(steps: list[Step], a: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def _relevance(steps: list[Step], r: torch.Tensor, explicit: bool) -> torch.Tensor:
+def _relevance(steps: list[Step], rel: Relevance, explicit: bool) -> Relevance:
     for step in reversed(steps):
-        r = step.relevance(r, explicit)
-    return r
+        rel = step.relevance(rel, explicit)
+    return rel
 
 
 def _flatten_steps(steps: list[Step]) -> list[Step]:
@@ -481,8 +533,8 @@ class _Unflatten(Step):
     def forward(self, a):
         return a[..., None, None]
 
-    def relevance(self, r, explicit):
-        return r.flatten(1)
+    def relevance(self, rel, explicit):
+        return Relevance(*(None if v is None else v.flatten(1) for v in rel))
 
 
 @dataclass
@@ -498,8 +550,8 @@ class _ConvMlpGuard(Step):
             )
         return a
 
-    def relevance(self, r, explicit):
-        return r
+    def relevance(self, rel, explicit):
+        return rel
 
 
 class SGLRP(nn.Module):
@@ -559,4 +611,4 @@ class SGLRP(nn.Module):
 
     def input_relevance(self, r: torch.Tensor, explicit: bool = True) -> torch.Tensor:
         """Relevance on the input pixels (per channel) for starting relevance ``r`` (``(m*B, classes)``)."""
-        return _relevance(self.steps, r, explicit)
+        return _relevance(self.steps, Relevance(r), explicit).r

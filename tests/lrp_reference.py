@@ -20,6 +20,7 @@ from zennit.types import Activation, AvgPool
 from model_zoo.zoo import ImageClassifier
 
 _STAB = 1e-9  # the stabiliser attacks.sglrp adds (same sign convention), so only the rules are compared
+_SUM_STAB = 1e-30  # attacks.sglrp splits a residual sum by the exact ratio (no stabiliser where the sum is not 0)
 
 
 class MobileSkipCanonizer(AttributeCanonizer):
@@ -80,7 +81,7 @@ def zennit_input_relevance(net: nn.Module, x_normalised: torch.Tensor, start: to
         [
             NameMapComposite([([first], ZBox(low, high, stabilizer=_STAB, zero_params=["bias"])),
                               ([last], WSquare(stabilizer=_STAB, zero_params=["bias"]))]),
-            LayerMapComposite([(Activation, Pass()), (AvgPool, Norm(stabilizer=_STAB)), (Sum, Norm(stabilizer=_STAB)),
+            LayerMapComposite([(Activation, Pass()), (AvgPool, Norm(stabilizer=_STAB)), (Sum, Norm(stabilizer=_SUM_STAB)),
                                ((nn.Conv2d, nn.Linear), ZPlus(stabilizer=_STAB, zero_params=["bias"]))]),
         ],
         canonizers=[SequentialMergeBatchNorm(), MobileSkipCanonizer()],

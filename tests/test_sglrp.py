@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from lrp_reference import flatten_head_twin, zennit_model_relevance
 
-from attacks.sglrp import SGLRP, UnsupportedLayerError
+from attacks.sglrp import SGLRP, Relevance, UnsupportedLayerError
 from model_zoo.zoo import ImageClassifier, ModelSpec, build_model
 
 TINY_RESNET = dict(channels=(8, 16, 32, 64), stem_width=8)
@@ -230,7 +230,7 @@ def test_global_pool_spreads_an_inactive_channel_evenly_and_active_ones_by_contr
     pool.forward(a)
     r = torch.tensor([[4.0, 8.0]], dtype=torch.double)
     for explicit in (True, False):
-        out = pool.relevance(r, explicit)
+        out = pool.relevance(Relevance(r), explicit).r
         torch.testing.assert_close(out[0, 0], torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=torch.double))
         torch.testing.assert_close(out[0, 1], torch.full((2, 2), 2.0, dtype=torch.double))
 
@@ -368,3 +368,48 @@ def test_pretrained_lite0_relevance_matches_zennit_on_the_photo(lite0, coffee_ph
     ours = lrp.input_relevance(start)
     ref = zennit_model_relevance(model, x, start, "image")
     assert float((ours - ref).abs().sum() / ref.abs().sum()) < 1e-6
+
+
+def test_aoa_fp32_gradient_is_fp64s_on_every_photo_and_noise_image(lite0):
+    """AoA's gradient (true class and runner-up, as the attack picks it) in fp32 against an fp64 copy, image by image:
+    every real photo of the real world and three noise images (uniform, Gaussian, salt and pepper). An AVX2-only
+    CPU gave cosine 0.447 on china.jpg and -0.002 on a uniform-noise image before residual sums split by the ratio."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from attacks.aoa import policy_error
+    from sources.real_world import PHOTOS
+
+    crop = create_transform(input_size=224, interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1), crop_pct=0.875)
+    photos = torch.stack([crop(Image.open(p.file()).convert("RGB")) for p in PHOTOS])
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.stack([torch.rand(3, 224, 224, generator=gen),
+                         (0.5 + 0.2 * torch.randn(3, 224, 224, generator=gen)).clamp(0, 1),
+                         (torch.rand(3, 224, 224, generator=gen) > 0.5).float()])
+    with torch.no_grad():
+        noise_labels = lite0(noise).argmax(1)
+    labels = torch.cat([torch.tensor([p.index for p in PHOTOS]), noise_labels])
+    images = torch.cat([photos, noise])
+    cosines = [policy_error(lite0, images[i : i + 1], labels[i : i + 1], "fp32")["grad_cosine"] for i in range(len(images))]
+    names = [p.name for p in PHOTOS] + ["uniform", "gauss", "salt"]
+    assert min(cosines) >= 0.999, ", ".join(f"{n} {c:.6f}" for n, c in zip(names, cosines))
+
+
+
+def test_aoa_fp32_gradient_does_not_hinge_on_the_residual_stabiliser(lite0, monkeypatch):
+    """Why the AVX2 machine saw 0.447: a residual sum's split divided by ``b + s`` (stabilised by 1e-9), so units
+    whose sum is at fp32's rounding level made the gradient a matter of that constant. With it at 1e-7 the division
+    gave cosine 0.998 on the coffee and the clock here (0.35-0.57 on other crops); the split by the ratio divides
+    only where the sum's output is zero."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    import attacks.sglrp as sglrp
+    from attacks.aoa import policy_error
+    from sources.real_world import PHOTOS
+
+    crop = create_transform(input_size=224, interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1), crop_pct=0.875)
+    monkeypatch.setattr(sglrp, "_SUM_EPS", 1e-7)
+    cosines = {p.name: policy_error(lite0, crop(Image.open(p.file()).convert("RGB"))[None], torch.tensor([p.index]),
+                                    "fp32")["grad_cosine"] for p in PHOTOS}
+    assert min(cosines.values()) >= 0.999, cosines
