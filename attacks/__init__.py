@@ -1,14 +1,23 @@
-"""Attacks on [0,1] NCHW batches, one module per method, created by name from the registry."""
+"""Attacks on [0,1] NCHW batches, one module per method, created by name from the registry.
+
+Importing the package loads no torch: the classes and helpers below come from :mod:`attacks.base` on first use.
+"""
 
 import functools
 import hashlib
+import importlib
 from pathlib import Path
 
-from attacks import aoa, fgsm_family  # noqa: F401  (register the attacks)
-from attacks.base import Attack, AttackConfig, quantize, rmsd
 from attacks.registry import create_attack, list_attacks
 
 __all__ = ["Attack", "AttackConfig", "code_digest", "create_attack", "list_attacks", "quantize", "rmsd"]
+_FROM_BASE = ("Attack", "AttackConfig", "quantize", "rmsd")
+
+
+def __getattr__(name: str):
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("attacks.base"), name)
+    raise AttributeError(f"module 'attacks' has no attribute {name!r}")
 
 
 @functools.cache

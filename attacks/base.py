@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from attacks.precision import PRECISIONS, forward_precision
+from attacks.options import PRECISIONS
+from attacks.precision import forward_precision, resolve_precision
 from attacks.sglrp import SGLRP, UnsupportedLayerError
 
 
@@ -46,7 +47,7 @@ class AttackConfig:
     di: float = 0.0  # probability of the DI resize-and-pad transform
     ti: int = 0  # TI Gaussian kernel size (0 = off; 15 at 224 px)
     mi: float = 0.0  # MI momentum decay (0 = off; MI-FGSM uses 1.0)
-    precision: str = "fp32"  # fp32 (IEEE, no TF32) | bf16 (autocast): see attacks.precision
+    precision: str = "fp32"  # fp32 (IEEE, no TF32) | bf16 (autocast) | auto (per device): see attacks.precision
     seed: int = 0
     sub_batch: int = 0  # images (SI copies included) per forward/backward pass; 0: all at once. Bounds memory
 
@@ -113,6 +114,8 @@ class Attack:
     def __init__(self, model: torch.nn.Module, config: AttackConfig | None = None, **overrides):
         self.model = model
         self.config = replace(config or self.default_config(), **overrides)
+        device = next(model.parameters()).device  # auto precision: decided by the device the model is on
+        self.config = replace(self.config, precision=resolve_precision(self.config.precision, device))
         self.sglrp = self._attention(model)
 
     def _attention(self, model: torch.nn.Module) -> SGLRP | None:
@@ -243,6 +246,7 @@ class Attack:
             rec = {
                 "attack": self.name,
                 "config_hash": self.config_hash,
+                "precision": self.config.precision,
                 "steps": int(steps[i]),
                 "rmsd": round(float(dist[i]), 4),
                 "linf": round(float(linf[i]), 4),

@@ -63,15 +63,14 @@ from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.vgg import VGG, ConvMlp
 
+from attacks.options import BOUNDS, INACTIVE_POOL, RELU
+
 _EPS = 1e-9
 # sum(A_d) is at most 1 - p_c: 1e-8 or less on a near-certain class, where _EPS would be a sizeable share of it and
 # the map would leave the formula (a test net at 1 - p = 1e-9: 1,900 times off in L1). The authors' code adds 1e-20.
 _TOTAL_EPS = 1e-20
 # a residual sum divides its relevance by the sum only where the sum's output is zero (the global pool's spread)
 _SUM_EPS = 1e-9
-BOUNDS = ("image", "channel")
-RELU = ("channel", "sum")
-INACTIVE_POOL = ("spread", "drop")
 
 
 class UnsupportedLayerError(TypeError):

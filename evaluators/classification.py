@@ -64,7 +64,7 @@ def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
     return wds.WebLoader(ds, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
-def _forward(model, x: torch.Tensor) -> torch.Tensor:
+def logits_at_model_size(model, x: torch.Tensor) -> torch.Tensor:
     size = model.data_config["input_size"][-1]
     if x.shape[-1] != size:  # documented: one bicubic resize, the same for clean and adversarial images
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
@@ -90,7 +90,7 @@ def _evaluate(model, root, batch_size, device, workers) -> dict[str, Any]:
     dtype = next(model.parameters()).dtype
     keys, labels, top5, label_sets = [], [], [], []
     for x, y, k, sets in shard_loader(root, batch_size, workers):
-        logits = _forward(model, x.to(device, non_blocking=True).to(dtype).div_(255))
+        logits = logits_at_model_size(model, x.to(device, non_blocking=True).to(dtype).div_(255))
         top5.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
         labels.append(y)
         keys += list(k)

@@ -153,6 +153,26 @@ def _verify(args, params):
         raise SystemExit(1)
 
 
+def _compare(args, params):
+    from evaluators.compare import compare_shardsets
+    from pipelines.config import ConfigError
+    from model_zoo.zoo import build_model
+    from pipelines import stages
+
+    specs = stages.resolve_models(args.models or params.require("evaluate").models, stages.trained_specs(params))
+    failed = [s["error"] for s in specs if "error" in s]
+    if failed:
+        raise ConfigError(f"{params.path}: {failed[0]}")
+    result = compare_shardsets(args.set_a, args.set_b, {s["name"]: build_model(s) for s in specs})
+    print(f"{args.set_b} against {args.set_a}: {result['differing']} of {result['images']} image(s) differ; "
+          f"|delta| max {result['max_abs']}, mean {result['mean_abs']:.4f}, RMSD {result['rmsd']:.4f} (0-255 scale, "
+          "every pixel)")
+    for key in result["differing_keys"][:10]:
+        print(f"  differs: {key}")
+    for name, changed in result["changed_predictions"].items():
+        print(f"  {name}: top-1 prediction changes on {changed} of the {result['differing']} differing image(s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="damagenet",
@@ -224,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
             "index.html under reports/plots, with Vega bundled (dvc plots show loads it from a CDN).")
     p.add_argument("targets", nargs="*", help="plot files or folders (default: every plot in dvc.yaml)")
     p.add_argument("--out", default="reports/plots", help="output folder (default: reports/plots)")
+    p = add("compare", _compare, "Compare two shard sets of the same clean images (a regenerated set and a published "
+            "one): the images whose bytes differ, max and mean |delta| and the RMSD of the difference (0-255), and per "
+            "victim (evaluate.models, or --models) on how many differing images its top-1 prediction changes.")
+    p.add_argument("set_a", help="shard set folder, e.g. data/shards/aoa")
+    p.add_argument("set_b", help="the other shard set folder, e.g. a fetched copy of the published set")
+    p.add_argument("--models", nargs="*", help="zoo model names to check predictions with (default: evaluate.models)")
     p = add("verify", _verify, "Check a shard set: checksums, counts, unique keys, member types, PNG decoding, "
             "image size (source.size), label range and, with --clean, each label against the clean image's and "
             "every image's RMSD/L-inf against the budget in params. Exits 1 on any problem.")
@@ -258,21 +284,27 @@ def _unreachable_api(e: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from prefect import tags
-
-    from model_zoo import ZooError
+    # the parameters are read and checked before torch, timm or Prefect load: a parameter error answers at once
     from pipelines.config import ConfigError
-    from pipelines.params import load_params
-    from pipelines.reproducible import NotReproducibleHere, pin_cpu
-    from pipelines.stages import metrics_dir
-    from shards import Stopped
-    from sources import BadSourceError
-
-    _interrupt_on_sigterm()
+    from pipelines.params import load_params, metrics_dir
 
     args.metrics = metrics_dir(args.params)
     try:
         params = load_params(args.params) if args.reads_params else None
+    except ConfigError as e:
+        print(f"damagenet {args.stage}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from prefect import tags
+
+    from evaluators.compare import NotComparable
+    from model_zoo import ZooError
+    from pipelines.reproducible import NotReproducibleHere, pin_cpu
+    from shards import Stopped
+    from sources import BadSourceError
+
+    _interrupt_on_sigterm()
+    try:
         labels = [f"stage:{args.stage}"]
         if params is not None:
             pin_cpu(params.reproducible.threads if params.reproducible else None)
@@ -281,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(f"attack:{args.attack}")
         with tags(*labels):  # every flow and task run of this command carries them (Prefect UI filters)
             args.run(args, params)
-    except (ConfigError, ZooError, BadSourceError, NotReproducibleHere) as e:  # a parameters, weights or source problem: its message
+    except (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable) as e:  # a parameters, weights or source problem: its message
         print(f"damagenet {args.stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (Stopped, KeyboardInterrupt) as e:

@@ -21,9 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from attacks.precision import PRECISIONS
-from attacks.registry import attack_method
-from attacks.sglrp import BOUNDS, INACTIVE_POOL, RELU
+from attacks.options import BOUNDS, INACTIVE_POOL, PRECISIONS, RELU
+from attacks.registry import attack_method, list_attacks
 
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -348,8 +347,6 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _attack_methods_known(self):
-        from attacks import list_attacks  # the registry fills as the attack modules import
-
         for name, options in (self.attacks or {}).items():
             method = attack_method(name, options.model_dump() if options else None)
             if method not in list_attacks():

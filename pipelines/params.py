@@ -46,6 +46,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def metrics_dir(params_path: str | Path) -> Path:
+    """Where a run's metrics go: ``metrics/`` for ``params.yaml`` (what dvc.yaml declares), ``metrics/<stem>/``
+    for any other parameters file, so a profile run never overwrites the default run's metrics."""
+    name = Path(params_path)
+    return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
+
+
 def write_json(path: str | Path, obj: Any, pretty: bool = True) -> None:
     """``obj`` as JSON, sorted and indented (stable bytes for DVC diffs; ``pretty=False``: compact, for large cache
     records), written to a temporary file beside ``path`` and renamed over it: a kill mid-write leaves the old file

@@ -16,19 +16,13 @@ import torch
 
 from attacks.registry import attack_method
 from pipelines.config import ConfigError, Params
+from pipelines.params import metrics_dir  # noqa: F401  (the stages' metrics folder, read by the CLI)
 
 # the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
 HUB_WEIGHTS = Path("data/hub_weights.json")
 # where the downstream stages write, as dvc.yaml declares it
 DOWNSTREAM_OUT, DOWNSTREAM_REPORTS, DOWNSTREAM_PLOTS = (Path("data/downstream"), Path("reports/downstream"),
                                                          Path("plots/downstream"))
-
-
-def metrics_dir(params_path: str | Path) -> Path:
-    """Where a run's metrics go: ``metrics/`` for ``params.yaml`` (what dvc.yaml declares), ``metrics/<stem>/``
-    for any other parameters file, so a profile run never overwrites the default run's metrics."""
-    name = Path(params_path)
-    return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
 
 
 def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
@@ -86,7 +80,7 @@ def prepare(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
             "strict": strict, "profile": params.profile}
 
 
-def _trained_specs(params: Params) -> dict[str, dict[str, Any]]:
+def trained_specs(params: Params) -> dict[str, dict[str, Any]]:
     """The resolved zoo specs by name, as the zoo stage wrote them (empty before it has run)."""
     models_file = Path(params.require("zoo").out) / "models.json"
     return {s["name"]: s for s in json.loads(models_file.read_text())} if models_file.is_file() else {}
@@ -97,7 +91,7 @@ def surrogate_spec(params: Params) -> dict[str, Any]:
     name, models_file = params.require("generate").surrogate, Path(params.require("zoo").out) / "models.json"
     if not models_file.is_file():
         raise ConfigError(f"{models_file}: not found (run the zoo stage first)")
-    specs = _trained_specs(params)
+    specs = trained_specs(params)
     if name not in specs:
         raise ConfigError(f"{params.path}: generate.surrogate {name!r} is not a model the zoo stage wrote to "
                           f"{models_file} (have: {', '.join(specs)})")
@@ -158,11 +152,28 @@ def shard_sets(params: Params, names: list[str]) -> dict[str, str]:
     return {n: params.require("source").out if n == "clean" else str(root / n) for n in names}
 
 
+def _stage_that_writes(params: Params, set_name: str) -> str:
+    return "dvc repro prepare" if set_name == "clean" else f"dvc repro generate@{set_name}"
+
+
+def require_inputs(params: Params, sets: dict[str, str], models: list) -> None:
+    """Inputs another stage writes, present before a stage that reads them starts (one line naming the stage to run
+    first): every shard set (its SHA256SUMS, written last) and, for models named from the zoo, the zoo's record."""
+    for name, folder in sets.items():
+        if not (Path(folder) / "SHA256SUMS").is_file():
+            raise ConfigError(f"{folder}: shard set {name!r} not found (run `{_stage_that_writes(params, name)}` first)")
+    models_file = Path(params.require("zoo").out) / "models.json"
+    if any(isinstance(m, str) for m in models) and not models_file.is_file():
+        raise ConfigError(f"{models_file}: not found (run `dvc repro zoo` first)")
+
+
 def evaluate(params: Params) -> dict[str, Any]:
     ev, source = params.require("evaluate"), params.require("source")
+    sets = shard_sets(params, ev.sets)
+    require_inputs(params, sets, ev.models)
     return {
-        "models": resolve_models(ev.models, _trained_specs(params)),
-        "sets": shard_sets(params, ev.sets),
+        "models": resolve_models(ev.models, trained_specs(params)),
+        "sets": sets,
         "out": ev.out, "batch_size": ev.batch_size, "workers": ev.workers,
         "devices": resolve_devices(ev.devices, 1),
         "source": source, "profile": params.profile,

@@ -81,7 +81,8 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
         warn_if_short(attack, size, device, sub_batch or unit["batch_size"] * attack.config.si,
                       unit["workers_per_device"])
     attack.config = replace(attack.config, sub_batch=sub_batch)
-    digest = job_digest({**unit, "config": {**unit["config"], "sub_batch": sub_batch}})
+    # the policy auto resolved to: the same job on another device can be another job
+    digest = job_digest({**unit, "config": {**unit["config"], "precision": attack.config.precision, "sub_batch": sub_batch}})
     repaired = None
     if out.exists():
         state = _existing_output(out, digest, count=sum(1 for _ in tar_samples(unit["in_shard"])))

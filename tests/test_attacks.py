@@ -204,3 +204,37 @@ def test_cpu_workers_share_the_cores_only_with_workers_that_can_run(monkeypatch)
     assert cpu_threads(["cpu"] * 4, units=1) == 16  # one shard: one worker runs, with every core
     assert cpu_threads(["cpu"] * 4, units=3) == 5
     assert cpu_threads(["cuda:0", "cuda:1"], units=5) == 16  # GPU workers do not take CPU threads
+
+
+def test_the_registry_names_each_method_where_its_module_registers_it():
+    """list_attacks() answers without importing any method; each name's module registers exactly that name."""
+    import importlib
+
+    from attacks import registry
+
+    for name, module in registry.METHOD_MODULES.items():
+        importlib.import_module(module)
+        assert name in registry._ATTACKS, (name, module)
+    assert sorted(registry._ATTACKS) == list_attacks()
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_the_records_say_so():
+    """bf16 only where the device computes it natively: these CPUs emulate it (a VGG19 PGD step about 5x slower)."""
+    from attacks.precision import resolve_precision
+    from model_zoo.zoo import ModelSpec, build_model
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # asked for by name: as given
+    model = build_model(ModelSpec(name="v", arch="vgg_demo", num_classes=10, data={"input_size": (3, 32, 32)}))
+    attack = create_attack("pgd", model, AttackConfig(precision="auto", max_steps=1))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, records = attack(x, torch.tensor([0, 1]))
+    assert attack.config.precision == "fp32" and {r["precision"] for r in records} == {"fp32"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_precision_is_bf16_on_a_gpu_that_computes_it():
+    from attacks.precision import resolve_precision
+
+    assert resolve_precision("auto", "cuda") == ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32")

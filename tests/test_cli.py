@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_params_are_accepted_after_the_stage_name(tmp_path, capsys):
 
 def test_metrics_of_another_params_file_do_not_overwrite_the_default_runs(small_world, prefect_server, tmp_path,
                                                                           monkeypatch):
-    from pipelines.stages import metrics_dir
+    from pipelines.params import metrics_dir
 
     assert metrics_dir("params.yaml") == metrics_dir("/x/params.yaml") == metrics_dir("params.yaml").parent / "metrics"
     monkeypatch.chdir(tmp_path)
@@ -254,7 +255,7 @@ def test_a_downstream_flow_receives_its_typed_section_and_its_output_folder(stag
     from pipelines.params import load_params
 
     params = load_params("params.yaml")
-    args = stages.downstream(params, stage, stages.metrics_dir("params.yaml"))
+    args = stages.downstream(params, stage, metrics_dir("params.yaml"))
     assert args["cfg"] is getattr(params, stage)
     flow = getattr(importlib.import_module(f"pipelines.flows.{stage}"), f"{stage}_flow")
     section_type = type(getattr(params, stage))
@@ -271,7 +272,7 @@ def test_the_zoo_flows_receive_the_typed_zoo_section(stage):
     from pipelines.params import load_params
 
     params = load_params("params.yaml")
-    args = stages.hub_weights(params) if stage == "hub_weights" else stages.zoo(params, stages.metrics_dir("params.yaml"), False)
+    args = stages.hub_weights(params) if stage == "hub_weights" else stages.zoo(params, metrics_dir("params.yaml"), False)
     assert args["zoo"] is params.zoo
     flow = getattr(importlib.import_module("pipelines.flows.zoo"), f"{stage}_flow")
     assert typing.get_type_hints(flow.fn)["zoo"] is config.Zoo
@@ -298,3 +299,43 @@ def test_zoo_specs_resolve_each_kind_of_weights():
          "revision": "abc", "sha256": "0" * 64},
         {"name": "f", "arch": "resnet18", "weights": "data/w/f.safetensors", "num_classes": 10, "data": default_data}]
     assert "revision" not in zoo.specs()[2]  # no record yet: whatever refs/main names
+
+
+@pytest.mark.parametrize("params_text", [None, "budget: {etaa: 1}\n"])
+def test_a_parameter_error_answers_before_torch_loads(tmp_path, params_text):
+    """One line on stderr for a missing or invalid parameters file, from a process that never imported torch, timm
+    or Prefect (they took 10 s of CPU on an AVX2 machine before the file was read)."""
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    if params_text is not None:
+        params.write_text(params_text)
+    code = ("import sys\nfrom pipelines.cli import main\ntry:\n    main(['--params', sys.argv[1], 'evaluate'])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print(sorted(m for m in ('torch', 'timm', 'prefect') if m in sys.modules), code)")
+    run = subprocess.run([sys.executable, "-c", code, str(params)], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[] 2"
+    assert len(run.stderr.strip().splitlines()) == 1 and str(params) in run.stderr
+    assert ("not found" if params_text is None else "budget.etaa: unknown key") in run.stderr
+
+
+def test_evaluate_before_its_inputs_names_the_stage_and_keeps_the_metrics(tmp_path):
+    """The real command in a checkout whose shard sets are not made yet: one line naming the stage to run first,
+    and the committed metrics stay as they were (they were overwritten and the tables deleted before)."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    metrics = tmp_path / "metrics" / "evaluate.json"
+    table = tmp_path / "metrics" / "tables" / "evaluate" / "vgg_demo.json"
+    table.parent.mkdir(parents=True)
+    metrics.write_text('{"top1_err": {"vgg_demo": {"clean": 20.0}}}\n')
+    table.write_text('{"clean": 20.0}\n')
+    damagenet = Path(sys.executable).with_name("damagenet")
+    run = subprocess.run([str(damagenet), "evaluate"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "damagenet evaluate: data/shards/clean: shard set 'clean' not found (run `dvc repro prepare` first)"]
+    assert metrics.read_text() == '{"top1_err": {"vgg_demo": {"clean": 20.0}}}\n' and table.is_file()

@@ -95,20 +95,27 @@ def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, p
     assert json.loads((out / "models" / "b.json").read_text())["accuracy"]["clean"]["n"] == 30
 
 
-def test_unknown_model_and_unreadable_set_are_reported_while_others_report(sets, tmp_path, prefect_server):
+def test_a_failed_model_fails_the_run_and_leaves_the_previous_results(sets, tmp_path, prefect_server):
     good = _spec(tmp_path, "good", 0)
+    kw = dict(sets={"clean": sets["clean"]}, out=str(tmp_path / "e"), batch_size=16, metrics_path=str(tmp_path / "m.json"))
+    evaluate_flow(models=[good], **kw)
+    before = {p: p.read_bytes() for p in [tmp_path / "m.json", *sorted((tmp_path / "e").rglob("*")), *sorted(
+              (tmp_path / "tables").rglob("*"))] if p.is_file() and "cache" not in p.parts}
     models = resolve_models(["not_in_zoo", good], {})
+    state = evaluate_flow(models=models + [{**good, "name": "good_again"}], **kw, return_state=True)
+    assert state.is_failed() and "1 model(s) failed" in state.message  # a failed model fails the flow run
+    assert "unknown model 'not_in_zoo'" in state.message and "nothing written" in state.message
+    after = {p: p.read_bytes() for p in before}
+    assert after == before and not (tmp_path / "e" / "models" / "good_again.json").exists()
+    # what the model that worked computed waits in the cache
+    assert list((tmp_path / "e" / "cache" / "good_again").glob("clean-*.json"))
+
+
+def test_an_unreadable_set_is_named(sets, tmp_path):
+    good = _spec(tmp_path, "good", 0)
     broken = tmp_path / "broken"
     shutil.copytree(sets["noisy"], broken)
     sorted(broken.glob("*.tar"))[1].write_bytes(b"garbage")
-    state = evaluate_flow(models=models + [{**good, "name": "good_on_broken"}], sets={"clean": sets["clean"]},
-                          out=str(tmp_path / "e"), batch_size=16, metrics_path=str(tmp_path / "m.json"),
-                          return_state=True)
-    assert state.is_failed() and "1 model(s) failed" in state.message  # a failed model fails the flow run
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert "unknown model 'not_in_zoo'" in metrics["errors"]["not_in_zoo"]
-    assert set(metrics["top1_err"]) == {"good", "good_on_broken"}  # the others' results are still written
-    assert json.loads((tmp_path / "e" / "models" / "good.json").read_text())["accuracy"]["clean"]["n"] == 30
     with pytest.raises(Exception, match="broken"):
         evaluate_shardset(build_model(good), broken)
 
@@ -288,3 +295,48 @@ def test_a_truncated_cache_entry_is_recomputed_and_a_dropped_model_leaves_the_re
     assert sorted(p.name for p in (out / "models").iterdir()) == ["a.json"]
     assert not (out / "predictions" / "b").exists()
     assert [r.split(",")[0] for r in (out / "results" / "results-clean.csv").read_text().splitlines()[1:]] == ["a"]
+
+
+def test_compare_counts_what_differs_against_a_plain_computation(sets, tmp_path):
+    """A copy of a set with two images changed (one by a single quantisation step at one pixel, one by noise):
+    the differing images, |delta| and RMSD over every pixel, and each victim's changed predictions, recomputed here
+    image by image."""
+    import numpy as np
+
+    from evaluators.compare import NotComparable, compare_shardsets
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sets["noisy"], copy)
+    shard = sorted(copy.glob("*.tar"))[1]
+    samples = list(read_shard(shard))
+    samples[0]["image"] = samples[0]["image"].copy()
+    samples[0]["image"][3, 4, 1] ^= 1  # one quantisation step
+    g = np.random.default_rng(0)
+    samples[5]["image"] = g.integers(0, 256, samples[5]["image"].shape, dtype=np.uint8)
+    write_shard(shard, samples)
+    write_index(copy, "noisy")
+    spec = _spec(tmp_path, "victim", 0)
+    model = build_model(spec)
+    result = compare_shardsets(sets["noisy"], copy, {"victim": model})
+
+    original = {s["key"]: s["image"] for s in iter_shardset(sets["noisy"])}
+    changed = {s["key"]: s["image"] for s in iter_shardset(copy)}
+    deltas = [np.abs(original[k].astype(int) - changed[k].astype(int)) for k in sorted(original)]
+    everything = np.concatenate([d.ravel() for d in deltas])
+    assert result["differing_keys"] == [samples[0]["key"], samples[5]["key"]] and result["images"] == 30
+    assert result["max_abs"] == everything.max()
+    assert result["mean_abs"] == pytest.approx(everything.mean()) and result["rmsd"] == pytest.approx(
+        math.sqrt((everything.astype(float) ** 2).mean()))
+
+    def top1(image):
+        return int(model(torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255).argmax())
+
+    with torch.no_grad():
+        expected = sum(top1(original[k]) != top1(changed[k]) for k in result["differing_keys"])
+    assert result["changed_predictions"] == {"victim": expected}
+    fewer = tmp_path / "fewer"  # a set that lost a shard: not the same images
+    shutil.copytree(sets["noisy"], fewer)
+    sorted(fewer.glob("*.tar"))[0].unlink()
+    write_index(fewer, "noisy")
+    with pytest.raises(NotComparable, match="key"):
+        compare_shardsets(sets["noisy"], fewer)

@@ -81,8 +81,9 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
                   metrics_path: str = "metrics/evaluate.json", source: Source | None = None,
                   profile: str = "demo") -> dict[str, Any]:
     """Every model on every set. ``source`` (the prepare stage's section: its crop size, share and filter) says how
-    the shard images were made, for the results files. Results of the models that worked are always written; the
-    run then fails (state Failed) when any model failed."""
+    the shard images were made, for the results files. When any model fails the run fails (state Failed) and writes
+    no results or metrics, so the previous ones stay; what the other models computed is in the cache for the
+    next run."""
     log = get_run_logger()
     devices = devices or ["cpu"]
     out_dir = Path(out)
@@ -96,14 +97,14 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
         else:
             cached = sum(v["cached"] for v in r["results"].values())
             log.info("model %s: %d set(s) evaluated, %d from cache", r["name"], len(sets) - cached, cached)
+    errors = {r["name"]: r["error"] for r in records if "error" in r}
+    if errors:
+        raise RuntimeError(f"evaluate: {len(errors)} model(s) failed; nothing written, the previous results stay "
+                           "(the others' are cached): " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
     _write_results(out_dir, ok, list(sets), source)
     summary = {r["name"]: {s: round(100 - v["top1"], 3) for s, v in r["results"].items()} for r in ok}
-    errors = {r["name"]: r["error"] for r in records if "error" in r}
     write_json(metrics_path, {"top1_err": summary, "errors": errors})
     write_table(metrics_path, evaluate_rows(summary))
-    if errors:
-        raise RuntimeError(f"evaluate: {len(errors)} model(s) failed (the others' results are written): "
-                           + "; ".join(f"{n}: {e}" for n, e in errors.items()))
     return {"records": records, "top1_err": summary}
 
 
