@@ -27,7 +27,6 @@ import torch
 from attacks.options import PRECISIONS
 
 
-
 @contextlib.contextmanager
 def _ieee_fp32(device_type: str):
     """No TF32 on CUDA inside the block (backward kernels read the flags too, so the gradient belongs inside)."""

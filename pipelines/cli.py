@@ -155,9 +155,9 @@ def _verify(args, params):
 
 def _compare(args, params):
     from evaluators.compare import compare_shardsets
-    from pipelines.config import ConfigError
     from model_zoo.zoo import build_model
     from pipelines import stages
+    from pipelines.config import ConfigError
 
     specs = stages.resolve_models(args.models or params.require("evaluate").models, stages.trained_specs(params))
     failed = [s["error"] for s in specs if "error" in s]

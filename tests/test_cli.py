@@ -255,7 +255,7 @@ def test_a_downstream_flow_receives_its_typed_section_and_its_output_folder(stag
     from pipelines.params import load_params
 
     params = load_params("params.yaml")
-    args = stages.downstream(params, stage, metrics_dir("params.yaml"))
+    args = stages.downstream(params, stage, stages.metrics_dir("params.yaml"))
     assert args["cfg"] is getattr(params, stage)
     flow = getattr(importlib.import_module(f"pipelines.flows.{stage}"), f"{stage}_flow")
     section_type = type(getattr(params, stage))
@@ -272,7 +272,7 @@ def test_the_zoo_flows_receive_the_typed_zoo_section(stage):
     from pipelines.params import load_params
 
     params = load_params("params.yaml")
-    args = stages.hub_weights(params) if stage == "hub_weights" else stages.zoo(params, metrics_dir("params.yaml"), False)
+    args = stages.hub_weights(params) if stage == "hub_weights" else stages.zoo(params, stages.metrics_dir("params.yaml"), False)
     assert args["zoo"] is params.zoo
     flow = getattr(importlib.import_module("pipelines.flows.zoo"), f"{stage}_flow")
     assert typing.get_type_hints(flow.fn)["zoo"] is config.Zoo
