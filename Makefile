@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo real imagenet mnist co-mnist co-mnist-wong runs mnist-wheel test bench install lint clean
+.PHONY: demo real imagenet mnist co-mnist co-mnist-wong runs mnist-wheel test test-slow bench install lint clean
 
 install: $(STAMP)
 
@@ -57,13 +57,19 @@ runs: $(STAMP)
 	@echo "Prefect UI with this checkout's flow runs and artifacts: http://127.0.0.1:$(PREFECT_UI_PORT) (Ctrl-C stops it)"
 	prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT)
 
+# two tiers, spread over the machine's cores (at most 4: the slow tests start their own processes). make test: every
+# test not marked slow, the one a developer runs often; make test-slow: whole-profile rehearsals (ImageNet, real
+# world, DVC resume), the browser-rendered report, the training stages and the photo-by-photo precision checks.
+# .ci/run runs both.
 test: $(STAMP) $(MNIST_WHEEL)
+	$(PY) -m pytest -n auto --maxprocesses=4 -m "not slow"
+
+test-slow: $(STAMP) $(MNIST_WHEEL)
 	@# the report test renders the HTML page in headless Chromium; install it when missing (needs root and apt)
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the report-rendering test will be skipped"
-	@# spread over the machine's cores (at most 4: the slow tests start their own processes)
-	$(PY) -m pytest -n auto --maxprocesses=4
+	$(PY) -m pytest -n auto --maxprocesses=4 -m slow
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attack_step.py

@@ -98,17 +98,28 @@ def test_generate_names_an_attack_missing_from_params(tmp_path, capsys):
 
 
 def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
+    import yaml
+
     from pipelines import stages
     from pipelines.flows.report import scheduled_evaluation_flow
     from pipelines.params import load_params
 
-    p = _params(tmp_path)
+    def made_here(params):  # the stages' outputs this run reads, as made (sums written) in tmp_path
+        params["source"]["out"], params["generate"]["out_root"] = str(tmp_path / "clean"), str(tmp_path / "sets")
+        params["zoo"]["out"] = str(tmp_path / "zoo")
+
+    for folder in ["clean", *(f"sets/{n}" for n in yaml.safe_load(open("params.yaml"))["attacks"])]:
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "SHA256SUMS").write_text("")
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "models.json").write_text("[]")
+    p = _params(tmp_path, edit=made_here)
     deployment = scheduled_evaluation_flow.to_deployment(
         name="scheduled-evaluation", cron="0 3 * * *", parameters={"params_path": str(p)})
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.parameters == {"params_path": str(p)}  # nothing frozen at start: the file is read per run
     before = [m["name"] for m in stages.evaluate(load_params(p))["models"]]
-    _params(tmp_path, edit=lambda params: params["evaluate"]["models"].append("resnet10t_extra"))
+    _params(tmp_path, edit=lambda params: made_here(params) or params["evaluate"]["models"].append("resnet10t_extra"))
     after = [m["name"] for m in stages.evaluate(load_params(p))["models"]]
     assert after == before + ["resnet10t_extra"]
 
@@ -188,6 +199,7 @@ def test_flow_runs_and_artifact_keys_carry_the_profile_not_paths(small_world, pr
     assert artifact_key("demo", "co-event-fgsm_rs") == "demo-co-event-fgsm-rs"
 
 
+@pytest.mark.slow
 def test_make_runs_serves_the_runs_recorded_by_a_finished_make_style_run(small_world, tmp_path):
     """The server scripts/with-prefect-server starts dies with the run; `make runs` shows its runs afterwards."""
     import json

@@ -90,6 +90,7 @@ def test_rerun_skips_complete_shards(clean_set, surrogate, reference_run, tmp_pa
     assert _tar_bytes(out) == _tar_bytes(reference_run[0])
 
 
+@pytest.mark.slow
 def test_rerun_with_other_parameters_or_weights_makes_every_shard_anew(clean_set, surrogate, reference_run,
                                                                        tmp_path, caplog):
     """The outputs persist across DVC reruns, so the job digest decides: shards of another job (another budget,
@@ -122,6 +123,7 @@ def test_rerun_with_other_parameters_or_weights_makes_every_shard_anew(clean_set
     assert _tar_bytes(moved) == _tar_bytes(reference_run[0])
 
 
+@pytest.mark.slow
 def test_shards_made_by_other_attack_code_are_made_anew(clean_set, surrogate, reference_run, tmp_path,
                                                         monkeypatch, caplog):
     """DVC reruns generate when the attacks package changes; the shards already there were made by the old code, so
@@ -153,6 +155,7 @@ def test_a_shard_this_pipeline_did_not_write_is_refused_and_kept(clean_set, surr
     assert foreign.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_gives_identical_shards(clean_set, surrogate, reference_run, tmp_path):
     _run(clean_set[0], surrogate, tmp_path / "dask", devices=["cpu", "cpu"], dask=Dask(n_workers=2))
     assert _tar_bytes(tmp_path / "dask") == _tar_bytes(reference_run[0])
@@ -179,6 +182,7 @@ def test_a_failing_unit_is_reported_while_the_others_complete(clean_set, surroga
     assert all(done[k] == ref[k] for k in done)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_shard_then_rerun_is_byte_identical(clean_set, surrogate, reference_run, tmp_path):
     out = tmp_path / "killed"
     script = (

@@ -370,6 +370,7 @@ def test_pretrained_lite0_relevance_matches_zennit_on_the_photo(lite0, coffee_ph
     assert float((ours - ref).abs().sum() / ref.abs().sum()) < 1e-6
 
 
+@pytest.mark.slow
 def test_aoa_fp32_gradient_is_fp64s_on_every_photo_and_noise_image(lite0):
     """AoA's gradient (true class and runner-up, as the attack picks it) in fp32 against an fp64 copy, image by image:
     every real photo of the real world and three noise images (uniform, Gaussian, salt and pepper). An AVX2-only
@@ -396,6 +397,7 @@ def test_aoa_fp32_gradient_is_fp64s_on_every_photo_and_noise_image(lite0):
 
 
 
+@pytest.mark.slow
 def test_aoa_fp32_gradient_does_not_hinge_on_the_residual_stabiliser(lite0, monkeypatch):
     """Why the AVX2 machine saw 0.447: a residual sum's split divided by ``b + s`` (stabilised by 1e-9), so units
     whose sum is at fp32's rounding level made the gradient a matter of that constant. With it at 1e-7 the division
