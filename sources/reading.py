@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -127,10 +128,10 @@ def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[Source
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
             rejects.add(p, "hidden entry: not indexed")
+        elif (problem := _entry_problem(p, inside)) is not None:
+            rejects.add(p, problem)
         elif not p.is_dir():
             rejects.add(p, "not inside a class folder: not indexed")
-        elif not _within(p, inside):
-            rejects.add(p, f"links to {p.resolve()}, outside the source root: refused")
         else:
             folders.append(p)
     if not folders:
@@ -149,17 +150,60 @@ def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[Source
         class_names = [f.name for f in folders]
     samples = []
     for folder in folders:
-        images = [p for p in sorted(folder.iterdir()) if _indexable(p, inside, rejects)]
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as e:
+            raise BadSourceError(folder, f"class folder cannot be read ({e.strerror or e})") from None
+        images = [p for p in entries if _indexable(p, inside, rejects)]
         if not images:
             rejects.add(folder, "empty class folder: no image files")
         samples += [SourceSample(sample_key(p), p, index[folder.name], folder.name) for p in images]
-    return _unique(samples, root), class_names
+    return _unique(_once_per_file(samples, rejects), root), class_names
 
 
-def _within(path: Path, root: Path) -> bool:
-    """Whether ``path``, links followed, lies in the (resolved) ``root``."""
-    resolved = path.resolve()
-    return resolved == root or root in resolved.parents
+def _once_per_file(samples: list[SourceSample], rejects: Rejects) -> list[SourceSample]:
+    """One sample per file, however many paths reach it (a linked class folder, a link into another class): under
+    one label the path without links is kept and the others rejected; a file reached under two labels is refused."""
+    by_file: dict[tuple[int, int], list[SourceSample]] = defaultdict(list)
+    for s in samples:
+        try:
+            st = s.path.stat()
+        except OSError:  # unreadable or dangling: the reader rejects it with its reason
+            by_file[(-1, id(s))].append(s)
+            continue
+        by_file[(st.st_dev, st.st_ino)].append(s)
+    kept = set()
+    for same in by_file.values():
+        same.sort(key=lambda s: s.path.absolute() != s.path.resolve())  # the path without links first (stable)
+        if len({s.label for s in same}) > 1:
+            for s in same:
+                rejects.add(s.path, "the same file as " + ", ".join(str(o.path) for o in same if o is not s)
+                            + f" under another class ({', '.join(sorted({o.wnid for o in same}))}): refused")
+            continue
+        kept.add(id(same[0]))
+        for s in same[1:]:
+            rejects.add(s.path, f"the same file as {same[0].path}: indexed once")
+    return [s for s in samples if id(s) in kept]
+
+
+def _entry_problem(path: Path, root: Path) -> str | None:
+    """Why an entry that is neither hidden nor of a skipped type cannot be read: a link loop, a link out of
+    ``root``, or something other than a regular file (a FIFO would block the reader forever)."""
+    try:
+        resolved = path.resolve(strict=False)
+    except (RuntimeError, OSError):
+        return "symbolic link loop: refused"
+    if not (resolved == root or root in resolved.parents):
+        return f"links to {resolved}, outside the source root: refused"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:  # a dangling link: the reader rejects it with its reason
+        return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e}): refused"
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "not a regular file (a FIFO, socket or device): not read"
+    return None
 
 
 def _indexable(path: Path, root: Path, rejects: Rejects) -> bool:
@@ -170,8 +214,8 @@ def _indexable(path: Path, root: Path, rejects: Rejects) -> bool:
         rejects.add(path, "folder inside a class folder: not indexed (one level of class folders)")
     elif not _is_image(path):
         rejects.add(path, f"file type {path.suffix or '(none)'!r} is not read (reads {', '.join(sorted(IMAGE_SUFFIXES))})")
-    elif not _within(path, root):
-        rejects.add(path, f"links to {path.resolve()}, outside the source root: refused")
+    elif (problem := _entry_problem(path, root)) is not None:
+        rejects.add(path, problem)
     else:
         return True
     return False
@@ -209,8 +253,8 @@ def label_file_source(
             rejects.add(where, f"image name {name!r} points outside {folder}: refused")
             continue
         path = folder / name
-        if path.exists() and not _within(path, inside):
-            rejects.add(path, f"links to {path.resolve()}, outside {folder}: refused")
+        if (problem := _entry_problem(path, inside)) is not None:
+            rejects.add(path, problem)
         elif not (0 <= label < num_classes):
             rejects.add(where, f"class index {label} out of range 0..{num_classes - 1} for {name}")
         elif not path.is_file():
@@ -221,7 +265,7 @@ def label_file_source(
         for p in sorted(folder.iterdir()):
             if p.name not in listed and p.resolve() != label_file.resolve():
                 rejects.add(p, f"not listed in {label_file}: not indexed")
-    return _unique(samples, folder)
+    return _unique(_once_per_file(samples, rejects), folder)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -3,6 +3,8 @@ write is deleted, an empty or failed result never replaces a good one, and bad i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from PIL import Image
@@ -307,3 +309,45 @@ def test_json_records_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         write_json(record, {"top1": 99.0})
     assert json.loads(record.read_text()) == {"top1": 50.0}
     assert [p.name for p in record.parent.iterdir()] == ["cache.json"]
+
+
+def test_a_fifo_and_a_link_loop_are_rejects_with_their_reasons(tmp_path):
+    """A FIFO named like an image hung prepare (the reader blocked on it); a link loop crashed it (RuntimeError from
+    resolve). Both are now rejects with a reason, and the other images are indexed."""
+    import os
+
+    from sources.reading import Rejects, class_folder_source, label_file_source
+
+    root = _tree(tmp_path / "val", classes=2, per_class=1)
+    os.mkfifo(root / "class00" / "pipe.JPEG")
+    (root / "class01" / "loop.png").symlink_to(root / "class01" / "loop.png")
+    rejects = Rejects()
+    samples, _ = class_folder_source(root, rejects)
+    assert sorted(s.path.name for s in samples) == ["img0.png", "img0.png"]
+    reasons = dict(rejects.items)
+    assert "not a regular file" in reasons[str(root / "class00" / "pipe.JPEG")]
+    assert "link loop" in reasons[str(root / "class01" / "loop.png")]
+    (tmp_path / "val.txt").write_text("img0.png 0\npipe.JPEG 1\n")
+    rejects = Rejects()
+    assert [s.path.name for s in label_file_source(root / "class00", tmp_path / "val.txt", rejects, 10)] == ["img0.png"]
+    assert "not a regular file" in dict(rejects.items)[str(root / "class00" / "pipe.JPEG")]
+
+
+def test_one_file_reached_by_two_paths_is_one_sample_or_refused(tmp_path):
+    """A linked class folder (c_alias -> class00) and a link into another class made one image three samples with
+    three labels. Now: the same file under one label is indexed once; under two labels it is refused."""
+    from sources.reading import Rejects, class_folder_source
+
+    root = _tree(tmp_path / "val", classes=2, per_class=2)
+    (root / "class01" / "twin.png").symlink_to(root / "class00" / "img0.png")  # another class: refused
+    (root / "class00" / "again.png").symlink_to(root / "class00" / "img1.png")  # the same class: once
+    (root / "class02_alias").symlink_to(root / "class01", target_is_directory=True)  # a third label for class01's
+    rejects = Rejects()
+    samples, classes = class_folder_source(root, rejects)
+    files = {(s.path.resolve().relative_to(root), s.label) for s in samples}
+    assert classes == ["class00", "class01", "class02_alias"]
+    assert files == {(Path("class00/img1.png"), 0)}  # everything else is reached under two labels
+    reasons = dict(rejects.items)
+    assert "indexed once" in reasons[str(root / "class00" / "again.png")]
+    for refused in ("class00/img0.png", "class01/twin.png", "class01/img0.png", "class02_alias/img1.png"):
+        assert "under another class" in reasons[str(root / refused)], refused
