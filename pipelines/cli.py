@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluators.compare import NotComparable
     from model_zoo import ZooError
     from pipelines.reproducible import NotReproducibleHere, pin_cpu
-    from shards import Stopped
+    from shards import NotOurs, Stopped
     from sources import BadSourceError
 
     _interrupt_on_sigterm()
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(f"attack:{args.attack}")
         with tags(*labels):  # every flow and task run of this command carries them (Prefect UI filters)
             args.run(args, params)
-    except (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable) as e:  # a parameters, weights or source problem: its message
+    except (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable, NotOurs) as e:  # a parameters, weights or source problem: its message
         print(f"damagenet {args.stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (Stopped, KeyboardInterrupt) as e:

@@ -12,3 +12,7 @@ STOP = threading.Event()
 
 class Stopped(RuntimeError):
     """A job stopped on request (``STOP``) before it finished."""
+
+
+class NotOurs(RuntimeError):
+    """A file in an output folder that this pipeline did not write: refused, never replaced or removed."""

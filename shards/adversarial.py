@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import tarfile
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 from attacks import AttackConfig, code_digest, create_attack
 from attacks.memory import auto_sub_batch, copy_bytes, warn_if_short
 from model_zoo.zoo import build_model
-from shards import STOP, Stopped
+from shards import STOP, NotOurs, Stopped
 from shards.shardset import ShardWriter, read_shard, sha256_file, shard_records, tar_samples
 
 
@@ -92,7 +93,7 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
         if state == "complete":
             return {"shard": out.name, "skipped": True, "device": device, "sha256": digest_now}
         if state.startswith("job ") and "None" in state:  # records without a job digest: not written here
-            raise FileExistsError(f"{out}: not written by this pipeline; move it away or use another output folder")
+            raise NotOurs(f"{out}: not written by this pipeline; move it away or use another output folder")
         # made by another job (other inputs, parameters or weights), or damaged: made anew
         repaired = f"made by another job ({state[4:]})" if state.startswith("job ") else f"damaged ({state})"
         out.unlink()
@@ -132,6 +133,16 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
     return {"shard": out.name, "skipped": False, "device": device, "count": count, "steps": steps,
             "seconds": time.perf_counter() - start, "repaired": repaired, "sub_batch": sub_batch,
             "sha256": sha256_file(out)}
+
+
+def written_here(path: Path, set_name: str) -> bool:
+    """Whether ``path`` carries this pipeline's marks: a shard name of the set and samples with a job digest."""
+    if not re.fullmatch(rf"{re.escape(set_name)}-[0-9]{{6}}\.tar", path.name):
+        return False
+    try:
+        return all("job_digest" in meta for _, _, meta in shard_records(path))
+    except (tarfile.TarError, OSError, ValueError, KeyError):
+        return False
 
 
 def _existing_output(out: Path, digest: str, count: int) -> str:

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -153,6 +155,23 @@ def test_a_shard_this_pipeline_did_not_write_is_refused_and_kept(clean_set, surr
     with pytest.raises(RuntimeError, match=r"failed after retry: \['aoa-000001.tar'\]"):
         _run(clean_set[0], surrogate, out, devices=["cpu"])
     assert foreign.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["my_notes.tar", "DAmageNet_download.tar", "aoa-000009.tar"])
+def test_a_tar_this_pipeline_did_not_write_stops_the_stage_and_stays(clean_set, surrogate, tmp_path, name):
+    """Files in the output folder that no clean shard maps to were deleted as 'stale' (rc 0, a warning). Only a
+    shard with this pipeline's marks (the set's shard name, samples with a job digest) may go; anything else stops
+    the stage naming it, before any shard is made."""
+    from shards import NotOurs
+
+    out = tmp_path / "set"
+    out.mkdir()
+    foreign = out / name
+    write_shard(foreign, [{"key": "x", "image": np.zeros((32, 32, 3), np.uint8), "cls": 0, "json": {}}])
+    before = foreign.read_bytes()
+    with pytest.raises(NotOurs, match=re.escape(str(foreign))):
+        _run(clean_set[0], surrogate, out, devices=["cpu"])
+    assert foreign.read_bytes() == before and sorted(p.name for p in out.iterdir()) == [name]
 
 
 @pytest.mark.slow

@@ -35,8 +35,8 @@ from pipelines.config import Budget, Dask
 from pipelines.params import write_json
 from pipelines.progress import RUNNING, Progress
 from pipelines.stages import resolve_devices
-from shards import STOP, Stopped
-from shards.adversarial import attack_shard_file
+from shards import STOP, NotOurs, Stopped
+from shards.adversarial import attack_shard_file, written_here
 from shards.shardset import (
     class_names,
     dataset_card_header,
@@ -208,9 +208,14 @@ def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, 
     for u in units:
         u["recorded_sha256"] = recorded.get(Path(u["out_shard"]).name)
     outputs = [Path(u["out_shard"]) for u in units]
-    for stale in sorted(set(shard_paths(out)) - set(outputs)):  # from a larger clean set of an earlier run
-        log.warning("removing %s: its clean shard no longer exists", stale)
-        stale.unlink()
+    stale = sorted(set(shard_paths(out)) - set(outputs))  # from a larger clean set of an earlier run, or not ours
+    for path in stale:
+        if not written_here(path, attack):
+            raise NotOurs(f"{path}: not a shard this pipeline wrote for {attack!r}; move it out of {out} (nothing "
+                          "was removed)")
+    for path in stale:
+        log.warning("removing %s: its clean shard no longer exists", path)
+        path.unlink()
     start = time.perf_counter()
     threads = cpu_threads(devices, len(units)) if threads == "auto" else int(threads)
     results, failed = _run_units(units, devices, threads, log, f"generate {attack}", out)
