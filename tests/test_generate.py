@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,8 +14,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import re
-
 import pytest
 import torch
 from safetensors.torch import save_file
