@@ -17,6 +17,7 @@ import torch
 from attacks.registry import attack_method
 from pipelines.config import ConfigError, Params
 from pipelines.params import metrics_dir  # noqa: F401  (the stages' metrics folder, read by the CLI)
+from shards.verify import verify_files
 
 # the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
 HUB_WEIGHTS = Path("data/hub_weights.json")
@@ -162,6 +163,10 @@ def require_inputs(params: Params, sets: dict[str, str], models: list) -> None:
     for name, folder in sets.items():
         if not (Path(folder) / "SHA256SUMS").is_file():
             raise ConfigError(f"{folder}: shard set {name!r} not found (run `{_stage_that_writes(params, name)}` first)")
+        problems = verify_files(folder)  # the set is exactly the files it lists, with their checksums
+        if problems:
+            raise ConfigError(f"{problems[0]} (shard set {name!r}: {len(problems)} problem(s); `damagenet verify "
+                              f"{folder}` lists them)")
     models_file = Path(params.require("zoo").out) / "models.json"
     if any(isinstance(m, str) for m in models) and not models_file.is_file():
         raise ConfigError(f"{models_file}: not found (run `dvc repro zoo` first)")

@@ -98,8 +98,10 @@ def test_generate_names_an_attack_missing_from_params(tmp_path, capsys):
 
 
 def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
+    import numpy as np
     import yaml
 
+    from shards.shardset import shard_name, write_index, write_shard
     from pipelines import stages
     from pipelines.flows.report import scheduled_evaluation_flow
     from pipelines.params import load_params
@@ -109,8 +111,10 @@ def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
         params["zoo"]["out"] = str(tmp_path / "zoo")
 
     for folder in ["clean", *(f"sets/{n}" for n in yaml.safe_load(open("params.yaml"))["attacks"])]:
-        (tmp_path / folder).mkdir(parents=True)
-        (tmp_path / folder / "SHA256SUMS").write_text("")
+        name = folder.rsplit("/", 1)[-1]
+        write_shard(tmp_path / folder / shard_name(name, 0), [
+            {"key": "img0", "image": np.zeros((32, 32, 3), np.uint8), "cls": 0, "json": {}}])
+        write_index(tmp_path / folder, name)
     (tmp_path / "zoo").mkdir()
     (tmp_path / "zoo" / "models.json").write_text("[]")
     p = _params(tmp_path, edit=made_here)

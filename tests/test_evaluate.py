@@ -340,3 +340,19 @@ def test_compare_counts_what_differs_against_a_plain_computation(sets, tmp_path)
     write_index(fewer, "noisy")
     with pytest.raises(NotComparable, match="key"):
         compare_shardsets(sets["noisy"], fewer)
+
+
+def test_a_shard_not_listed_in_sha256sums_is_not_read_and_the_stage_refuses_the_set(sets, tmp_path):
+    """An extra shard beside a set (pgd-000006.tar) was read: n = 350 for a 300-image set, cached under the key of
+    the 300. The loader reads the listed shards only, and evaluate's input check refuses the set, naming the file."""
+    from pipelines.config import ConfigError
+    from pipelines.params import load_params
+    from pipelines.stages import require_inputs
+
+    grown = tmp_path / "grown"
+    shutil.copytree(sets["noisy"], grown)
+    shutil.copy(sorted(grown.glob("*.tar"))[0], grown / shard_name("noisy", 6))
+    model = build_model(_spec(tmp_path, "m", 0))
+    assert evaluate_shardset(model, grown)["n"] == 30  # the 30 images SHA256SUMS lists, not 40
+    with pytest.raises(ConfigError, match=r"noisy-000006.tar: not listed in SHA256SUMS"):
+        require_inputs(load_params("params.yaml"), {"noisy": str(grown)}, [])
