@@ -6,6 +6,7 @@ DVC calls these (see dvc.yaml); every knob comes from params.yaml.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from importlib.metadata import version
@@ -270,6 +271,18 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+class _NoRefusalTracebacks(logging.Filter):
+    """Prefect logs an exception that ends a flow or task run with its traceback; for a refusal (bad input, which the
+    CLI names in one line) that reads as a crash, so those records are left out of the run logs."""
+
+    def __init__(self, refusals: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.refusals = refusals
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], self.refusals))
+
+
 def _unreachable_api(e: BaseException) -> str | None:
     """The API URL when ``e`` (or what caused it) is a failed connection to the Prefect API, else None."""
     import httpx
@@ -304,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     from sources import BadSourceError
 
     _interrupt_on_sigterm()
+    refusals = (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable, NotOurs)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoRefusalTracebacks(refusals))
     try:
         labels = [f"stage:{args.stage}"]
         if params is not None:
@@ -313,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(f"attack:{args.attack}")
         with tags(*labels):  # every flow and task run of this command carries them (Prefect UI filters)
             args.run(args, params)
-    except (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable, NotOurs) as e:  # a parameters, weights or source problem: its message
+    except refusals as e:  # a parameters, weights or source problem: its message
         print(f"damagenet {args.stage}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (Stopped, KeyboardInterrupt) as e:

@@ -351,3 +351,25 @@ def test_one_file_reached_by_two_paths_is_one_sample_or_refused(tmp_path):
     assert "indexed once" in reasons[str(root / "class00" / "again.png")]
     for refused in ("class00/img0.png", "class01/twin.png", "class01/img0.png", "class02_alias/img1.png"):
         assert "under another class" in reasons[str(root / refused)], refused
+
+
+def test_a_refusal_inside_a_flow_is_one_line_on_the_real_commands_stderr(tmp_path):
+    """The stage's own command, as a user runs it: a source refused inside the prepare flow left a 27-line Prefect
+    traceback on stderr above the one-line message. Now stderr is that line; the run's log (stdout) has no
+    traceback either."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "val"
+    (root / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(root / "n01440764" / "a.JPEG", "JPEG")
+    (root / "backup").mkdir()
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"source": _source_params(root, tmp_path / "clean", num_classes=1000)}))
+    damagenet = Path(sys.executable).with_name("damagenet")
+    run = subprocess.run([str(damagenet), "prepare", "--params", str(params)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [f"damagenet prepare: {root}: 1 WordNet-id class folders mixed with 1 other "
+                                       "folder(s) ['backup']: remove or rename them (labels would shift)"]
+    assert "Traceback" not in run.stdout and not (tmp_path / "clean").exists()
