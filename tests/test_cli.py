@@ -101,10 +101,10 @@ def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
     import numpy as np
     import yaml
 
-    from shards.shardset import shard_name, write_index, write_shard
     from pipelines import stages
     from pipelines.flows.report import scheduled_evaluation_flow
     from pipelines.params import load_params
+    from shards.shardset import shard_name, write_index, write_shard
 
     def made_here(params):  # the stages' outputs this run reads, as made (sums written) in tmp_path
         params["source"]["out"], params["generate"]["out_root"] = str(tmp_path / "clean"), str(tmp_path / "sets")
