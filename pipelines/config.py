@@ -370,6 +370,22 @@ class Params(_Section):
                                      "see it change")
         return self
 
+    @model_validator(mode="after")
+    def _outputs_apart(self):
+        """No stage writes inside another stage's output (evaluate.out in a shard set broke the set)."""
+        outputs = {"zoo.out": self.zoo and self.zoo.out, "source.out": self.source and self.source.out,
+                   "evaluate.out": self.evaluate and self.evaluate.out, "report.out": self.report and self.report.out}
+        if self.generate:
+            outputs |= {f"the shard set of attacks.{name}": str(PurePosixPath(self.generate.out_root) / name)
+                        for name in self.attacks or {}}
+        named = [(key, str(folder)) for key, folder in outputs.items() if folder]
+        for key, folder in named:
+            for other, other_folder in named:
+                if key != other and _inside(folder, other_folder):
+                    raise ValueError(f"{key} ({folder}) lies inside {other} ({other_folder}): each stage writes "
+                                     "its own folder")
+        return self
+
     @property
     def path(self) -> str:
         return self._path

@@ -14,6 +14,9 @@ from pipelines.config import ConfigError, Params, validate_params
 def load_params(path: str | Path = "params.yaml") -> Params:
     """The parameters in ``path``, typed and checked against the schema; :class:`ConfigError` (one line) otherwise."""
     path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):  # never open a FIFO: the read would block
+        raise ConfigError(f"{path}: not a regular file ({'a folder' if path.is_dir() else 'a FIFO, socket or device'}); "
+                          "--params takes a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found (run from the repository root or pass --params)")
     try:

@@ -355,3 +355,18 @@ def test_evaluate_before_its_inputs_names_the_stage_and_keeps_the_metrics(tmp_pa
     assert run.stderr.strip().splitlines() == [
         "damagenet evaluate: data/shards/clean: shard set 'clean' not found (run `dvc repro prepare` first)"]
     assert metrics.read_text() == '{"top1_err": {"vgg_demo": {"clean": 20.0}}}\n' and table.is_file()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_params_that_are_a_folder_or_a_fifo_are_named_as_such(tmp_path, kind):
+    """They were "file not found"; a FIFO must not be opened (the read blocks)."""
+    import os
+    import subprocess
+
+    params = tmp_path / "p.yaml"
+    params.mkdir() if kind == "folder" else os.mkfifo(params)
+    run = subprocess.run([str(Path(sys.executable).with_name("damagenet")), "--params", str(params), "evaluate"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        f"damagenet evaluate: {params}: not a regular file ({'a folder' if kind == 'folder' else 'a FIFO, socket or device'});"
+        " --params takes a YAML file"]

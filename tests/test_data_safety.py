@@ -373,3 +373,24 @@ def test_a_refusal_inside_a_flow_is_one_line_on_the_real_commands_stderr(tmp_pat
     assert run.stderr.splitlines() == [f"damagenet prepare: {root}: 1 WordNet-id class folders mixed with 1 other "
                                        "folder(s) ['backup']: remove or rename them (labels would shift)"]
     assert "Traceback" not in run.stdout and not (tmp_path / "clean").exists()
+
+
+@pytest.mark.parametrize("edit,problem", [
+    (lambda p: p["evaluate"].update(out="data/shards/pgd/eval"),
+     "evaluate.out (data/shards/pgd/eval) lies inside the shard set of attacks.pgd (data/shards/pgd)"),
+    (lambda p: p["attacks"].update(clean={"attack": "pgd"}),
+     "source.out (data/shards/clean) lies inside the shard set of attacks.clean (data/shards/clean)"),
+])
+def test_an_output_inside_another_stages_output_is_refused_when_the_params_load(tmp_path, edit, problem):
+    """evaluate.out inside a shard set was accepted and broke the set (verify: 4 problems); an attack set named
+    'clean' was refused only inside the flow, with 62 tracebacks."""
+    import subprocess
+    import sys
+
+    params = yaml.safe_load(open("params.yaml"))
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    run = subprocess.run([str(Path(sys.executable).with_name("damagenet")), "--params", str(path), "evaluate"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and problem in run.stderr
