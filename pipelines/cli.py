@@ -100,7 +100,7 @@ def _evaluate(args, params):
     from pipelines.flows.evaluate import evaluate
 
     try:
-        evaluate(**stages.evaluate(params), metrics_path=str(args.metrics / "evaluate.json"))
+        evaluate(**stages.evaluate(params))
     except RuntimeError as e:  # the flow run is Failed; its message names each failed model
         raise SystemExit(str(e)) from None
 

@@ -179,6 +179,9 @@ def evaluate(params: Params) -> dict[str, Any]:
     return {
         "models": resolve_models(ev.models, trained_specs(params)),
         "sets": sets,
+        # this parameters file's metrics, as for `damagenet evaluate --params` (a scheduled run of another profile
+        # wrote the default's metrics/evaluate.json)
+        "metrics_path": str(metrics_dir(params.path) / "evaluate.json"),
         "out": ev.out, "batch_size": ev.batch_size, "workers": ev.workers,
         "devices": resolve_devices(ev.devices, 1),
         "source": source, "profile": params.profile,

@@ -370,3 +370,24 @@ def test_params_that_are_a_folder_or_a_fifo_are_named_as_such(tmp_path, kind):
     assert run.returncode == 2 and run.stderr.splitlines() == [
         f"damagenet evaluate: {params}: not a regular file ({'a folder' if kind == 'folder' else 'a FIFO, socket or device'});"
         " --params takes a YAML file"]
+
+
+def test_evaluate_arguments_carry_the_metrics_path_of_their_params_file(tmp_path):
+    """The scheduled run and the CLI take evaluate's arguments from one place; a profile's file keeps its metrics
+    apart (metrics/<stem>/evaluate.json), the default file writes metrics/evaluate.json."""
+    import numpy as np
+    import yaml
+
+    from pipelines import stages
+    from pipelines.params import load_params
+    from shards.shardset import shard_name, write_index, write_shard
+
+    params = yaml.safe_load(open("params.yaml"))
+    params["source"]["out"], params["generate"]["out_root"] = str(tmp_path / "clean"), str(tmp_path / "sets")
+    params["evaluate"]["models"], params["evaluate"]["sets"] = [], ["clean"]
+    write_shard(tmp_path / "clean" / shard_name("clean", 0), [
+        {"key": "img0", "image": np.zeros((32, 32, 3), np.uint8), "cls": 0, "json": {}}])
+    write_index(tmp_path / "clean", "clean")
+    for name, expected in (("params.yaml", "metrics/evaluate.json"), ("mnist.yaml", "metrics/mnist/evaluate.json")):
+        (tmp_path / name).write_text(yaml.safe_dump(params))
+        assert stages.evaluate(load_params(tmp_path / name))["metrics_path"] == expected
