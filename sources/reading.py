@@ -396,6 +396,13 @@ def read_label_sets(path: Path | str, samples: list[SourceSample], num_classes: 
                                        "file names); map file names to sets instead")
         found = {k: sets[i] for k, i in where.items() if i < len(sets)}
     elif isinstance(sets, dict):
+        by_name = defaultdict(list)
+        for s in samples:
+            by_name[s.path.name].append(s)
+        for name, same in by_name.items():  # a file name two images share says nothing about which one it means
+            if len(same) > 1 and name in sets:
+                raise BadSourceError(path, f"{name!r} names {len(same)} images ({', '.join(str(s.path) for s in same[:3])}"
+                                           "): key those label sets by sample key or by a unique name")
         found = {s.key: sets[n] for s in samples for n in (s.path.name, s.key) if n in sets}
     else:
         raise BadSourceError(path, f"expected a list or an object of label sets, not {type(sets).__name__}")

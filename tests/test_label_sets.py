@@ -38,6 +38,17 @@ def test_a_mapping_is_read_by_file_name_or_key_and_leaves_others_without_a_set(t
     assert read_label_sets(sets, _samples("a.png", "b.png", "c.png"), 10) == {"a": [4], "b": [5, 6]}
 
 
+def test_a_file_name_two_images_share_is_refused_as_a_key_and_their_sample_keys_work(tmp_path):
+    """``img.png`` in two class folders: keyed by that name, ``b/img.png`` got the set of ``a/img.png``."""
+    samples = [SourceSample("img_1", Path("/images/a/img.png"), 0, "a"), SourceSample("img_2", Path("/images/b/img.png"), 1, "b")]
+    sets = tmp_path / "sets.json"
+    sets.write_text(json.dumps({"img.png": [0]}))
+    with pytest.raises(BadSourceError, match=r"'img.png' names 2 images \(/images/a/img.png, /images/b/img.png\)"):
+        read_label_sets(sets, samples, 10)
+    sets.write_text(json.dumps({"img_1": [0], "img_2": [1, 2]}))
+    assert read_label_sets(sets, samples, 10) == {"img_1": [0], "img_2": [1, 2]}
+
+
 @pytest.mark.parametrize("content,problem", [
     ([[1], [2]], "a list of 2 label sets for 3 indexed images"),
     ({"a.png": [10]}, "label set of 'a' is [10]: expected a list of class indices in 0..9"),
