@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 import re
 import stat
+import unicodedata
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -100,10 +102,11 @@ def _is_image(path: Path) -> bool:
 
 def _unique(samples: list[SourceSample], root: Path) -> list[SourceSample]:
     """Give every sample a distinct key. Keys that clash, also only by case (a case-insensitive file system, or a
-    consumer's, would merge them) or across class folders, all get a suffix from their relative path."""
+    consumer's, would merge them) or by Unicode form (NFC and NFD spellings of one name look the same), or across
+    class folders, all get a suffix from their relative path."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
-        groups[s.key.casefold()].append(i)
+        groups[unicodedata.normalize("NFC", s.key).casefold()].append(i)  # café in NFC and NFD: one look
     out = list(samples)
     for members in groups.values():
         if len(members) > 1:
@@ -243,7 +246,8 @@ def label_file_source(
         if len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1]):
             rejects.add(where, f"malformed line {line!r}: expected 'name index'")
             continue
-        name, label = parts[0], int(parts[1])
+        # "./a.png" is a.png: the name as the folder listing sees it (it was indexed and also "not listed")
+        name, label = posixpath.normpath(parts[0]), int(parts[1])
         if name in listed:  # which label is right cannot be told: the file must be fixed
             first, first_label = listed[name]
             raise BadSourceError(label_file, f"lines {first} and {lineno} both name {name!r}" + (

@@ -394,3 +394,27 @@ def test_an_output_inside_another_stages_output_is_refused_when_the_params_load(
     run = subprocess.run([str(Path(sys.executable).with_name("damagenet")), "--params", str(path), "evaluate"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and problem in run.stderr
+
+
+def test_a_dot_slash_name_in_val_txt_is_its_file_and_nfc_nfd_twins_get_keys_that_differ(tmp_path):
+    """'./a.png' in val.txt was indexed and also rejected as not listed; café.png in NFC and NFD made two keys that
+    look the same."""
+    import unicodedata
+
+    from sources.reading import Rejects, class_folder_source, label_file_source
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (20, 20)).save(flat / "a.png")
+    (tmp_path / "val.txt").write_text("./a.png 1\n")
+    rejects = Rejects()
+    assert [s.path.name for s in label_file_source(flat, tmp_path / "val.txt", rejects, 10)] == ["a.png"]
+    assert rejects.items == []
+
+    root = tmp_path / "val"
+    (root / "cafes").mkdir(parents=True)
+    for form in ("NFC", "NFD"):
+        Image.new("RGB", (20, 20), (1, 2, 3)).save(root / "cafes" / unicodedata.normalize(form, "café.png"))
+    samples, _ = class_folder_source(root, Rejects())
+    looks = {unicodedata.normalize("NFC", s.key) for s in samples}
+    assert len(samples) == 2 and len(looks) == 2
