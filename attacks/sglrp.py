@@ -123,7 +123,10 @@ class Relevance(NamedTuple):
 
 
 class Step:
-    """One layer of the relevance graph: ``forward`` keeps the activations that ``relevance`` needs."""
+    """One layer of the relevance graph: ``forward`` keeps the activations that ``relevance`` needs.
+    ``ratio_used``: whether a residual split below consumes the ratio this step returns (else it is not made)."""
+
+    ratio_used = True
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -154,7 +157,9 @@ class ActivationStep(Step):
         return (ratio.view(-1, *z.shape) * gate).flatten(0, 1)
 
     def relevance(self, rel, explicit):
-        return Relevance(rel.r, None if rel.ratio is None else self.input_ratio(rel.ratio, self.z.to(rel.r.dtype)))
+        if rel.ratio is None or not self.ratio_used:
+            return Relevance(rel.r)
+        return Relevance(rel.r, self.input_ratio(rel.ratio, self.z.to(rel.r.dtype)))
 
 
 @dataclass
@@ -253,7 +258,7 @@ class LinearStep(Step):
             ratio = back[0] if len(back) == 1 else torch.where(a > 0, back[0], back[1])
             out = ratio * a
         out, ratio = (None if v is None else self._unpad(v.flatten(0, 1)) for v in (out, ratio))
-        return Relevance(out, ratio)
+        return Relevance(out, ratio if self.ratio_used else None)
 
     def _unpad(self, v: torch.Tensor) -> torch.Tensor:
         if not self.pad:
@@ -280,7 +285,8 @@ class MaxPoolStep(Step):
     def relevance(self, rel, explicit):
         # winner-take-all: each window's relevance goes to its argmax (overlapping windows add up); a winner's
         # input equals the window's output, so the ratio moves the same way
-        return Relevance(*(None if v is None else self._to_winners(v, explicit) for v in rel))
+        return Relevance(*(None if v is None else self._to_winners(v, explicit)
+                           for v in (rel if self.ratio_used else rel[:1])))
 
     def _to_winners(self, r: torch.Tensor, explicit: bool) -> torch.Tensor:
         if not explicit:
@@ -327,7 +333,8 @@ class AvgPoolStep(Step):
             h, w = a.shape[-2:]
             even = (rv / (h * w))[..., None, None].expand_as(out)
             out = torch.where((z > 0)[None, ..., None, None], out, even)
-        return Relevance(out.flatten(0, 1), c.reshape(out.flatten(0, 1).shape))  # c: the ratio where a is not 0
+        ratio = c.reshape(out.flatten(0, 1).shape) if self.ratio_used else None  # c: the ratio where a is not 0
+        return Relevance(out.flatten(0, 1), ratio)
 
 
 class FlattenStep(Step):
@@ -368,7 +375,7 @@ class ResidualStep(Step):
             share = torch.where(out != 0, ratio.view(share.shape), share)
         branch = _relevance(self.branch, Relevance((share * b).flatten(0, 1), share.flatten(0, 1)), explicit)
         shortcut = _relevance(self.shortcut, Relevance((share * s).flatten(0, 1), share.flatten(0, 1)), explicit)
-        ratio = None if branch.ratio is None or shortcut.ratio is None else branch.ratio + shortcut.ratio
+        ratio = branch.ratio + shortcut.ratio if self.ratio_used else None
         return Relevance(branch.r + shortcut.r, ratio)
 
 
@@ -389,6 +396,20 @@ def _flatten_steps(steps: list[Step]) -> list[Step]:
     for s in steps:
         out += _flatten_steps(s.branch) + _flatten_steps(s.shortcut) if isinstance(s, ResidualStep) else [s]
     return out
+
+
+def _mark_ratio_use(steps: list[Step], used_below: bool) -> None:
+    """Set each step's ``ratio_used``, bottom to top: a residual split consumes the ratio at its output, a linear
+    or pooling step makes its own, and an activation, max-pool or reshape passes on what it is given."""
+    used = used_below
+    for step in steps:
+        step.ratio_used = used
+        if isinstance(step, ResidualStep):
+            _mark_ratio_use(step.branch, used)
+            _mark_ratio_use(step.shortcut, used)
+            used = True
+        elif isinstance(step, (LinearStep, AvgPoolStep)):
+            used = False
 
 
 def _mark_signed_inputs(steps: list[Step], nonneg: bool) -> bool:
@@ -579,6 +600,7 @@ class SGLRP(nn.Module):
         if not isinstance(steps[-1], LinearStep):
             raise UnsupportedLayerError("SGLRP: the model must end in a dense/1x1 logit layer")
         _mark_signed_inputs(steps, nonneg=False)
+        _mark_ratio_use(steps, used_below=False)
         first = linear[0]
         first.rule, first.bounds, first.channel_bounds = "zb", bounds, classifier.input_bounds()
         steps[-1].rule = "wsquare"

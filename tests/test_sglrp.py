@@ -415,3 +415,17 @@ def test_aoa_fp32_gradient_does_not_hinge_on_the_residual_stabiliser(lite0, monk
     cosines = {p.name: policy_error(lite0, crop(Image.open(p.file()).convert("RGB"))[None], torch.tensor([p.index]),
                                     "fp32")["grad_cosine"] for p in PHOTOS}
     assert min(cosines.values()) >= 0.999, cosines
+
+
+def test_the_ratio_is_made_only_where_a_residual_split_uses_it():
+    """VGG has no residual sum: no step makes a ratio, so its relevance pass costs what it did before the ratio.
+    In a ResNet the steps right above each block (and the chains inside them) make it."""
+    from attacks.sglrp import ResidualStep, _flatten_steps
+
+    vgg = SGLRP(MODELS["vgg"]())
+    assert not any(s.ratio_used for s in _flatten_steps(vgg.steps))
+    resnet = SGLRP(MODELS["resnet"]())
+    top = resnet.steps
+    blocks = [i for i, s in enumerate(top) if isinstance(s, ResidualStep)]
+    assert blocks and all(top[i + 1].ratio_used for i in blocks)  # what sits on a block passes its ratio down
+    assert not top[blocks[0]].ratio_used  # the first block's input ratio: the stem's max-pool would not use it
