@@ -91,22 +91,6 @@ def test_a_killed_runs_build_folder_is_removed_by_the_next_run(tmp_path, prefect
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".clean")) == [".clean.lock"]
 
 
-def test_a_stray_folder_among_wnid_folders_is_one_line_without_traceback(tmp_path, prefect_server, capsys):
-    from pipelines.cli import main
-
-    root = tmp_path / "val"
-    (root / "n01440764").mkdir(parents=True)
-    Image.new("RGB", (40, 40)).save(root / "n01440764" / "a.JPEG", "JPEG")
-    (root / "backup").mkdir()
-    params = tmp_path / "p.yaml"
-    params.write_text(yaml.safe_dump({"source": _source_params(root, tmp_path / "clean", num_classes=1000)}))
-    with pytest.raises(SystemExit) as e:
-        main(["prepare", "--params", str(params)])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "mixed with 1 other folder(s) ['backup']" in err
-
-
 def test_a_prefect_api_that_does_not_answer_is_named_in_one_line(tmp_path):
     """Before: Prefect's client retried 5 times with backoff (6 minutes on a dead server), then a traceback."""
     import os
@@ -354,8 +338,8 @@ def test_one_file_reached_by_two_paths_is_one_sample_or_refused(tmp_path):
 
 
 def test_a_refusal_inside_a_flow_is_one_line_on_the_real_commands_stderr(tmp_path):
-    """The stage's own command, as a user runs it: a source refused inside the prepare flow left a 27-line Prefect
-    traceback on stderr above the one-line message. Now stderr is that line; the run's log (stdout) has no
+    """The stage's own command, as a user runs it: a stray folder among wnid folders, refused inside the prepare
+    flow, left a 27-line Prefect traceback on stderr above the one-line message. Now stderr is that line; the run's log (stdout) has no
     traceback either."""
     import subprocess
     import sys
