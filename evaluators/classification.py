@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from shards.shardset import FIELDS
+from shards.shardset import FIELDS, MAX_MEMBER_BYTES, check_members
 from shards.verify import read_sums
 
 
@@ -46,7 +46,7 @@ def _decode(sample):
     return torch.from_numpy(np.array(image)).permute(2, 0, 1), int(cls), key, meta.get("label_set")
 
 
-def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
+def shard_loader(root: Path | str, batch_size: int, workers: int = 0, max_member: int = MAX_MEMBER_BYTES):
     """Batches ``(uint8 NCHW, labels, keys, label sets)`` in shard order (a set is None where the sample has none);
     at most one loader worker per shard. Only the shards ``SHA256SUMS`` lists are read: a stray ``.tar`` beside
     them is not part of the set (it made n = 350 of a 300-image set, under the cache key of the 300)."""
@@ -55,6 +55,8 @@ def shard_loader(root: Path | str, batch_size: int, workers: int = 0):
     if problems:
         raise ValueError(problems[0])
     urls = [str(Path(root) / name) for name in sorted(listed) if name.endswith(".tar")]
+    for url in urls:  # webdataset reads each member whole: a 6 GiB one was a MemoryError
+        check_members(url, max_member)
     if not urls:
         raise FileNotFoundError(f"{root}: no shards")
     # webdataset splits by shard: a worker without a shard ends the loader with "No samples found"

@@ -126,22 +126,38 @@ def tar_samples(path: Path | str, max_member: int = MAX_MEMBER_BYTES) -> Iterato
     current sample (two adjacent samples with the same key), and for a member larger than ``max_member`` bytes."""
     current, fields = None, {}
     with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                raise ValueError(f"{path}: member {member.name!r} is not a regular file")
+        for member in _checked_members(tar, path, max_member):
             key, _, ext = member.name.partition(".")
             if key != current and current is not None:
                 yield current, fields
                 fields = {}
             if ext in fields:
                 raise ValueError(f"{path}: member {member.name!r} repeats (duplicate key {key!r})")
-            if member.size > max_member:  # refused before reading: a header may declare any size
-                raise ValueError(f"{path}: member {member.name!r} declares {member.size} bytes, more than a sample "
-                                 f"of this set can hold ({max_member})")
             current = key
             fields[ext] = tar.extractfile(member).read()
     if current is not None:
         yield current, fields
+
+
+def _checked_members(tar: tarfile.TarFile, path: Path | str, max_member: int) -> Iterator[tarfile.TarInfo]:
+    for member in tar:
+        if not member.isfile():
+            raise ValueError(f"{path}: member {member.name!r} is not a regular file")
+        if member.size > max_member:  # refused before reading: a header may declare any size
+            raise ValueError(f"{path}: member {member.name!r} declares {member.size} bytes, more than a sample "
+                             f"of this set can hold ({max_member})")
+        yield member
+
+
+def check_members(path: Path | str, max_member: int = MAX_MEMBER_BYTES) -> None:
+    """Every member's header checked as :func:`tar_samples` checks it (a regular file, a bounded size), without
+    reading any data: before another reader (webdataset) loads whole members into memory."""
+    try:
+        with tarfile.open(path) as tar:
+            for _ in _checked_members(tar, path, max_member):
+                pass
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: not a readable tar ({' '.join(str(e).split())})") from None
 
 
 def shard_records(path: Path | str) -> Iterator[tuple[str, int, dict[str, Any]]]:

@@ -356,3 +356,15 @@ def test_a_shard_not_listed_in_sha256sums_is_not_read_and_the_stage_refuses_the_
     assert evaluate_shardset(model, grown)["n"] == 30  # the 30 images SHA256SUMS lists, not 40
     with pytest.raises(ConfigError, match=r"noisy-000006.tar: not listed in SHA256SUMS"):
         require_inputs(load_params("params.yaml"), {"noisy": str(grown)}, [])
+
+
+def test_the_loader_refuses_a_member_over_its_bound_before_reading_it(sets):
+    """A shard whose header declares a 6 GiB member made evaluate's loader (webdataset reads members whole) die of
+    MemoryError while verify refused it; the loader now checks every header against the same bound first. Here
+    the bound is set below a real PNG member's size, so the check is seen to act without a 6 GiB file."""
+    from evaluators.classification import shard_loader
+    from shards.shardset import MAX_MEMBER_BYTES
+
+    assert list(shard_loader(sets["clean"], 8, max_member=MAX_MEMBER_BYTES))  # the real bound reads the set
+    with pytest.raises(ValueError, match=r"clean-000000.tar: member 'img000.png' declares \d+ bytes, more than"):
+        shard_loader(sets["clean"], 8, max_member=100)
