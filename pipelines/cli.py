@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     _interrupt_on_sigterm()
     refusals = (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable, NotOurs)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_NoRefusalTracebacks(refusals))
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoRefusalTracebacks) for f in run_logger.filters):  # main() may run again in-process
+            run_logger.addFilter(_NoRefusalTracebacks(refusals))
     try:
         labels = [f"stage:{args.stage}"]
         if params is not None:

@@ -16,7 +16,7 @@ import torch
 
 from attacks.registry import attack_method
 from pipelines.config import ConfigError, Params
-from pipelines.params import metrics_dir  # noqa: F401  (the stages' metrics folder, read by the CLI)
+from pipelines.params import metrics_dir
 from shards.verify import verify_files
 
 # the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
@@ -153,7 +153,7 @@ def shard_sets(params: Params, names: list[str]) -> dict[str, str]:
     return {n: params.require("source").out if n == "clean" else str(root / n) for n in names}
 
 
-def _stage_that_writes(params: Params, set_name: str) -> str:
+def _stage_that_writes(set_name: str) -> str:
     return "dvc repro prepare" if set_name == "clean" else f"dvc repro generate@{set_name}"
 
 
@@ -162,7 +162,7 @@ def require_inputs(params: Params, sets: dict[str, str], models: list) -> None:
     first): every shard set (its SHA256SUMS, written last) and, for models named from the zoo, the zoo's record."""
     for name, folder in sets.items():
         if not (Path(folder) / "SHA256SUMS").is_file():
-            raise ConfigError(f"{folder}: shard set {name!r} not found (run `{_stage_that_writes(params, name)}` first)")
+            raise ConfigError(f"{folder}: shard set {name!r} not found (run `{_stage_that_writes(name)}` first)")
         problems = verify_files(folder)  # the set is exactly the files it lists, with their checksums
         if problems:
             raise ConfigError(f"{problems[0]} (shard set {name!r}: {len(problems)} problem(s); `damagenet verify "
