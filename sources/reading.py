@@ -177,7 +177,8 @@ def _once_per_file(samples: list[SourceSample], rejects: Rejects) -> list[Source
         by_file[(st.st_dev, st.st_ino)].append(s)
     kept = set()
     for same in by_file.values():
-        same.sort(key=lambda s: s.path.absolute() != s.path.resolve())  # the path without links first (stable)
+        if len(same) > 1:
+            same.sort(key=lambda s: s.path.absolute() != s.path.resolve())  # the path without links first (stable)
         if len({s.label for s in same}) > 1:
             for s in same:
                 rejects.add(s.path, "the same file as " + ", ".join(str(o.path) for o in same if o is not s)
