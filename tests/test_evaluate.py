@@ -334,6 +334,9 @@ def test_compare_counts_what_differs_against_a_plain_computation(sets, tmp_path)
     with torch.no_grad():
         expected = sum(top1(original[k]) != top1(changed[k]) for k in result["differing_keys"])
     assert result["changed_predictions"] == {"victim": expected}
+    # the victims see the differing images in batches: one at a time gives the same count
+    assert compare_shardsets(sets["noisy"], copy, {"victim": model}, batch_size=1)["changed_predictions"] == {
+        "victim": expected}
     fewer = tmp_path / "fewer"  # a set that lost a shard: not the same images
     shutil.copytree(sets["noisy"], fewer)
     sorted(fewer.glob("*.tar"))[0].unlink()
