@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,31 +116,74 @@ def test_plots_render_offline_to_svg_with_vega_bundled(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".dvc", ".dvcignore", "curves", "dvc.yaml", "fig.png", "out"]
 
 
-def test_fetch_checks_what_dvc_pulled_against_the_sets_sums(tmp_path, capsys):
-    """DVC does not re-hash what it pulls: a damaged object in the remote arrives silently unless fetch checks."""
-    import hashlib
+def _published_repo(tmp_path, shard_bytes_after_sums=None):
+    """A repository whose stage ``generate@aoa`` wrote a two-shard set, pushed to ``tmp_path/remote``."""
+    from pipelines.publish import publish
 
-    from pipelines.publish import fetch, publish
-
-    repo = tmp_path / "repo"
-    shards = repo / "data" / "shards" / "aoa"
-    write_shard(shards / shard_name("aoa", 0), [{"key": "k", "image": np.zeros((8, 8, 3), np.uint8), "cls": 1,
-                                                 "json": {}}])
-    write_index(shards, "aoa")
-    _run(["git", "init", "-q"], repo)
+    repo, staged = tmp_path / "repo", tmp_path / "staged"
+    for s in range(2):
+        write_shard(staged / shard_name("aoa", s), [{"key": f"k{s}", "image": np.full((8, 8, 3), s, np.uint8),
+                                                     "cls": 1, "json": {}}])
+    write_index(staged, "aoa")
+    if shard_bytes_after_sums is not None:  # a publisher's set whose sums do not match its shard
+        (staged / "aoa-000000.tar").write_bytes(shard_bytes_after_sums)
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    _run(git + ["init", "-q"], repo)
     _run(DVC + ["init", "-q"], repo)
     _run(DVC + ["remote", "add", "-d", "shared", "../remote"], repo)
-    _run(DVC + ["add", "-q", "data/shards/aoa"], repo)
+    (repo / "dvc.yaml").write_text("stages:\n  generate:\n    foreach: [aoa]\n    do:\n"
+                                   f"      cmd: mkdir -p data/shards && cp -r {staged} data/shards/${{item}}\n"
+                                   "      outs: ['data/shards/${item}']\n")
+    _run(DVC + ["repro", "-q"], repo)
+    _run(git + ["add", "-A"], repo)
+    _run(git + ["commit", "-qm", "shards"], repo)
     assert publish([], repo) == 0
-    tar = shards / "aoa-000000.tar"
-    obj = next(p for p in (tmp_path / "remote").rglob("*")
-               if p.is_file() and p.read_bytes() == tar.read_bytes())  # the shard's object in the remote
-    assert hashlib.md5(obj.read_bytes()).hexdigest().startswith(obj.parent.name)
-    damaged = bytearray(obj.read_bytes())
+    return repo
+
+
+def _fetch(repo, *targets):
+    return subprocess.run([str(Path(sys.executable).with_name("damagenet")), "fetch", *targets], cwd=repo,
+                          capture_output=True, text=True)
+
+
+def test_fetch_verifies_every_target_and_fetches_again_once_the_remote_is_repaired(tmp_path):
+    """DVC does not re-hash what it pulls unless its remote asks to: a damaged object arrived silently through a
+    stage target or a file target, and stayed in the cache after the remote was repaired."""
+    repo = _published_repo(tmp_path)
+    shard = repo / "data" / "shards" / "aoa" / "aoa-000000.tar"
+    good = shard.read_bytes()
+    obj = next(p for p in (tmp_path / "remote").rglob("*") if p.is_file() and p.read_bytes() == good)
+    damaged = bytearray(good)
     damaged[600] ^= 0xFF
     obj.chmod(0o644)
     obj.write_bytes(bytes(damaged))
-    shutil.rmtree(shards)
-    shutil.rmtree(repo / ".dvc" / "cache")
-    assert fetch(["data/shards/aoa"], repo) == 1
-    assert "aoa-000000.tar: checksum mismatch" in capsys.readouterr().err
+    for target in ("generate@aoa", "data/shards/aoa/aoa-000000.tar", "data/shards/aoa", "dvc.yaml"):
+        shutil.rmtree(repo / "data" / "shards")
+        shutil.rmtree(repo / ".dvc" / "cache")
+        run = _fetch(repo, target)
+        assert run.returncode == 1, (target, run.stdout, run.stderr)
+        assert run.stderr.splitlines() == [
+            "data/shards/aoa/aoa-000000.tar: not fetched: the remote's copy is damaged (its MD5 is not the one DVC "
+            "recorded); nothing of it was kept, so `damagenet fetch` gets it once the remote holds a sound copy"], (
+            target, run.stderr)
+        assert not any(p.read_bytes() == bytes(damaged) for p in repo.rglob("*") if p.is_file()), target
+    single = _fetch(repo, "data/shards/aoa/aoa-000001.tar")  # a sound file alone: fetched, nothing else
+    assert single.returncode == 0 and "1 of 1 file(s) fetched" in single.stdout, single.stderr
+    obj.write_bytes(good)  # the remote repaired: the same command now fetches the set
+    run = _fetch(repo, "generate@aoa")
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert "6 of 6 file(s) fetched; 1 shard set(s) checked against their SHA256SUMS: OK" in run.stdout
+    assert shard.read_bytes() == good
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=shard.parent).returncode == 0
+    unknown = _fetch(repo, "generate@pgd")
+    assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1 and "generate@pgd" in unknown.stderr
+
+
+def test_fetch_checks_a_whole_set_against_its_publishers_sums(tmp_path):
+    """A set DVC moved faithfully can still disagree with the sums its publisher wrote."""
+    repo = _published_repo(tmp_path, shard_bytes_after_sums=b"\0" * 1024)
+    shutil.rmtree(repo / "data" / "shards")
+    run = _fetch(repo, "generate@aoa")
+    assert run.returncode == 1
+    assert run.stderr.splitlines()[0] == "data/shards/aoa/aoa-000000.tar: checksum mismatch"
