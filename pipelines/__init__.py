@@ -12,3 +12,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
 # run logs are progress, not errors: they go to stdout, so stderr holds what went wrong (one line for bad input)
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.stdout")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_DEBUG_STREAM", "ext://sys.stdout")  # Prefect's own services' log

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pipelines  # noqa: F401  (environment defaults before Prefect is imported)
+from pipelines.prefect_api import unreachable_api
 
 # Each handler imports its flow when the stage runs, so `damagenet --help` answers without torch, timm or Prefect;
 # pipelines.stages turns the typed parameters into the flow's arguments.
@@ -272,27 +274,17 @@ def _interrupt_on_sigterm() -> None:
 
 
 class _NoRefusalTracebacks(logging.Filter):
-    """Prefect logs an exception that ends a flow or task run with its traceback; for a refusal (bad input, which the
-    CLI names in one line) that reads as a crash, so those records are left out of the run logs."""
+    """Prefect logs an exception that ends a flow or task run with its traceback; for a refusal (bad input) or a
+    Prefect API that stopped answering, which the CLI names in one line, that reads as a crash, so those records are
+    left out of the run logs."""
 
     def __init__(self, refusals: tuple[type[BaseException], ...]):
         super().__init__()
         self.refusals = refusals
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], self.refusals))
-
-
-def _unreachable_api(e: BaseException) -> str | None:
-    """The API URL when ``e`` (or what caused it) is a failed connection to the Prefect API, else None."""
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    while e is not None:
-        if isinstance(e, httpx.TransportError):
-            return PREFECT_API_URL.value() or "(the temporary local server)"
-        e = e.__cause__ or e.__context__
-    return None
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not (isinstance(error, self.refusals) or unreachable_api(error))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     from sources import BadSourceError
 
     _interrupt_on_sigterm()
+    # a log handler that cannot send (Prefect's API log handler when the server is gone) stays quiet, as the logging
+    # documentation advises for production, so stderr holds only what the user must read
+    logging.raiseExceptions = False
     refusals = (ConfigError, ZooError, BadSourceError, NotReproducibleHere, NotComparable, NotOurs)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         run_logger = logging.getLogger(name)
@@ -338,12 +333,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"damagenet {args.stage}: stopped ({e})", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
-        api = _unreachable_api(e)
+        api = unreachable_api(e)
         if api is None:
             raise
         print(f"damagenet {args.stage}: the Prefect API at {api} stopped answering ({e}); what finished is kept: "
               "run the command again once it is back (or unset PREFECT_API_URL for a temporary local server)",
               file=sys.stderr)
+        if os.environ.get("PREFECT_API_URL"):
+            # Prefect's exit would spend seconds sending events and logs to the dead server and print each failure;
+            # every output is written atomically and the server is not ours to stop: nothing is left to do
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         raise SystemExit(1) from None
     return 0
 

@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,18 +60,24 @@ def _env():
             "DVC_NO_ANALYTICS": "1"}  # no analytics daemon outliving the run
 
 
-def _stop_mid_shard(cmd: list[str], cwd: Path, out: Path, sig: int, group: bool, log: Path) -> tuple[int, float]:
-    """Start ``cmd``, send ``sig`` once a shard is finished and the next one is being written; returns the exit
-    code and the seconds from the signal to the exit."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=f, stderr=f, start_new_session=True)
+def _signal(sig: int, group: bool):
+    return lambda proc: os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+
+
+def _stop_mid_shard(cmd: list[str], cwd: Path, out: Path, stop, log: Path, env=None, stderr: Path | None = None
+                    ) -> tuple[int, float]:
+    """Start ``cmd``, call ``stop(process)`` once a shard is finished and the next one is being written; returns the
+    exit code and the seconds from the stop to the exit. Its output goes to ``log`` (stderr too, unless given)."""
+    with open(log, "w") as f, open(stderr or os.devnull, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=f, stderr=err if stderr else f,
+                                start_new_session=True)
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not (
                 list(out.glob("*.tar")) and list(out.glob("*.tmp"))):
             time.sleep(0.02)
         assert proc.poll() is None, f"finished before it could be stopped:\n{log.read_text()[-3000:]}"
         sent = time.time()
-        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        stop(proc)
         code = proc.wait(timeout=60)
         took = time.time() - sent
     for _ in range(100):  # nothing of the run is left behind (a Prefect server, a loader worker)
@@ -85,7 +93,7 @@ def _stop_mid_shard(cmd: list[str], cwd: Path, out: Path, sig: int, group: bool,
 @pytest.mark.slow
 def test_stopped_generate_resumes_through_dvc_with_only_the_missing_shards(workspace, prefect_server, tmp_path):
     out = workspace / "data/shards/aoa"
-    code, took = _stop_mid_shard(DVC + ["repro", "generate@aoa"], workspace, out, signal.SIGTERM, True,
+    code, took = _stop_mid_shard(DVC + ["repro", "generate@aoa"], workspace, out, _signal(signal.SIGTERM, True),
                                  tmp_path / "term.log")
     assert code != 0 and took < 15, (code, took)
     assert not list(out.glob("*.tmp"))
@@ -113,9 +121,45 @@ def test_stopped_generate_resumes_through_dvc_with_only_the_missing_shards(works
     # Ctrl-C on the stage command itself: the flow run ends Failed with the finished shards kept
     for p in shard_paths(out)[2:]:
         p.unlink()
-    code, took = _stop_mid_shard(["damagenet", "generate", "--attack", "aoa"], workspace, out, signal.SIGINT, False,
-                                 tmp_path / "int.log")
+    code, took = _stop_mid_shard(["damagenet", "generate", "--attack", "aoa"], workspace, out,
+                                 _signal(signal.SIGINT, False), tmp_path / "int.log")
     text = (tmp_path / "int.log").read_text()
     assert code == 130 and took < 15, (code, took, text[-2000:])
     assert "stopping after the current attack step" in text and "Finished in state Failed" in text
     assert not list(out.glob("*.tmp")) and 2 <= len(shard_paths(out)) < 4
+
+
+@pytest.mark.slow
+def test_a_prefect_server_that_dies_mid_run_ends_it_in_seconds_in_one_line(workspace, prefect_server, tmp_path):
+    """Before: the run failed 59 s after its server died, with six task tracebacks in its log and Prefect's own
+    errors on stderr."""
+    made = subprocess.run(DVC + ["repro", "prepare", "zoo"], cwd=workspace, env=_env(), capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_env(), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(tmp_path / "home")}
+    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        out = workspace / "data/shards/aoa"
+        code, took = _stop_mid_shard(["damagenet", "generate", "--attack", "aoa"], workspace, out,
+                                     lambda _: os.killpg(server.pid, signal.SIGKILL), tmp_path / "out.log", env,
+                                     stderr=tmp_path / "err.log")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    log, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
+    assert code == 1 and took < 30, (code, took, err[-2000:])
+    lines = [line for line in err.split("\n") if line and not line.startswith("generate aoa:")]  # not the progress bar
+    assert lines == [f"damagenet generate: the Prefect API at {env['PREFECT_API_URL']} stopped answering ([Errno 111] "
+                     "Connection refused); what finished is kept: run the command again once it is back (or unset "
+                     "PREFECT_API_URL for a temporary local server)"], err
+    assert "Traceback" not in log + err
+    assert not list(out.glob("*.tmp")) and shard_paths(out)

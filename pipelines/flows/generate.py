@@ -33,6 +33,7 @@ from attacks import AttackConfig, list_attacks
 from model_zoo.zoo import weights_sha256
 from pipelines.config import Budget, Dask
 from pipelines.params import write_json
+from pipelines.prefect_api import unreachable_api
 from pipelines.progress import RUNNING, Progress
 from pipelines.stages import resolve_devices
 from shards import STOP, NotOurs, Stopped
@@ -247,7 +248,8 @@ def _workers_per_device(devices: list[str], device: str, units: int) -> int:
 
 
 def _run_units(units, devices, threads: int, log, desc: str, out: Path):
-    """Submit every unit; retry each failure once on the next device. Returns (results, units that still failed).
+    """Submit every unit; retry each failure once on the next device (a lost Prefect API ends the run at once).
+    Returns (results, units that still failed).
     Progress: a terminal bar per finished shard, a Prefect progress artifact that also moves with the attack steps,
     per-batch (and, on slow batches, per-step) lines in the task logs. After ``shards.STOP`` (a signal), nothing is
     retried: the run stops with every finished shard kept."""
@@ -264,6 +266,8 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path):
                 sums[results[-1]["shard"]] = results[-1]["sha256"]
                 write_sums(out, dict(sorted(sums.items())))  # a resume checks kept shards against it
             except Exception as e:  # noqa: BLE001  (any failure of a unit is reported and retried)
+                if unreachable_api(e):  # no unit can finish without the API: stop now, the finished shards are kept
+                    raise
                 if not STOP.is_set():
                     log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
                 retry.append((u, devices[(devices.index(dev) + 1) % len(devices)]))
