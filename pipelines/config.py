@@ -128,6 +128,21 @@ class Select(_Section):
     seed: int = 0
 
 
+class License(_Section):
+    """The source images' licence, as the dataset cards state it: a Hub licence id
+    (https://huggingface.co/docs/hub/repositories-licenses); ``other`` needs a name and a link to the terms."""
+
+    id: str
+    name: str | None = None
+    link: str | None = None
+
+    @model_validator(mode="after")
+    def _other_is_named(self):
+        if self.id == "other" and not (self.name and self.link):
+            raise ValueError("license id 'other' needs a name and a link to the terms (the Hub requires both)")
+        return self
+
+
 class Source(_Section):
     kind: Literal["class_folder", "label_file"]
     data: str  # the folder the prepare stage reads (images, label file, label sets): its DVC dependency
@@ -142,6 +157,8 @@ class Source(_Section):
     select: Select = Select()
     shard_size: Positive
     out: str
+    license: License = License(id="other", name="ImageNet terms of access", link="https://image-net.org/download")
+    source_dataset: str = "extended|ILSVRC/imagenet-1k"  # the cards' source_datasets: what the images come from
 
     @model_validator(mode="after")
     def _reads_inside_data(self):

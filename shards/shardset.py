@@ -167,50 +167,20 @@ def shard_records(path: Path | str) -> Iterator[tuple[str, int, dict[str, Any]]]
 
 
 def class_names(root: Path | str) -> dict[int, str]:
-    """Class index -> readable name for a set: ImageNet descriptions when its samples carry WordNet ids, else the
-    source's class folder names (from the samples' ``wnid`` field)."""
-    names = {}
-    for p in shard_paths(root):
-        for _, label, meta in shard_records(p):
-            names[label] = meta.get("wnid", str(label))
+    """Class index -> readable name for the set in ``root`` (see :func:`names_of`)."""
+    return names_of([meta for p in shard_paths(root) for _, _, meta in shard_records(p)])
+
+
+def names_of(records: list[dict[str, Any]]) -> dict[int, str]:
+    """Class index -> readable name from samples' records: ImageNet descriptions when they carry WordNet ids, else
+    the source's class folder names (the ``wnid`` field)."""
+    names = {r["label"]: r.get("wnid", str(r["label"])) for r in records}
     if names and all(re.fullmatch(r"n\d{8}", w) for w in names.values()):
         from timm.data import ImageNetInfo
 
         info = ImageNetInfo()
         return {i: info.index_to_description(i).split(",")[0] for i in range(1000)}
     return dict(sorted(names.items()))
-
-
-def dataset_card_header(set_name: str, names: dict[int, str], description: str) -> str:
-    """Hugging Face dataset-card front matter: ``datasets.load_dataset(<the set's folder>)`` or the Hub then give
-    one ``validation`` split of this set's shards (the folder's other files are not tars), named classes (``cls`` as
-    a ``class_label``), the sample's ``__key__`` and its JSON record (a ``json`` feature)."""
-    labels = "\n".join(f"          '{i}': {json.dumps(n)}" for i, n in sorted(names.items()))
-    return f"""---
-pretty_name: {json.dumps(description)}
-license: other
-task_categories:
-- image-classification
-configs:
-- config_name: default
-  data_files:
-  - split: validation
-    path: "{set_name}-*.tar"
-dataset_info:
-  features:
-  - name: __key__
-    dtype: string
-  - name: png
-    dtype: image
-  - name: cls
-    dtype:
-      class_label:
-        names:
-{labels}
-  - name: json
-    dtype: json
----
-"""
 
 
 def shard_paths(root: Path | str) -> list[Path]:

@@ -1,5 +1,5 @@
-"""Check a published shard set: checksums, counts, keys, PNG decoding, image size, labels and (given the clean set
-and the run's budget) every image's label and budget. Every problem becomes one line naming the file; nothing in a
+"""Check a published shard set: checksums, counts, keys, PNG decoding, image size, labels, the dataset card against
+the set and (given the clean set and the run's budget) every image's label and budget. Every problem becomes one line naming the file; nothing in a
 damaged set makes the check itself crash."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.card import card_problems
 from shards.shardset import (
     FIELDS,
     INDEX_FILES,
@@ -36,6 +37,7 @@ def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None
     root = Path(root)
     problems = verify_files(root)
     problems += _verify_samples(root, num_classes, clean, budget, size)
+    problems += card_problems(root)
     return problems
 
 

@@ -220,11 +220,18 @@ def small_set(tmp_path):
 
     from shards.shardset import shard_name, write_index, write_shard
 
+    from shards.card import card_data, write_card
+    from shards.shardset import shard_records
+
     root = tmp_path / "set"
     for s in range(2):
         write_shard(root / shard_name("aoa", s), [{"key": f"k{s}{i}", "image": np.full((8, 8, 3), i, np.uint8),
-                                                   "cls": i, "json": {}} for i in range(3)])
-    (root / "README.md").write_text("card")
+                                                   "cls": i, "json": {"key": f"k{s}{i}", "label": i, "wnid": f"c{i}"}}
+                                                  for i in range(3)])
+    records = [meta for p in sorted(root.glob("*.tar")) for _, _, meta in shard_records(p)]
+    write_card(root, card_data(root, records, {"id": "mit"}, ["original"], "a small set", {"source": {
+        "kind": "class_folder", "root": "images", "size": 8, "crop_pct": 1.0, "filter": "bicubic", "images": 6,
+        "rejects": 0, "label_sets": None, "with_label_set": 0}}))
     write_index(root, "aoa")
     return root
 

@@ -526,19 +526,63 @@ def test_prefect_runs_are_named_after_the_stage_attack_and_shard(reference_run):
     assert {f"attack-aoa-{i:06d}" for i in range(4)} <= task_runs
 
 
-def test_dataset_card_header_names_the_classes_and_the_shards(clean_set, reference_run):
-    import yaml
+def test_the_cards_are_hub_cards_with_every_field_explained_on_one_scale(clean_set, reference_run):
+    """Loaded back with huggingface_hub (a local file: offline), as the Hub validates a card's header."""
+    from huggingface_hub import DatasetCard
 
     from sources.demo_world import CLASSES
 
     for folder, name in ((clean_set[0], "clean"), (reference_run[0], "aoa")):
-        card = (folder / "README.md").read_text()
-        header = yaml.safe_load(card.split("---\n")[1])
-        features = {f["name"]: f["dtype"] for f in header["dataset_info"]["features"]}
-        names = features["cls"]["class_label"]["names"]
+        card = DatasetCard.load(folder / "README.md")
+        d = card.data.to_dict()
+        features = {f["name"]: f["dtype"] for f in d["dataset_info"]["features"]}
         assert features["__key__"] == "string" and features["png"] == "image" and features["json"] == "json"
+        names = features["cls"]["class_label"]["names"]
         assert names == {str(i): f"{i:02d}_{c}" for i, c in enumerate(CLASSES)}  # the class folders, in index order
-        assert header["configs"][0]["data_files"][0] == {"split": "validation", "path": f"{name}-*.tar"}
+        assert d["configs"][0]["data_files"][0] == {"split": "validation", "path": f"{name}-*.tar"}
+        assert d["dataset_info"]["splits"] == [{"name": "validation", "num_examples": 20}]
+        assert d["dataset_info"]["download_size"] == sum(p.stat().st_size for p in shard_paths(folder))
+        assert d["size_categories"] == ["n<1K"] and "adversarial-examples" in d["tags"]
+        # the source's defaults: ImageNet's terms, which the Hub wants named and linked
+        assert (d["license"], d["license_name"], d["license_link"]) == (
+            "other", "ImageNet terms of access", "https://image-net.org/download")
+        assert d["source_datasets"] == ["extended|ILSVRC/imagenet-1k"]
+        assert "@article{chen2022aoa," in card.text and "eprint  = {2001.06325}" in card.text
+        table = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", card.text, re.M))
+        fields = {k for s in iter_shardset(folder) for k in s["json"]}
+        assert fields <= set(table) and len(fields) >= (5 if name == "clean" else 23), fields - set(table)
+    parameters = d["damagenet"]["parameters"]  # the attack set's: budgets on the 0-255 scale, as everywhere else
+    assert (parameters["eta"], parameters["eps"], parameters["alpha"]) == (BUDGET["eta"], BUDGET["eps"], BUDGET["alpha"])
+    assert d["damagenet"]["numbers"]["images"] == 20 and "| eta | 5.0 |" in card.text
+
+
+def test_verify_holds_the_card_to_the_set(clean_set, reference_run, tmp_path):
+    """Before: an edited card (another attack, a smaller RMSD), re-summed, passed `damagenet verify`."""
+    from shards.shardset import sha256_file, write_sums
+
+    damagenet = [str(Path(sys.executable).with_name("damagenet")), "--params", str(REPO / "params.yaml"), "verify"]
+    for edit in ("rmsd", "attack", "text", "names"):
+        bad = tmp_path / edit
+        shutil.copytree(reference_run[0], bad)
+        card = (bad / "README.md").read_text()
+        rmsd_max = re.search(r"rmsd_max: (\S+)", card).group(1)
+        card = {"rmsd": card.replace(f"rmsd_max: {rmsd_max}", "rmsd_max: 3.1").replace(
+                    f"| rmsd_max | {rmsd_max} |", "| rmsd_max | 3.1 |"),
+                "attack": card.replace("method: aoa", "method: pgd").replace("the `aoa` attack", "the `pgd` attack"),
+                "text": card.replace("after rounding to uint8", "before rounding"),
+                "names": card.replace("'3': 03_triangle", "'3': 03_circle")}[edit]
+        (bad / "README.md").write_text(card)
+        sums = [line.split("  ") for line in (bad / "SHA256SUMS").read_text().splitlines()]
+        write_sums(bad, {name: sha256_file(bad / name) for _, name in sums})  # re-summed: only the card check tells
+        run = subprocess.run(damagenet + [str(bad)], capture_output=True, text=True)
+        assert run.returncode == 1, (edit, run.stdout, run.stderr)
+        expected = {"rmsd": f"damagenet.numbers says {{'images': 20", "attack": "damagenet.attack (attack) says ['pgd'], "
+                    "the set has ['aoa']", "text": "its text is not the one its header gives",
+                    "names": "class names says"}[edit]
+        assert run.stdout.splitlines()[0].startswith(f"{bad / 'README.md'}: ") and expected in run.stdout, run.stdout
+        assert len(run.stdout.splitlines()) == 2, run.stdout  # the problem, then the summary
+    good = subprocess.run(damagenet + [str(reference_run[0])], capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.endswith(": OK\n"), good.stdout
 
 
 def _unit(clean_set, surrogate, out, **kw):

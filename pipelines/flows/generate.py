@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -38,9 +37,8 @@ from pipelines.progress import RUNNING, Progress
 from pipelines.stages import resolve_devices
 from shards import STOP, NotOurs, Stopped
 from shards.adversarial import attack_shard_file, written_here
+from shards.card import attack_numbers, attack_parameters, card_data, card_license, read_card, write_card
 from shards.shardset import (
-    class_names,
-    dataset_card_header,
     sha256_file,
     shard_name,
     shard_paths,
@@ -227,15 +225,15 @@ def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, 
     done = [r for r in results if not r["skipped"]]
     failed_outputs = {u["out_shard"] for u in failed}
     finished = [p for p in outputs if p.exists() and str(p) not in failed_outputs]
-    metrics = _metrics(finished, attack, done, wall)
+    records = [meta for p in finished for _, _, meta in shard_records(p)]
+    metrics = _metrics(records, attack, done, wall)
     metrics["failed_units"] = sorted(Path(u["out_shard"]).name for u in failed)
     if metrics_path:
         write_json(metrics_path, metrics)
     if failed:
         raise RuntimeError(f"generate {attack}: {len(failed)} unit(s) failed after retry: {metrics['failed_units']}; "
                            f"the other {len(units) - len(failed)} shards are complete and kept")
-    (out / "README.md").write_text(_card(attack, method, config, attack_kwargs, budget, surrogate, metrics, clean_dir,
-                                         len(outputs)))
+    write_card(out, _card(out, records, attack, method, config, attack_kwargs, budget, surrogate, clean_dir))
     write_index(out, attack, outputs)
     log.info("generate %s: %d images, %d shards written, %d already complete", attack, metrics["images"],
              len(done), len(results) - len(done))
@@ -294,77 +292,19 @@ def _artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")  # artifact keys: lowercase, digits and dashes
 
 
-def _metrics(shards: list[Path], attack: str, done: list[dict], wall: float) -> dict[str, Any]:
-    records = [meta for p in shards for _, _, meta in shard_records(p)]
+def _metrics(records: list[dict], attack: str, done: list[dict], wall: float) -> dict[str, Any]:
     if not records:
         return {"attack": attack, "images": 0}
-    rmsd = np.array([r["rmsd"] for r in records])
-    linf = np.array([r["linf"] for r in records])
-    steps = np.array([r["steps"] for r in records])
-    fooled = np.array([r["pred_after"] != r["label"] for r in records])
     written = sum(r["count"] for r in done)
-    return {
-        "attack": attack,
-        "images": len(records),
-        "surrogate_error_before": round(float(np.mean([r["pred_before"] != r["label"] for r in records])) * 100, 2),
-        "surrogate_error_after": round(float(fooled.mean()) * 100, 2),
-        "rmsd_mean": round(float(rmsd.mean()), 4),
-        "rmsd_max": round(float(rmsd.max()), 4),
-        "linf_mean": round(float(linf.mean()), 4),
-        "linf_max": round(float(linf.max()), 4),
-        "steps_mean": round(float(steps.mean()), 3),
-        "steps_max": int(steps.max()),
-        "images_per_second": round(written / wall, 3) if written else None,
-    }
+    return {"attack": attack, **attack_numbers(records),
+            "images_per_second": round(written / wall, 3) if written else None}
 
 
-def _card(attack, method, config, attack_kwargs, budget, surrogate, metrics, clean_dir, shards: int) -> str:
-    params = {**config.__dict__, **attack_kwargs}
-    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
-    # run-dependent numbers (throughput) stay out of the card, so the published set is byte-identical across runs
-    nums = "\n".join(f"| {k} | {v} |" for k, v in sorted(metrics.items())
-                     if k not in ("attack", "failed_units", "images_per_second"))
-    header = dataset_card_header(attack, class_names(clean_dir), f"{attack} adversarial images (DAmageNet-style)")
-    return header + f"""
-# {attack} shards (DAmageNet-style adversarial set)
-
-Adversarial versions of the clean crops in `{clean_dir}`, made by the `{method}` attack on the surrogate
-`{surrogate['name']}` (timm `{surrogate['arch']}`), under one budget shared by every attack of this run:
-RMSD at most {budget.eta} and L-inf at most {budget.eps} (0-255 scale) after rounding to uint8, step
-{budget.alpha}, at most {budget.max_steps} steps. AoA (Attack on Attention) moves the surrogate's SGLRP
-attention off the true class; the baselines maximise cross-entropy with sign steps.
-
-## Parameters (budgets on the [0,1] scale)
-| parameter | value |
-|---|---|
-{rows}
-
-## Numbers
-| metric | value |
-|---|---|
-{nums}
-
-## Format
-webdataset tar shards; per sample `png` (uint8 RGB, lossless), `cls` (class index), `json` (provenance: source
-key and sha256, label, surrogate, attack and config hash, budgets, RMSD, L-inf, steps, surrogate prediction and
-true-class probability and attention ratio before/after, seed). Index files: `shardindex.json` (wids),
-`_info.json` (timm `wds/` reader), `manifest.jsonl`, `SHA256SUMS`.
-
-Read from this folder:
-
-```python
-import os
-
-import datasets  # pip install datasets
-import timm.data
-import webdataset as wds
-
-# only= : decode the format's fields and nothing else (a stray .pyd member would otherwise be unpickled)
-ds = (wds.WebDataset("{attack}-{{000000..{shards - 1:06d}}}.tar", shardshuffle=False)
-      .decode("rgb8", only=["png", "cls", "json"]).to_tuple("png", "cls", "json"))
-timm_ds = timm.data.create_dataset("wds/{attack}", root=".", split="validation")  # reads _info.json
-hf_ds = datasets.load_dataset(os.getcwd(), split="validation")  # named classes, __key__, JSON record (this card)
-```
-
-Licence: derived from the source images; the source's licence and terms apply (ImageNet: non-commercial research).
-"""
+def _card(out: Path, records, attack, method, config, attack_kwargs, budget, surrogate, clean_dir):
+    """The set's card; its licence and source datasets are those of the clean set it was made from."""
+    clean = read_card(clean_dir)
+    attack = {"method": method, "surrogate": surrogate["name"], "surrogate_arch": surrogate["arch"],
+              "clean_set": str(clean_dir), "budget": budget.model_dump()}
+    return card_data(out, records, card_license(clean), clean.source_datasets, f"{attack} adversarial images (DAmageNet-style)",
+                     {"attack": attack, "parameters": attack_parameters({**config.__dict__, **attack_kwargs}),
+                      "numbers": attack_numbers(records)})

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from pipelines.config import ConfigError, Select, Source
 from pipelines.params import write_json
-from shards.shardset import class_names, dataset_card_header, shard_name, write_index, write_shard
+from shards.card import card_data, write_card
+from shards.shardset import shard_name, shard_paths, shard_records, write_index, write_shard
 from sources import BadSourceError, sha256_file
 from sources.reading import (
     Rejects,
@@ -167,28 +168,14 @@ def _build(source: Source, out: Path, strict: bool) -> dict:
                              f"{'; ...' if len(reasons) > 3 else ''}; every file in {kept_rejects}); the previous "
                              "clean set is kept")
     rejects.write(out / "rejects.tsv")
-    header = dataset_card_header("clean", class_names(out), "clean crops (DAmageNet source images)")
     with_set = sum(bool(label_sets.get(s.key)) for s in samples)
-    (out / "README.md").write_text(header + "\n" + _card(source, kept, len(rejects), with_set))
+    records = [meta for p in shard_paths(out) for _, _, meta in shard_records(p)]
+    write_card(out, card_data(out, records, source.license.model_dump(), [source.source_dataset],
+                              "clean crops (DAmageNet source images)", {"source": {
+                                  "kind": source.kind, "root": source.root, "size": source.size,
+                                  "crop_pct": source.crop_pct, "filter": source.filter, "images": kept,
+                                  "rejects": len(rejects), "label_sets": source.label_sets,
+                                  "with_label_set": with_set}}))
     index = write_index(out, "clean")
     return {"images": kept, "rejects": len(rejects), "shards": index["shards"], "selected": len(samples),
             **({"label_sets": with_set} if source.label_sets else {})}
-
-
-def _card(source: Source, count: int, rejects: int, with_set: int) -> str:
-    sets = (f"\n- label sets (ImageNet-ReaL convention) from `{source.label_sets}`: {with_set} selected images have "
-            "a non-empty set of acceptable classes (`label_set` in the JSON); the others are left out of ReaL "
-            "accuracy") if source.label_sets else ""
-    return f"""# Clean crops
-
-The unattacked source images of this pipeline run, after the same crop every attack and evaluation uses:
-resize the short side to floor({source.size} / {source.crop_pct}) with the {source.filter} filter
-(antialiased), then centre-crop {source.size} x {source.size}; stored as PNG (lossless).
-
-- source: `{source.kind}` at `{source.root}`
-- images: {count}; rejected source files: {rejects} (listed in `rejects.tsv` with the reason)
-- sample fields: `png`, `cls`, `json` (key, label, WordNet id or class folder, sha256 of the source file){sets}
-
-Licence: these crops are derived from the source images and carry the source's licence and terms of use
-(for ImageNet, non-commercial research use under the ImageNet terms).
-"""
