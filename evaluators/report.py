@@ -119,6 +119,27 @@ def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[
     }
 
 
+def _success_tables(records: list[dict[str, Any]], attack_sets: list[str], model_cell) -> str:
+    """Both conventions, one table each: over all images, and over the images the model got right clean."""
+    def cell(rates: dict | None, kind: str) -> str:
+        if not rates or rates[kind] is None:
+            return ""
+        low, high = rates[f"{kind}_ci"]
+        return f"{rates[kind]:.1f} ({low:.1f}–{high:.1f})"
+
+    tables = [md_table(["model"] + attack_sets, [[model_cell(r["name"])] + [cell(r["success"].get(s), kind)
+                                                                            for s in attack_sets] for r in records])
+              for kind in ("asr_all", "asr_correct")]
+    n = {r["name"]: r["success"][attack_sets[0]]["asr_correct_n"] for r in records if attack_sets[0] in r["success"]}
+    return ("Transfer papers count an attack's success two ways (TransferAttack's issue #101). **Over all "
+            "images** (TransferAttack's README tables, its 1,000 images): the share of the attack set the model "
+            "misclassifies, which is its top-1 error above, clean mistakes included:\n\n" + tables[0] +
+            "\n\n**Over the images the model classifies correctly clean** (the other convention; no credit for an "
+            "image the model already got wrong): the share of those it misclassifies after the attack (images "
+            "counted: " + ", ".join(f"{m} {k}" for m, k in n.items()) + "):\n\n" + tables[1] +
+            "\n\nOn the surrogate these are white-box rates; on every other model, transfer rates.")
+
+
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -204,16 +225,23 @@ def _published() -> list[dict[str, str]]:
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
-def published_join(errors: dict[str, dict[str, float]], archs: dict[str, str]) -> list[list[Any]]:
-    """The published table with our clean and AoA error beside each victim that we evaluated too (matched by timm
-    architecture, any pretrained tag)."""
-    ours = {archs[m].split(".")[0]: m for m in errors if m in archs}
+def published_join(errors: dict[str, dict[str, float]], timm_models: dict[str, str | None]
+                   ) -> tuple[list[list[Any]], list[str]]:
+    """The published table with our clean and AoA error beside each row, joined on the exact timm model
+    (architecture and pretrained tag: other weights of a network are another model), one of ours per row at most;
+    and our models no row names (or a second of ours with a row's model), to be listed apart."""
+    ours: dict[str, str] = {}
+    for m in errors:  # in the zoo's order: a second model of the same timm name is listed apart
+        if timm_models.get(m) and timm_models[m] not in ours:
+            ours[timm_models[m]] = m
     rows = []
     for r in _published():
-        m = ours.get(r["timm_arch"]) if r["timm_arch"] else None
-        rows.append([r["victim"], r["clean_top1_err"], r["damagenet_top1_err"], f"{m} (`{archs[m]}`)" if m else "-",
-                     errors[m].get("clean", "-") if m else "-", errors[m].get("aoa", "-") if m else "-"])
-    return rows
+        m = ours.get(r["timm_model"]) if r["timm_model"] else None
+        rows.append([r["victim"], r["clean_top1_err"], r["damagenet_top1_err"],
+                     f"{m} (`{timm_models[m]}`)" if m else "-", errors[m].get("clean", "-") if m else "-",
+                     errors[m].get("aoa", "-") if m else "-"])
+    joined = {m for m in ours.values() if m in {r[3].split(" ")[0] for r in rows}}
+    return rows, [m for m in errors if m not in joined]
 
 
 NEAR_CHANCE_ERR = 90.0  # clean top-1 error (%) at which a 1000-class model is suspect
@@ -224,7 +252,7 @@ def sanity_warnings(errors: dict[str, dict[str, float]], archs: dict[str, str], 
                     imagenet: bool) -> list[str]:
     """Models whose clean error says their weights or preprocessing are wrong: near chance on a 1000-class set, or
     (on ImageNet) 10 points worse than the published clean error of the same network."""
-    published = {r["timm_arch"]: float(r["clean_top1_err"]) for r in _published() if r["timm_arch"]}
+    published = {r["timm_model"]: float(r["clean_top1_err"]) for r in _published() if r["timm_model"]}
     warnings = []
     for m, e in errors.items():
         clean = e.get("clean")
@@ -234,7 +262,7 @@ def sanity_warnings(errors: dict[str, dict[str, float]], archs: dict[str, str], 
             warnings.append(f"{m}: clean top-1 error {clean}% on {num_classes} classes, near chance "
                             f"({100 - 100 / num_classes:.1f}%): wrong weights or preprocessing? Its other numbers "
                             "mean nothing until this is fixed.")
-        pub = published.get(archs.get(m, "").split(".")[0]) if imagenet else None
+        pub = published.get(archs.get(m) or "") if imagenet else None
         if pub is not None and clean > pub + PUBLISHED_MARGIN:
             warnings.append(f"{m}: clean top-1 error {clean}% is {clean - pub:.1f} points above the published "
                             f"{pub}% for `{archs[m]}`: wrong weights, labels or preprocessing?")
@@ -345,6 +373,9 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
             "left out). A synonym class (tabby vs Egyptian cat) is an error against the single label and not here. "
             "AoA still stops on the single label, as the authors' attack does, and the transfer tests below use it."),
             None))
+    if any(r.get("success") for r in records):
+        sections.append(("Attack success rates (%), with exact 95% intervals", _success_tables(records, adversarial,
+                                                                                                model_cell), None))
     sections.append(("Clean vs adversarial error", "", "errors.png"))
     if transfer:
         overall = md_table(
@@ -387,9 +418,12 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
                          "so clean and attacked attention compare directly; rows are scaled separately.",
                          "examples.png"))
     if profile == "imagenet":
+        rows, apart = published_join(errors, {r["name"]: r.get("timm_model") for r in records})
         sections.append(("Published DAmageNet (TPAMI 2020, Table 5) beside ours", md_table(
             ["victim (published)", "published clean err", "published DAmageNet err", "our model", "our clean err",
-             "our AoA err"], published_join(errors, archs)), None))
+             "our AoA err"], rows) + "\n\nJoined on the exact timm model (architecture and pretrained tag). "
+            + (f"Ours without a published row: {', '.join(f'{m} (`{archs[m]}`)' for m in apart)}." if apart
+               else "Every model of ours has its published row."), None))
     else:
         sections.append(("Published DAmageNet", "The published numbers (ImageNet val, pretrained VGG19 surrogate, "
                          "224 px) cannot be compared with this profile: other images, classes and models.", None))

@@ -90,8 +90,12 @@ def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, p
     third = evaluate_flow(models=[a, b], **{**kw, "sets": {"clean": sets["clean"], "noisy": str(changed)}})
     assert cached(third) == {"a": {"clean": False, "noisy": False}, "b": {"clean": True, "noisy": False}}
     csv_rows = (out / "results" / "results-noisy.csv").read_text().splitlines()
-    assert csv_rows[0] == ("model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation,"
-                           "top1_diff,top5_diff,rank_diff,real_top1,real_top1_err,name")  # timm's order, then ours
+    assert csv_rows[0] == ("model,img_size,top1,top1_err,top5,top5_err,param_count,crop_pct,interpolation,"
+                           "top1_diff,top5_diff,rank_diff,architecture")  # timm's order, then ours
+    assert (out / "results" / "results-clean.csv").read_text().splitlines()[0] == (
+        "model,img_size,top1,top1_err,top5,top5_err,param_count,crop_pct,interpolation,architecture")
+    assert sorted(r.split(",")[0] for r in csv_rows[1:]) == ["a", "b"]  # the zoo names: one row each
+    assert {r.split(",")[-1] for r in csv_rows[1:]} == {"resnet10t"}
     assert json.loads((out / "models" / "b.json").read_text())["accuracy"]["clean"]["n"] == 30
 
 
@@ -179,9 +183,14 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     real_err = 100 * sum(p["top5"][0] not in p["label_set"] for p in scored) / len(scored)
     real_row = result["markdown"].split("ReaL top-1 error")[1].split("resnet10t (timm")[1].splitlines()[0]
     assert real_row.split("|")[1].strip().startswith(f"{real_err:.1f} (")
+    with open(tmp_path / "eval/results/results-clean-real.csv") as f:  # timm's results-imagenet-real.csv
+        row = {r["model"]: r for r in csv.DictReader(f)}["resnet10t"]
+    real_top5_err = 100 * sum(not set(p["top5"]) & set(p["label_set"]) for p in scored) / len(scored)
+    assert float(row["top1_err"]) == pytest.approx(real_err, abs=1e-3)
+    assert float(row["top5_err"]) == pytest.approx(real_top5_err, abs=1e-3)
     with open(tmp_path / "eval/results/results-clean.csv") as f:
-        row = {r["name"]: r for r in csv.DictReader(f)}["resnet10t"]
-    assert row["model"] == "resnet10t" and float(row["real_top1_err"]) == pytest.approx(real_err, abs=1e-3)
+        plain = {r["model"]: r for r in csv.DictReader(f)}["resnet10t"]
+    assert float(row["top1_diff"]) == pytest.approx(float(row["top1"]) - float(plain["top1"]), abs=1e-3)
     assert 'href="pages/ood.html"' in text and "pages/optim.html" not in text  # only this run's pages
     # a set this small gets a table per image (victims fooled per set, recounted here) and the note on what it shows
     fooled = sum(json.loads(line)["top5"][0] != json.loads(line)["label"]
@@ -259,15 +268,31 @@ def test_results_csv_rank_diff_is_signed_and_crop_columns_describe_the_shards(se
         assert (r["img_size"], r["crop_pct"], r["interpolation"]) == (str(model_size), "0.875", "bicubic+bicubic")
 
 
-def test_published_table_is_joined_with_ours_model_by_model():
+def test_published_table_is_joined_on_architecture_and_pretrained_tag():
+    """Before: joined on the architecture alone, the adversarially trained InceptionV3 sat on the plain InceptionV3
+    row, the adversarial rows stayed empty, and two models of one architecture collided (the last won)."""
     from evaluators.report import published_join
 
-    rows = published_join({"vgg16_tv": {"clean": 30.0, "aoa": 91.5}, "mine": {"clean": 1.0, "aoa": 2.0}},
-                           {"vgg16_tv": "vgg16.tv_in1k", "mine": "resnet10t"})
+    errors = {"vgg16_tv": {"clean": 30.0, "aoa": 91.5}, "vgg16_again": {"clean": 30.0, "aoa": 91.5},
+              "inc_adv": {"clean": 23.0, "aoa": 60.0}, "inc_ens": {"clean": 20.0, "aoa": 50.0},
+              "inc_tv": {"clean": 22.9, "aoa": 80.0}, "mine": {"clean": 1.0, "aoa": 2.0}}
+    models = {"vgg16_tv": "vgg16.tv_in1k", "vgg16_again": "vgg16.tv_in1k", "inc_adv": "inception_v3.tf_adv_in1k",
+              "inc_ens": "inception_resnet_v2.tf_ens_adv_in1k", "inc_tv": "inception_v3.tv_in1k", "mine": None}
+    rows, apart = published_join(errors, models)
     by_victim = {r[0]: r for r in rows}
     assert by_victim["VGG16"] == ["VGG16", "38.51", "99.85", "vgg16_tv (`vgg16.tv_in1k`)", 30.0, 91.5]
+    assert by_victim["InceptionV3adv"][3:] == ["inc_adv (`inception_v3.tf_adv_in1k`)", 23.0, 60.0]
+    assert by_victim["InceptionResNetV2advens"][3] == "inc_ens (`inception_resnet_v2.tf_ens_adv_in1k`)"
+    assert by_victim["InceptionV3"][3:] == ["-", "-", "-"]  # torchvision's InceptionV3 is not the published one
     assert by_victim["ResNet50"][3:] == ["-", "-", "-"]  # not evaluated here
-    assert len(rows) == 19
+    assert len(rows) == 19 and sum(r[3] != "-" for r in rows) == 3  # one model per row at most
+    assert apart == ["vgg16_again", "inc_tv", "mine"]
+    import timm
+
+    from evaluators.report import _published
+
+    named = [r["timm_model"] for r in _published() if r["timm_model"]]
+    assert len(named) == 12 and set(named) <= set(timm.list_pretrained())  # timm 1.0 names, each a real model
 
 
 def test_more_loader_workers_than_shards_read_every_sample_once(sets, tmp_path):
@@ -371,3 +396,27 @@ def test_the_loader_refuses_a_member_over_its_bound_before_reading_it(sets):
     assert list(shard_loader(sets["clean"], 8, max_member=MAX_MEMBER_BYTES))  # the real bound reads the set
     with pytest.raises(ValueError, match=r"clean-000000.tar: member 'img000.png' declares \d+ bytes, more than"):
         shard_loader(sets["clean"], 8, max_member=100)
+
+
+def test_success_rates_count_both_denominators_with_exact_intervals():
+    """Against a hand count and the Clopper-Pearson interval from beta quantiles (not scipy's binomtest)."""
+    from scipy.stats import beta
+
+    from evaluators.success import success_rates
+
+    def preds(wrong: set[int]) -> list[dict]:
+        return [{"key": f"k{i}", "label": 3, "top5": [4 if i in wrong else 3, 0, 1, 2, 5]} for i in range(20)]
+
+    clean = preds({0, 1, 2, 3, 4})  # 15 right clean
+    attacked = preds({0, 1, 5, 6, 7, 8, 9, 10}) + [{"key": "extra", "label": 1, "top5": [2]}]  # no clean twin
+    rates = success_rates(clean, attacked)
+
+    def clopper_pearson(k, n):
+        return [100 * (beta.ppf(0.025, k, n - k + 1) if k else 0.0), 100 * (beta.ppf(0.975, k + 1, n - k) if k < n else 1.0)]
+
+    assert (rates["asr_all"], rates["asr_all_n"]) == (40.0, 20)  # 8 of the 20 shared images
+    assert (rates["asr_correct"], rates["asr_correct_n"]) == (40.0, 15)  # 6 of the 15 right clean: 5..10
+    assert rates["asr_all_ci"] == pytest.approx(clopper_pearson(8, 20), abs=0.01)
+    assert rates["asr_correct_ci"] == pytest.approx(clopper_pearson(6, 15), abs=0.01)
+    none_right = success_rates(preds(set(range(20))), attacked)
+    assert none_right["asr_correct"] is None and none_right["asr_correct_n"] == 0

@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from evaluators.classification import evaluate_shardset, shardset_hash
+from evaluators.success import success_rates
 from model_zoo.zoo import build_model, timm_model_name, weights_hash
 from pipelines.config import Source
 from pipelines.metric_tables import evaluate_rows, write_table
@@ -101,52 +102,67 @@ def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, 
     if errors:
         raise RuntimeError(f"evaluate: {len(errors)} model(s) failed; nothing written, the previous results stay "
                            "(the others' are cached): " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
-    _write_results(out_dir, ok, list(sets), source)
+    success = _write_results(out_dir, ok, list(sets), source)
     summary = {r["name"]: {s: round(100 - v["top1"], 3) for s, v in r["results"].items()} for r in ok}
-    write_json(metrics_path, {"top1_err": summary, "errors": errors})
+    write_json(metrics_path, {"top1_err": summary, "attack_success": success, "errors": errors})
     write_table(metrics_path, evaluate_rows(summary))
     return {"records": records, "top1_err": summary}
 
 
-RESULTS_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
-                   "interpolation", "top1_diff", "top5_diff", "rank_diff",  # timm's columns
-                   "real_top1", "real_top1_err", "name"]  # ReaL top-1 (timm: results-*-real.csv), the zoo name
+# timm's results CSVs (results-imagenet.csv; the other sets add the differences to it), then the architecture
+TIMM_COLUMNS = ["model", "img_size", "top1", "top1_err", "top5", "top5_err", "param_count", "crop_pct",
+                "interpolation"]
+DIFF_COLUMNS = ["top1_diff", "top5_diff", "rank_diff"]
+SUCCESS_COLUMNS = ["model", "attack_set", "asr_all", "asr_all_low", "asr_all_high", "asr_all_n", "asr_correct",
+                   "asr_correct_low", "asr_correct_high", "asr_correct_n", "architecture"]
 
 
-def _write_results(out: Path, records: list[dict], set_names: list[str], source: Source | None) -> None:
-    """timm-style results CSV per set (timm's columns, ReaL top-1 and this project's model name added), one JSON
-    record per model, per-sample predictions per (model, set).
+def _write_results(out: Path, records: list[dict], set_names: list[str], source: Source | None) -> dict:
+    """Per set, a results CSV keyed and ordered like timm's (``model``: the zoo name, unique; ``architecture``: the
+    timm model or architecture) and, where samples carry label sets, ``results-<set>-real.csv`` with ReaL top-1/top-5
+    (timm's ``results-imagenet-real.csv``, its differences taken to the same set's single labels); the attack
+    success rates of every attack set on every model (``success-rates.csv``, both conventions); one JSON record per
+    model; per-sample predictions per (model, set). Returns the success rates, {model: {set: rates}}.
 
     ``img_size``, ``crop_pct`` and ``interpolation`` say how the images were actually made for each model: the
     prepare stage's crop (``source``; unknown when None), then, when the model's input size differs, one bicubic
     resize."""
     size, crop_pct, crop_filter = (source.size, source.crop_pct, source.filter) if source else (None, None, None)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_rank = _ranks(records, "clean") if "clean" in set_names else {}
+    (out / "results").mkdir(parents=True, exist_ok=True)
+
+    def row(r: dict, top1: float, top5: float) -> dict:
+        resized = size not in (None, r["img_size"])
+        return {"model": r["name"], "img_size": r["img_size"], "top1": top1, "top1_err": round(100 - top1, 3),
+                "top5": top5, "top5_err": round(100 - top5, 3), "param_count": r["param_count"],
+                "crop_pct": crop_pct, "interpolation": f"{crop_filter}+bicubic" if resized else crop_filter,
+                "architecture": r["timm_model"] or r["arch"]}
+
+    written = {"success-rates.csv"}
     for set_name in set_names:
-        ranks = _ranks(records, set_name)
-        rows = []
-        for r in sorted(records, key=lambda r: -r["results"][set_name]["top1"]):
-            res, clean = r["results"][set_name], r["results"].get("clean", r["results"][set_name])
-            rank_diff = clean_rank.get(r["name"], 0) - ranks[r["name"]] if clean_rank else 0
-            resized = size not in (None, r["img_size"])
-            rows.append({
-                # as timm's CSVs name it (architecture.tag) where it is a timm model; "name": this project's name
-                "model": r["timm_model"] or r["name"], "name": r["name"], "top1": res["top1"], "top1_err": round(100 - res["top1"], 3),
-                "top5": res["top5"], "top5_err": round(100 - res["top5"], 3),
-                # against the label sets (empty where the set has none; timm writes these to results-*-real.csv)
-                "real_top1": res["real_top1"],
-                "real_top1_err": None if res["real_top1"] is None else round(100 - res["real_top1"], 3),
-                "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": crop_pct,
-                "interpolation": f"{crop_filter}+bicubic" if resized else crop_filter,
-                "top1_diff": round(res["top1"] - clean["top1"], 3), "top5_diff": round(res["top5"] - clean["top5"], 3),
-                "rank_diff": f"{rank_diff:+d}" if rank_diff else "0",  # signed, as timm writes it
-            })
-        (out / "results").mkdir(exist_ok=True)
-        with open(out / "results" / f"results-{set_name}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RESULTS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        table = {r["name"]: row(r, r["results"][set_name]["top1"], r["results"][set_name]["top5"]) for r in records}
+        reference = ({r["name"]: row(r, r["results"]["clean"]["top1"], r["results"]["clean"]["top5"])
+                      for r in records} if set_name != "clean" and "clean" in set_names else None)
+        _write_csv(out / "results" / f"results-{set_name}.csv", table, reference)
+        written.add(f"results-{set_name}.csv")
+        real = {r["name"]: _real_top(r["results"][set_name]["predictions"]) for r in records}
+        if all(real.values()):  # the set's samples carry label sets
+            _write_csv(out / "results" / f"results-{set_name}-real.csv",
+                       {r["name"]: row(r, *real[r["name"]]) for r in records}, table)
+            written.add(f"results-{set_name}-real.csv")
+    success = ({r["name"]: {s: success_rates(r["results"]["clean"]["predictions"], r["results"][s]["predictions"])
+                            for s in set_names if s != "clean"} for r in records} if "clean" in set_names else {})
+    with open(out / "results" / "success-rates.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUCCESS_COLUMNS)
+        writer.writeheader()
+        for r in records:
+            for s, rates in success.get(r["name"], {}).items():
+                writer.writerow({"model": r["name"], "attack_set": s, "architecture": r["timm_model"] or r["arch"],
+                                 **{k: rates[k] for k in ("asr_all", "asr_all_n", "asr_correct", "asr_correct_n")},
+                                 **{f"{k}_{end}": (rates[f"{k}_ci"] or [None, None])[i]
+                                    for k in ("asr_all", "asr_correct") for i, end in enumerate(("low", "high"))}})
+    for stale in (out / "results").glob("*.csv"):  # a file of an earlier run (another set) is not this run's
+        if stale.name not in written:
+            stale.unlink()
     current = {r["name"] for r in records}
     for stale in (out / "models").glob("*.json"):  # a model no longer in the list: not this run's result
         if stale.stem not in current:
@@ -156,13 +172,37 @@ def _write_results(out: Path, records: list[dict], set_names: list[str], source:
         record = {k: v for k, v in r.items() if k != "results"}
         record["accuracy"] = {s: {k: v[k] for k in ("top1", "top5", "n", "real_top1", "real_n")}
                               for s, v in r["results"].items()}
+        record["success"] = success.get(r["name"], {})
         write_json(out / "models" / f"{r['name']}.json", record)
         for s, v in r["results"].items():
             pred_file = out / "predictions" / r["name"] / f"{s}.jsonl"
             pred_file.parent.mkdir(parents=True, exist_ok=True)
             pred_file.write_text("".join(json.dumps(p) + "\n" for p in v["predictions"]))
+    return success
 
 
-def _ranks(records: list[dict], set_name: str) -> dict[str, int]:
-    order = sorted(records, key=lambda r: -r["results"][set_name]["top1"])
-    return {r["name"]: i + 1 for i, r in enumerate(order)}
+def _real_top(predictions: list[dict]) -> tuple[float, float] | None:
+    """ReaL top-1 and top-5 (%) over the images with a non-empty label set: right when the top prediction (any of
+    the top five) is in the set; None when no image has one."""
+    scored = [p for p in predictions if p.get("label_set")]
+    if not scored:
+        return None
+    return (round(100 * sum(p["top5"][0] in p["label_set"] for p in scored) / len(scored), 3),
+            round(100 * sum(any(c in p["label_set"] for c in p["top5"]) for p in scored) / len(scored), 3))
+
+
+def _write_csv(path: Path, table: dict[str, dict], reference: dict[str, dict] | None) -> None:
+    """Rows by top-1, best first, as timm sorts them; with ``reference`` (the rows these differ from) timm's
+    ``top1_diff``, ``top5_diff`` and signed ``rank_diff``."""
+    order = sorted(table, key=lambda m: -table[m]["top1"])
+    if reference is not None:
+        before = {m: i for i, m in enumerate(sorted(reference, key=lambda m: -reference[m]["top1"]))}
+        for i, m in enumerate(order):
+            rank_diff = before[m] - i
+            table[m].update(top1_diff=round(table[m]["top1"] - reference[m]["top1"], 3),
+                            top5_diff=round(table[m]["top5"] - reference[m]["top5"], 3),
+                            rank_diff=f"{rank_diff:+d}" if rank_diff else "0")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TIMM_COLUMNS + (DIFF_COLUMNS if reference else []) + ["architecture"])
+        writer.writeheader()
+        writer.writerows(table[m] for m in order)
