@@ -103,20 +103,28 @@ def error_cell(record: dict[str, Any], s: str, real: bool = False) -> str:
 
 def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[str, Any], budget: dict[str, Any],
                        profile: str) -> dict[str, Any]:
-    """One model's results as a RobustBench model-info JSON (accuracies as two-decimal strings, as RobustBench
-    stores them), with this benchmark's threat model: transfer attacks from ``surrogate`` at one RMSD/L-inf budget.
-    ``adversarial_acc`` is the worst case over the attacks, the analogue of RobustBench's AutoAttack accuracy."""
+    """One model's results in RobustBench's model-info schema (its ``model_info/<dataset>/<threat>/<name>.json``)
+    where a field means the same here (accuracies as two-decimal strings, as RobustBench stores them; null where
+    this run cannot know it). RobustBench's ``eps`` and ``autoattack_acc`` describe white-box AutoAttack at an L-inf radius; these are transfer attacks under an RMSD and
+    an L-inf budget, so they get names of their own: ``transfer_acc`` per attack set, ``worst_transfer_acc``, and the
+    threat model's ``transfer_rmsd`` / ``transfer_linf`` (0-255 scale) and ``surrogate``."""
     acc = {s: record["accuracy"][s]["top1"] for s in sets if s in record["accuracy"]}
     attacks = [s for s in acc if s != "clean"]
-    return {
-        "name": record["name"], "architecture": record["arch"], "dataset": profile,  # the profile names the images
-        "threat_model": "transfer", "eps": f"{budget['eps']}/255", "rmsd": f"{budget['eta']}/255",
-        "surrogate": surrogate["arch"], "clean_acc": f"{acc['clean']:.2f}" if "clean" in acc else None,
-        "adversarial_acc": f"{min(acc[a] for a in attacks):.2f}" if attacks else None,
-        **{f"{a}_acc": f"{acc[a]:.2f}" for a in attacks},
-        "number_forward_passes": 1, "additional_data": False, "n": record["accuracy"].get("clean", {}).get("n"),
-        "footnote": f"Transfer attacks made on {surrogate['name']} (DAmageNet protocol), not white-box AutoAttack.",
+    timm_model = record.get("timm_model")
+    out = {
+        "link": f"https://huggingface.co/timm/{timm_model}" if timm_model and "." in timm_model else None,
+        "name": record["name"], "authors": None, "additional_data": None, "number_forward_passes": 1,
+        "dataset": "imagenet" if profile == "imagenet" else profile, "venue": None,
+        "architecture": timm_model or record["arch"],
+        "clean_acc": f"{acc['clean']:.2f}" if "clean" in acc else None, "reported": None,
+        "footnote": f"Transfer attacks made on {surrogate['name']} (DAmageNet protocol), not white-box AutoAttack; "
+                    f"{record['accuracy'].get('clean', {}).get('n')} images of the {profile} profile.",
+        "threat_model": "transfer", "surrogate": surrogate["arch"],
+        "transfer_rmsd": budget["eta"], "transfer_linf": budget["eps"],
+        "transfer_acc": {a: f"{acc[a]:.2f}" for a in attacks},
+        "worst_transfer_acc": f"{min(acc[a] for a in attacks):.2f}" if attacks else None,
     }
+    return out
 
 
 def _success_tables(records: list[dict[str, Any]], attack_sets: list[str], model_cell) -> str:
@@ -147,14 +155,20 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def _bar_chart(errors, sets) -> bytes:
+def _bar_chart(errors, sets, records) -> bytes:
+    """Top-1 error per model and set, with the exact 95% interval of each bar (the table's intervals)."""
     models = list(errors)
+    n = {r["name"]: {s: a["n"] for s, a in r["accuracy"].items()} for r in records}
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(models)), 3.6))
     width = 0.8 / len(sets)
     for i, s in enumerate(sets):
-        ax.bar(np.arange(len(models)) + i * width, [errors[m].get(s, np.nan) for m in models], width, label=s)
+        err = np.array([errors[m].get(s, np.nan) for m in models])
+        ci = np.array([error_interval(round(n[m][s] * errors[m][s] / 100), n[m][s]) if s in errors[m] else
+                       (np.nan, np.nan) for m in models])
+        ax.bar(np.arange(len(models)) + i * width, err, width, label=s,
+               yerr=np.abs(np.stack([err - ci[:, 0], ci[:, 1] - err])), error_kw={"elinewidth": 0.8, "capsize": 1.5})
     ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=30, ha="right")
-    ax.set_ylabel("top-1 error (%)")
+    ax.set_ylabel("top-1 error (%), exact 95% interval")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a bar
     ax.set_title("Clean vs adversarial error per model")
@@ -162,15 +176,17 @@ def _bar_chart(errors, sets) -> bytes:
     return png_bytes(fig)
 
 
-def _rmsd_histogram(rmsd: dict[str, list[float]], eta: float) -> bytes:
-    """Every attack's bars side by side in shared bins that end at the budget (no image exceeds it)."""
+def _rmsd_distribution(rmsd: dict[str, list[float]], eta: float) -> bytes:
+    """Every attack's RMSD as a cumulative distribution over the range the images take (a histogram from 0 put all
+    of them in one bar under the budget, where every attack stops)."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    bins = np.linspace(0, eta, 29)
-    ax.hist(list(rmsd.values()), bins=bins, label=list(rmsd))
+    low = min(min(v) for v in rmsd.values())
+    for name, values in rmsd.items():
+        ax.step(np.sort(values), np.arange(1, len(values) + 1) / len(values), where="post", label=name)
     ax.axvline(eta, color="k", linestyle="--", label=f"budget {eta}")
-    ax.set_xlim(0, eta * 1.02)
+    ax.set_xlim(low - 0.05 * (eta - low) - 1e-3, eta + 0.05 * (eta - low) + 1e-3)
     ax.set_xlabel("RMSD (0-255 scale)")
-    ax.set_ylabel("images")
+    ax.set_ylabel("share of images at most x")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return png_bytes(fig)
@@ -192,30 +208,37 @@ def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int, names: di
         h0 = lrp.heatmaps(lrp(x0), [y])[0]
         h1 = lrp.heatmaps(lrp(x1), [y])[0]
     cols = ["clean", "AoA", "perturbation x10", "SGLRP true class, clean", "SGLRP true class, AoA"]
-    fig, axes = plt.subplots(len(adv), 5, figsize=(9, 1.7 * len(adv)), squeeze=False)
+    fig, axes = plt.subplots(len(adv), 5, figsize=(11, 1.9 * len(adv)), squeeze=False)
     for i in range(len(adv)):
-        vmax = max(h0[i].max().item(), h1[i].max().item(), 1e-12)  # one scale per row: clean and AoA comparable
+        # one scale per row, the row's largest relevance as 1: clean and AoA compare, and the bar needs no offset
+        vmax = max(h0[i].max().item(), h1[i].max().item(), 1e-12)
         panels = [x0[i].permute(1, 2, 0), x1[i].permute(1, 2, 0),
-                  ((x1[i] - x0[i]) * 10 + 0.5).clamp(0, 1).permute(1, 2, 0), h0[i], h1[i]]
+                  ((x1[i] - x0[i]) * 10 + 0.5).clamp(0, 1).permute(1, 2, 0), h0[i] / vmax, h1[i] / vmax]
         for j, p in enumerate(panels):
             ax = axes[i, j]
-            shown = ax.imshow(p.numpy(), cmap="hot" if j >= 3 else None, vmin=0, vmax=vmax if j >= 3 else None,
+            shown = ax.imshow(p.numpy(), cmap="hot" if j >= 3 else None, vmin=0, vmax=1 if j >= 3 else None,
                               interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(cols[j], fontsize=7)
-        bar = fig.colorbar(shown, ax=axes[i, 3:].tolist(), fraction=0.05, pad=0.02)
-        bar.ax.tick_params(labelsize=5)
-        bar.set_label("relevance\n(row's scale)", fontsize=5)
+                ax.set_title(cols[j], fontsize=8)
+        bar = fig.colorbar(shown, ax=axes[i, 3:].tolist(), fraction=0.05, pad=0.02, ticks=[0, 0.5, 1])
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("relevance / row max", fontsize=7)
         true, pred = adv[i]["cls"], adv[i]["json"]["pred_after"]
-        axes[i, 0].set_ylabel(f"{adv[i]['key']}\n{names.get(true, true)} ({true})\n-> {names.get(pred, pred)} ({pred})",
-                              fontsize=6)
+        axes[i, 0].set_ylabel(f"{adv[i]['key']}\n{names.get(true, true)} ({true})\n→ {names.get(pred, pred)} ({pred})",
+                              fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
     return png_bytes(fig)
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """A Markdown table whose columns of numbers are right-aligned and the others left-aligned."""
+    def numeric(column: int) -> bool:
+        cells = [str(r[column]) for r in rows if str(r[column]) not in ("", "-")]
+        return bool(cells) and all(re.match(r"[-+]?\d", c) for c in cells)
+
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "".join("---:|" if numeric(i) else ":---|" for i in range(len(header)))]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -297,7 +320,7 @@ def render_html(md_text: str, title: str, base: Path) -> str:
     return ("<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{title}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;"
             "padding:0 1em}table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
-            "padding:3px 8px}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}</style>"
+            "padding:3px 8px}img{max-width:100%}</style>"
             f"</head><body>\n{body}\n</body></html>\n")
 
 
@@ -334,8 +357,8 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     n_clean = json.loads((Path(clean_dir) / "_info.json").read_text())["splits"]["validation"]["num_samples"]
     names = class_names(Path(clean_dir))
     figures = {
-        "errors.png": _bar_chart(errors, sets),
-        "rmsd.png": _rmsd_histogram(rmsd, budget["eta"]),
+        "errors.png": _bar_chart(errors, sets, records),
+        "rmsd.png": _rmsd_distribution(rmsd, budget["eta"]),
     }
     if aoa_sets:
         figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / aoa_sets[0], surrogate, examples,
@@ -354,7 +377,9 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     def model_cell(m: str) -> str:
         r = by_name[m]
         kind = f"timm `{r['timm_model']}`" if r.get("timm_model") else f"custom, {r['param_count']:g} M params"
-        return f"{m} ({kind})" + (", surrogate" if m == surrogate["name"] else "")
+        role = ("surrogate" if m == surrogate["name"] else "transfer victim" if m in victims
+                else "not in the transfer tests")
+        return f"{m} ({kind}; {role})"
 
     top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 1) for r in records if "clean" in r["accuracy"]}
     sections = [
@@ -446,14 +471,15 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     if pages:
         sections.append(("Downstream stages", "\n".join(
             f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))
-    threat = [f"| {a} | {methods[a]} | {_options((attacks or {}).get(a))} | {len(rmsd[a])} |" for a in adversarial]
+    threat = md_table(["attack set", "method", "options", "images"],
+                      [[a, methods[a], _options((attacks or {}).get(a)), len(rmsd[a])] for a in adversarial])
     warnings = sanity_warnings(errors, archs, len(names), profile == "imagenet")
     md = [f"# Robustness report ({profile} profile)\n",
           *(["**Sanity check failed**: " + " ".join(f"⚠ {w}" for w in warnings) + "\n"] if warnings else []),
           f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`). Every attack has the same threat model: "
           f"RMSD at most η = {budget['eta']} and L∞ at most ε = {budget['eps']} after rounding to uint8, step "
           f"α = {budget['alpha']} (0-255 scale), at most {budget.get('max_steps', '?')} steps. {n_clean} clean images.\n",
-          "| attack set | method | options | images |\n|---|---|---|---|\n" + "\n".join(threat) + "\n",
+          threat + "\n",
           f"Code: commit {_commit()}. Metrics: `metrics/evaluate.json`; per-set CSVs (timm format) and per-model "
           "records in the evaluate outputs.\n"]
     for title, text, fig in sections:

@@ -218,10 +218,8 @@ def test_a_budget_off_the_pixel_scale_is_refused(tmp_path, change, problem):
 def small_set(tmp_path):
     import numpy as np
 
-    from shards.shardset import shard_name, write_index, write_shard
-
     from shards.card import card_data, write_card
-    from shards.shardset import shard_records
+    from shards.shardset import shard_name, shard_records, write_index, write_shard
 
     root = tmp_path / "set"
     for s in range(2):

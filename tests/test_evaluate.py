@@ -171,10 +171,16 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     assert text.count("data:image/png;base64,") == 3 and "<table>" in text
     # the opening sentence and threat model reach the HTML; names, not only indices
     for expected in ("Surrogate <code>vgg_demo</code>", "η = 7.0", "ε = 25.5", "α = 2.0", "at most 8 steps",
-                     "si 2", "<td>10</td>", "cannot be compared", "<td>aoa-si1</td>\n<td>aoa</td>\n<td>si 1</td>",
+                     "si 2", '<td style="text-align: right;">10</td>', "cannot be compared",
+                     # text columns left-aligned, numbers right-aligned
+                     '<td style="text-align: left;">aoa-si1</td>\n<td style="text-align: left;">aoa</td>\n'
+                     '<td style="text-align: left;">si 1</td>\n<td style="text-align: right;">10</td>',
                      # a network registered here is custom; a timm architecture is named as timm names it
                      f"vgg_demo (custom, {json.loads((tmp_path / 'eval/models/vgg_demo.json').read_text())['param_count']:g}"
-                     " M params), surrogate", "resnet10t (timm <code>resnet10t</code>)"):
+                     " M params; surrogate)", "resnet10t (timm <code>resnet10t</code>; transfer victim)",
+                     # success rates, both conventions, beside the errors
+                     "Attack success rates (%)", "<strong>Over all images</strong>",
+                     "<strong>Over the images the model classifies correctly clean</strong>"):
         assert expected in text, expected
     # ReaL error against the label sets, recounted from the predictions: images with an empty set are left out
     preds = [json.loads(line) for line in (tmp_path / "eval/predictions/resnet10t/clean.jsonl").read_text().splitlines()]
@@ -197,6 +203,15 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
                  for line in (tmp_path / "eval" / "predictions" / "resnet10t" / "aoa.jsonl").read_text().splitlines())
     table = result["markdown"].split("Per image: victims fooled out of 1 (resnet10t)")[1].split("With 10 images")[0]
     assert sum(int(row.split("|")[4]) for row in table.strip().splitlines()[2:]) == fooled  # aoa column
+    # success over the images resnet10t got right clean, recounted from the predictions, in the report's table
+    def top1_right(s):
+        return {p["key"]: p["top5"][0] == p["label"] for p in map(json.loads, (
+            tmp_path / "eval" / "predictions" / "resnet10t" / f"{s}.jsonl").read_text().splitlines())}
+    right, after = top1_right("clean"), top1_right("aoa")
+    rate = 100 * sum(not after[k] for k in right if right[k]) / sum(right.values())
+    correct_table = result["markdown"].split("correctly clean**")[1].split("On the surrogate")[0]
+    victim_row = next(r for r in correct_table.splitlines() if r.startswith("| resnet10t"))
+    assert victim_row.split("|")[2].strip().startswith(f"{rate:.1f} (")  # the aoa column
     assert "18.7–81.3% (exact 95% interval)" in text  # 5 of 10 wrong
     # the transfer verdict is the exact paired test on the same images, recounted here from the predictions
     def wrong(s):
@@ -211,10 +226,15 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     assert result["transfer"][0]["overall"].p == pytest.approx(p)  # one victim: the sign test is McNemar's
     card = json.loads((tmp_path / "report" / "robustbench" / "resnet10t.json").read_text())
     record = json.loads((tmp_path / "eval" / "models" / "resnet10t.json").read_text())["accuracy"]
-    assert card["clean_acc"] == f"{record['clean']['top1']:.2f}" and card["aoa_acc"] == f"{record['aoa']['top1']:.2f}"
+    assert card["clean_acc"] == f"{record['clean']['top1']:.2f}"
+    assert card["transfer_acc"]["aoa"] == f"{record['aoa']['top1']:.2f}"
     worst = min(v["top1"] for name, v in record.items() if name != "clean")  # worst attack set (aoa-si1 included)
-    assert card["adversarial_acc"] == f"{worst:.2f}"
-    assert card["eps"] == "25.5/255" and card["threat_model"] == "transfer"
+    assert card["worst_transfer_acc"] == f"{worst:.2f}"
+    # RobustBench's own fields where they mean the same; its eps and autoattack_acc (white-box AutoAttack) not used
+    assert {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture",
+            "clean_acc", "reported", "footnote"} <= set(card) and not {"eps", "autoattack_acc"} & set(card)
+    assert card["link"] is None and card["architecture"] == "resnet10t"  # no pretrained tag: no Hub page to link
+    assert (card["transfer_rmsd"], card["transfer_linf"], card["threat_model"]) == (7.0, 25.5, "transfer")
     ood_page = (tmp_path / "report" / "pages" / "ood.html").read_text()
     assert "<table>" in ood_page and '<a href="../report.html">← Robustness report</a>' in ood_page  # the way back
     assert (tmp_path / "report" / "pages" / "../report.html").resolve() == page.resolve()

@@ -576,7 +576,7 @@ def test_verify_holds_the_card_to_the_set(clean_set, reference_run, tmp_path):
         write_sums(bad, {name: sha256_file(bad / name) for _, name in sums})  # re-summed: only the card check tells
         run = subprocess.run(damagenet + [str(bad)], capture_output=True, text=True)
         assert run.returncode == 1, (edit, run.stdout, run.stderr)
-        expected = {"rmsd": f"damagenet.numbers says {{'images': 20", "attack": "damagenet.attack (attack) says ['pgd'], "
+        expected = {"rmsd": "damagenet.numbers says {'images': 20", "attack": "damagenet.attack (attack) says ['pgd'], "
                     "the set has ['aoa']", "text": "its text is not the one its header gives",
                     "names": "class names says"}[edit]
         assert run.stdout.splitlines()[0].startswith(f"{bad / 'README.md'}: ") and expected in run.stdout, run.stdout
