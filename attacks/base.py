@@ -163,20 +163,38 @@ class Attack:
         return lambda x: F.pad(F.interpolate(x, size=(size, size), mode="nearest"),
                                (left, w - size - left, top, h - size - top))
 
-    def gradient(self, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Objective gradient with SI/DI/TI applied and the copies combined as the step rule needs (module doc).
+    @property
+    def copies_per_image(self) -> int:
+        """Copies of each image one gradient passes through the model (what ``sub_batch`` divides)."""
+        return self.config.si
 
-        With ``si_x_twice`` the unscaled copy gets a double share instead of a second identical computation."""
-        cfg = self.config
-        m = cfg.si
-        copies, copy_labels = torch.cat([x / 2**i for i in range(m)]).detach(), labels.repeat(m)
+    def input_copies(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformed copies of ``x`` whose gradients are averaged, stacked copy after copy, and each copy's
+        weight: SI's scale copies x/2^i (with ``si_x_twice`` the unscaled copy gets a double share instead of a
+        second identical computation). Input-transformation attacks (Admix, BSR) make other copies."""
+        return torch.cat([x / 2**i for i in range(self.config.si)]), self.config.copy_weights()
+
+    def copy_transform(self, x: torch.Tensor, copies: int, gen: torch.Generator
+                       ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """The transform applied inside the gradient (so the gradient is taken through it, in the image's layout) to
+        the stacked copies' rows ``start, start + 1, ...``: DI, one draw per gradient. BSR draws one per copy."""
         diverse = self._diverse(*x.shape[-2:], gen)
+        return lambda part, start: diverse(part)
+
+    def gradient(self, x: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Objective gradient with the input copies, their transform (DI) and TI applied and the copies combined as
+        the step rule needs (module doc)."""
+        cfg = self.config
+        copies, weights = self.input_copies(x, gen)
+        m = len(weights)
+        copies, copy_labels = copies.detach(), labels.repeat(m)
+        transform = self.copy_transform(x, m, gen)
         chunk = cfg.sub_batch or len(copies)
         grads = []
-        for part, part_labels in zip(copies.split(chunk), copy_labels.split(chunk)):  # the objective is per image
-            part = part.detach().requires_grad_()
+        for start in range(0, len(copies), chunk):  # the objective is per image
+            part = copies[start:start + chunk].detach().requires_grad_()
             with forward_precision(cfg.precision, x.device.type):
-                value = self.objective(diverse(part), part_labels).float().sum()
+                value = self.objective(transform(part, start), copy_labels[start:start + chunk]).float().sum()
                 grads.append(torch.autograd.grad(value, part)[0])
         g = torch.cat(grads).float()
         if cfg.ti:
@@ -184,8 +202,17 @@ class Attack:
             g = F.conv2d(g, k.expand(g.shape[1], 1, -1, -1), padding=cfg.ti // 2, groups=g.shape[1])
         if self.step_rule == "l1":
             g = unit_mean_abs(g)
-        weights = cfg.copy_weights().to(g).view(m, *([1] * x.dim()))
+        weights = weights.to(g).view(m, *([1] * x.dim()))
         return (g.view(m, *x.shape) * weights).sum(0)
+
+    def begin(self, x0: torch.Tensor) -> None:
+        """Called once per batch before the first step (state an attack keeps across steps starts here)."""
+
+    def tuned(self, g: torch.Tensor, x: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
+              gen: torch.Generator) -> torch.Tensor:
+        """The gradient the momentum accumulates, from this step's gradient ``g`` at the active images ``x``
+        (``idx`` in the batch); VMI adds the previous step's gradient variance."""
+        return g
 
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         if self.step_rule == "sign":
@@ -218,11 +245,12 @@ class Attack:
         steps = torch.zeros(len(x0), dtype=torch.long)
         momentum = torch.zeros_like(x0)
         before = self.describe(x0, labels)
+        self.begin(x0)
         for step in range(1, cfg.max_steps + 1):
             idx = active.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            g = self.gradient(x[idx], labels[idx], gen)
+            g = self.tuned(self.gradient(x[idx], labels[idx], gen), x[idx], labels[idx], idx, gen)
             if cfg.mi:  # Dong et al.: accumulate L1-normalised gradients
                 momentum[idx] = cfg.mi * momentum[idx] + unit_mean_abs(g)
                 g = momentum[idx]

@@ -17,6 +17,9 @@ METHOD_MODULES = {
     "di-fgsm": "attacks.fgsm_family",
     "ti-fgsm": "attacks.fgsm_family",
     "si-fgsm": "attacks.fgsm_family",
+    "vmi-fgsm": "attacks.vmi_fgsm",
+    "admix": "attacks.admix",
+    "bsr": "attacks.bsr",
 }
 _ATTACKS: dict[str, Callable[..., Any]] = {}
 

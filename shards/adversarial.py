@@ -77,9 +77,9 @@ def attack_shard_file(unit: dict[str, Any], device: str, threads: int = 1,
     sub_batch, size = unit.get("sub_batch", 0), model.data_config["input_size"][-1]
     if sub_batch == "auto":
         sub_batch = auto_sub_batch(attack, size, device, unit["workers_per_device"])
-        if sub_batch >= unit["batch_size"] * attack.config.si:
+        if sub_batch >= unit["batch_size"] * attack.copies_per_image:
             sub_batch = 0  # everything fits in one pass: the same job as sub_batch 0
-        warn_if_short(attack, size, device, sub_batch or unit["batch_size"] * attack.config.si,
+        warn_if_short(attack, size, device, sub_batch or unit["batch_size"] * attack.copies_per_image,
                       unit["workers_per_device"])
     attack.config = replace(attack.config, sub_batch=sub_batch)
     # the policy auto resolved to: the same job on another device can be another job

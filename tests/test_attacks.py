@@ -181,9 +181,11 @@ def test_aoa_conventions_reach_sglrp_and_the_config_hash(random_surrogate):
     assert not torch.equal(authors.gradient(x, y, torch.Generator()), literal.gradient(x, y, torch.Generator()))
 
 
-@pytest.mark.parametrize("name,options", [("aoa", {"si": 4, "si_x_twice": True}), ("di-fgsm", {"di": 1.0, "si": 2})])
+@pytest.mark.parametrize("name,options", [("aoa", {"si": 4, "si_x_twice": True}), ("di-fgsm", {"di": 1.0, "si": 2}),
+                                          ("bsr", {}), ("admix", {})])
 def test_sub_batches_give_the_whole_batch_gradient(name, options, random_surrogate):
-    """Memory is bounded by running the SI copies a few images at a time; DI is drawn once for all of them.
+    """Memory is bounded by running the SI copies a few images at a time; DI is drawn once for all of them, BSR's
+    layouts once per copy (a pass of 2 rows of 3-image copies straddles two copies).
     The input is seeded, not drawn from the suite's global generator: a random net's logits can be near-tied, and
     rounding noise then flips AoA's runner-up class (another objective, not another computation). AoA's gradient is a
     small difference of large relevance maps: another batch shape sums in another order, which moves it by up to
@@ -238,3 +240,76 @@ def test_auto_precision_is_bf16_on_a_gpu_that_computes_it():
     from attacks.precision import resolve_precision
 
     assert resolve_precision("auto", "cuda") == ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32")
+
+
+def _with_objective(name, objective):
+    """The registered attack ``name`` with its cross-entropy replaced by ``objective`` (per-image values)."""
+    from attacks.registry import attack_builder
+
+    cls = type(f"Closed{name}", (attack_builder(name).cls,), {"objective": lambda self, x, y: objective(x)})
+    model = build_model(ModelSpec(name="m", arch="vgg_demo", num_classes=10))  # present, not used by the objective
+    return cls(model, AttackConfig(eta=7 / 255, eps=0.1, alpha=2 / 255), **attack_builder(name).preset)
+
+
+def test_vmi_variance_is_the_mean_neighbour_gradient_minus_the_gradient_and_is_used_one_step_late():
+    """J = sum x^3 / 3, so grad J = x^2 and, for r uniform in [-a, a], E[grad J(x + r)] - grad J(x) = 2 x E[r] +
+    E[r^2] = a^2 / 3 in every coordinate (a = beta * eps, the paper's neighbourhood); at x = 0 the sampled mean has
+    no 2 x mean(r) term, so 4,000 neighbours pin it to about 1.4% per coordinate."""
+    attack = _with_objective("vmi-fgsm", lambda x: x.pow(3).flatten(1).sum(1) / 3)
+    attack.neighbours = 4000
+    gen = torch.Generator().manual_seed(0)
+    somewhere = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(attack.gradient(somewhere, torch.zeros(2, dtype=torch.long), gen), somewhere.pow(2))
+    x, y = torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+    attack.begin(x)
+    g1 = attack.gradient(x, y, gen)
+    assert torch.equal(attack.tuned(g1, x, y, torch.arange(2), gen), g1)  # v_1 = 0: the first step is MI-FGSM's
+    a = attack.beta * attack.config.eps
+    assert attack.variance.mean().item() == pytest.approx(a**2 / 3, rel=0.01)
+    assert torch.allclose(attack.variance, torch.full_like(x, a**2 / 3), atol=a**2 / 3 * 0.1)
+    g2 = torch.randn_like(x)
+    assert torch.allclose(attack.tuned(g2, x, y, torch.arange(2), gen) - g2, torch.full_like(x, a**2 / 3),
+                          atol=a**2 / 3 * 0.1)  # the second step adds the variance measured at the first
+
+
+def test_admix_gradient_averages_scaled_admixed_copies():
+    """J = sum x^2 / 2, so grad_x J(g (x + eta x')) = g^2 (x + eta x'); a partner permutation moves images around
+    the batch but keeps their sum, so the batch's summed gradient is mean_i 4^-i (1 + eta) sum(x), partners aside."""
+    attack = _with_objective("admix", lambda x: x.pow(2).flatten(1).sum(1) / 2)
+    x, y = torch.rand(5, 3, 4, 4), torch.zeros(5, dtype=torch.long)
+    g = attack.gradient(x, y, torch.Generator().manual_seed(0))
+    m1, eta = attack.config.si, attack.strength
+    scale = sum(4.0**-i for i in range(m1)) / m1
+    assert (m1, attack.partners, eta, attack.config.mi) == (5, 3, 0.2, 1.0)  # the paper's settings
+    assert torch.allclose(g.sum(0), scale * (1 + eta) * x.sum(0), atol=1e-5)
+    one = attack.gradient(x[:1], y[:1], torch.Generator().manual_seed(0))  # alone: mixed with itself
+    assert torch.allclose(one, scale * (1 + eta) * x[:1], atol=1e-6)
+    assert attack.copies_per_image == 15
+
+
+def test_bsr_copies_are_shuffled_blocks_and_their_gradient_sees_every_pixel_once():
+    """Without rotation each copy is the image cut into blocks and put back in another order: along every output
+    row (column) the source column (row) advances by one except where a block ends, and an objective that ignores
+    where pixels are has the plain gradient, mean over 20 copies included."""
+    from attacks.bsr import random_lengths
+
+    h, w = 12, 15
+    coords = torch.arange(h * w, dtype=torch.float64).view(1, 1, h, w)  # each pixel holds its own position
+    attack = _with_objective("bsr", lambda x: x.pow(2).flatten(1).sum(1) / 2)
+    attack.max_angle = 0.0
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        copy = attack.apply_layout(coords, attack.draw_layout(h, w, gen))[0, 0].long()
+        assert sorted(copy.flatten().tolist()) == list(range(h * w))  # a permutation of the pixels
+        rows, cols = copy // w, copy % w
+        row_breaks = (cols[:, 1:] - cols[:, :-1] != 1).sum(1)  # per output row: where the source jumps
+        col_breaks = (rows[1:, :] - rows[:-1, :] != 1).sum(0)
+        assert row_breaks.max() <= attack.blocks - 1 and col_breaks.max() <= attack.blocks - 1
+    x, y = torch.rand(2, 3, h, w), torch.zeros(2, dtype=torch.long)
+    assert torch.allclose(attack.gradient(x, y, gen), x, atol=1e-6)
+    assert sum(random_lengths(224, 3, gen)) == 224 and min(random_lengths(5, 3, gen)) >= 1
+    turned = _with_objective("bsr", lambda x: x.pow(2).flatten(1).sum(1) / 2)  # 24 degrees: pixels interpolated
+    assert (turned.max_angle, turned.copies, turned.blocks) == (24.0, 20, 3)
+    layout = turned.draw_layout(h, w, gen)
+    assert all(0 < abs(a) <= 24 for row in layout["angles"] for a in row)
+    assert not torch.equal(turned.apply_layout(coords, layout).flatten().sort()[0], coords.flatten())  # interpolated

@@ -86,9 +86,15 @@ def test_rerun_skips_complete_shards(clean_set, surrogate, reference_run, tmp_pa
     first = sorted(shard_paths(reference_run[0]))[0]
     shutil.copy(first, out / first.name)
     stamp = (out / first.name).stat().st_mtime_ns
-    _run(clean_set[0], surrogate, out, devices=["cpu"])
+    metrics = tmp_path / "generate.json"
+    made = _run(clean_set[0], surrogate, out, devices=["cpu"], metrics_path=str(metrics))
     assert (out / first.name).stat().st_mtime_ns == stamp
     assert _tar_bytes(out) == _tar_bytes(reference_run[0])
+    rate = json.loads(metrics.read_text())["images_per_second"]
+    assert rate == made["images_per_second"] and rate > 0
+    # nothing left to make: the rate stays the one measured by the run that made the shards (it was null)
+    again = _run(clean_set[0], surrogate, out, devices=["cpu"], metrics_path=str(metrics))
+    assert again["images_per_second"] == json.loads(metrics.read_text())["images_per_second"] == rate
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ are fewer shards than cores) and gives the same bytes for the same workers on th
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -228,6 +229,8 @@ def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, 
     records = [meta for p in finished for _, _, meta in shard_records(p)]
     metrics = _metrics(records, attack, done, wall)
     metrics["failed_units"] = sorted(Path(u["out_shard"]).name for u in failed)
+    if metrics_path and metrics.get("images_per_second") is None:  # nothing made now: the rate of the run that did
+        metrics["images_per_second"] = _previous_rate(Path(metrics_path), metrics.get("images"))
     if metrics_path:
         write_json(metrics_path, metrics)
     if failed:
@@ -290,6 +293,15 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path):
 
 def _artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")  # artifact keys: lowercase, digits and dashes
+
+
+def _previous_rate(path: Path, images: int | None) -> float | None:
+    """The generation rate an earlier run recorded for the same number of images (None if none or unreadable)."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return previous.get("images_per_second") if isinstance(previous, dict) and previous.get("images") == images else None
 
 
 def _metrics(records: list[dict], attack: str, done: list[dict], wall: float) -> dict[str, Any]:
