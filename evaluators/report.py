@@ -148,6 +148,13 @@ def _success_tables(records: list[dict[str, Any]], attack_sets: list[str], model
             "\n\nOn the surrogate these are white-box rates; on every other model, transfer rates.")
 
 
+def _matrix_cell(rates: dict | None, white_box: bool) -> str:
+    if not rates or rates["asr_all"] is None:
+        return ""
+    low, high = rates["asr_all_ci"]
+    return f"{rates['asr_all']:.1f} ({low:.1f}–{high:.1f})" + (" **wb**" if white_box else "")
+
+
 def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -301,8 +308,9 @@ def _commit() -> str:
 
 
 def _options(options: dict[str, Any] | None) -> str:
-    """An attack set's own options (its method has a column of its own)."""
-    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items()) if k != "attack") or "defaults"
+    """An attack set's own options (its method and surrogate have columns of their own)."""
+    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items())
+                     if k not in ("attack", "surrogate")) or "defaults"
 
 
 def render_html(md_text: str, title: str, base: Path) -> str:
@@ -331,13 +339,14 @@ DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", 
 def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
                  budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
                  victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
-                 downstream: list[str] | None = None, downstream_dir: str | None = None) -> dict[str, Any]:
+                 downstream: list[str] | None = None, downstream_dir: str | None = None,
+                 set_surrogates: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write report.md, report.html, figures/ and pages/<stage>.html (each downstream page, self-contained) under
-    ``out_dir``;
-    returns the numbers shown. ``budget``: eta, eps, alpha, max_steps on the 0-255 scale; ``attacks``: each attack's
-    options; ``victims``: the models of the transfer comparison (default: every evaluated model but the
-    surrogate); ``downstream``: the downstream stages of this run (pages of other runs are not linked), whose pages
-    are ``<downstream_dir>/<stage>/index.md`` (default ``<out_dir>/downstream``)."""
+    ``out_dir``; returns the numbers shown. ``budget``: eta, eps, alpha, max_steps on the 0-255 scale; ``attacks``:
+    each attack's options; ``set_surrogates``: each attack set's surrogate spec (default ``surrogate``, the run's);
+    ``victims``: the models the transfer tests may use (default: every evaluated model), each set's own surrogate
+    left out of its tests; ``downstream``: the downstream stages of this run (pages of other runs are not linked),
+    whose pages are ``<downstream_dir>/<stage>/index.md`` (default ``<out_dir>/downstream``)."""
     eval_path, out = Path(eval_dir), Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     records = [json.loads(f.read_text()) for f in sorted((eval_path / "models").glob("*.json"))]
@@ -346,12 +355,23 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     adversarial = [s for s in sets if s != "clean"]
     methods = {s: attack_method(s, (attacks or {}).get(s)) for s in adversarial}
     aoa_sets = [s for s in adversarial if methods[s] == "aoa"]
-    victims = [m for m in errors if m != surrogate["name"] and (victims is None or m in victims)]
-    transfer = []
-    if aoa_sets and victims:
-        labels, fooled = per_image_fooled(eval_path, victims, sets)
-        transfer = transfer_comparison(errors, victims, aoa_sets, [s for s in adversarial if s not in aoa_sets],
-                                       fooled)
+    made_on = {s: (set_surrogates or {}).get(s, surrogate)["name"] for s in adversarial}
+    surrogates = list(dict.fromkeys(made_on.values()))
+    candidates = [m for m in errors if victims is None or m in victims]
+    # the run's surrogate first: its group is the one the per-image table follows
+    groups = sorted(surrogates, key=lambda name: name != surrogate["name"])
+    victims = [m for m in candidates if m != groups[0]] if groups else candidates
+    transfer, labels, fooled = [], {}, {}
+    if aoa_sets and candidates:
+        labels, fooled = per_image_fooled(eval_path, candidates, sets)
+    for made in groups:  # AoA against each baseline made on the same surrogate, on the models that are not it
+        group_victims = [m for m in candidates if m != made]
+        group_aoa = [s for s in aoa_sets if made_on[s] == made]
+        group_baselines = [s for s in adversarial if made_on[s] == made and s not in aoa_sets]
+        if group_aoa and group_victims:
+            seen = {k: {s: [v for v in per_set[s] if v in group_victims] for s in per_set} for k, per_set in fooled.items()}
+            transfer += [{**t, "surrogate": made} for t in transfer_comparison(errors, group_victims, group_aoa,
+                                                                                group_baselines, seen)]
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
             for a in adversarial}
     n_clean = json.loads((Path(clean_dir) / "_info.json").read_text())["splits"]["validation"]["num_samples"]
@@ -361,8 +381,8 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         "rmsd.png": _rmsd_distribution(rmsd, budget["eta"]),
     }
     if aoa_sets:
-        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / aoa_sets[0], surrogate, examples,
-                                            names)
+        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / aoa_sets[0],
+                                            (set_surrogates or {}).get(aoa_sets[0], surrogate), examples, names)
     for name, data in figures.items():
         (out / "figures" / name).write_bytes(data)
     (out / "robustbench").mkdir(exist_ok=True)
@@ -377,7 +397,7 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     def model_cell(m: str) -> str:
         r = by_name[m]
         kind = f"timm `{r['timm_model']}`" if r.get("timm_model") else f"custom, {r['param_count']:g} M params"
-        role = ("surrogate" if m == surrogate["name"] else "transfer victim" if m in victims
+        role = ("surrogate" if m in surrogates else "transfer victim" if m in candidates
                 else "not in the transfer tests")
         return f"{m} ({kind}; {role})"
 
@@ -402,22 +422,32 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         sections.append(("Attack success rates (%), with exact 95% intervals", _success_tables(records, adversarial,
                                                                                                 model_cell), None))
     sections.append(("Clean vs adversarial error", "", "errors.png"))
+    if any(r.get("success") for r in records) and candidates:
+        sections.append(("Transfer matrix: success rate over all images (%), attack set × model", md_table(
+            ["attack set", "surrogate"] + candidates,
+            [[s, made_on[s]] + [_matrix_cell(by_name[m].get("success", {}).get(s), m == made_on[s])
+                                for m in candidates] for s in adversarial]) + (
+            "\n\nA row is a set of images made on its surrogate; a column, a model evaluated on it. **wb** marks the "
+            "white-box cell (the model the set was made on); every other cell is a transfer rate. Counted over all "
+            "images, as TransferAttack's tables count them."), None))
     if transfer:
         overall = md_table(
-            ["AoA set", "baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
+            ["surrogate", "AoA set", "baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
              "AoA - baseline, points [95% CI]", "sign test", "DAmageNet's claim (AoA transfers better)"],
-            [[t["aoa"], t["baseline"], f"{t['aoa_mean_err']:.1f}", f"{t['baseline_mean_err']:.1f}",
+            [[t["surrogate"], t["aoa"], t["baseline"], f"{t['aoa_mean_err']:.1f}", f"{t['baseline_mean_err']:.1f}",
               f"{t['aoa_wins']}/{t['victims']}",
               f"{c.difference:+.1f} [{c.low:+.1f}, {c.high:+.1f}]", format_p(c.p), c.outcome()]
              for t in transfer for c in [t["overall"]]])
         per_victim = md_table(
-            ["AoA set", "baseline"] + victims,
-            [[t["aoa"], t["baseline"]] + [f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})"
-                                          for v in victims for c in [t["per_victim"][v]]] for t in transfer])
-        sections.append(("Transfer: AoA vs each baseline at the same RMSD budget (held-out victims)", overall + (
+            ["surrogate", "AoA set", "baseline"] + candidates,
+            [[t["surrogate"], t["aoa"], t["baseline"]] + [
+                f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})" if c else "white-box"
+                for v in candidates for c in [t["per_victim"].get(v)]] for t in transfer])
+        sections.append(("Transfer: AoA vs each baseline made on the same surrogate, at the same RMSD budget "
+                         "(held-out victims)", overall + (
             f"\n\nEvery attack is run on the same {n_clean} images, so the comparison is paired. Across the "
-            f"{len(victims)} victims ({', '.join(victims)}) the image is the unit (the victims see the same "
-            "images): an exact sign test on how many victims each image fools under AoA vs the baseline, and a "
+            f"victims of a surrogate (every model of {', '.join(candidates)} but that surrogate) the image is the "
+            "unit (the victims see the same images): an exact sign test on how many victims each image fools under AoA vs the baseline, and a "
             "paired bootstrap interval over images for the mean difference in error. \"reproduces\" / \"refutes\" "
             f"only when p < 0.05; each row is its own test, not corrected for the {len(transfer)} comparisons (Holm's "
             "correction would multiply the smallest p by that number).\n\n"
@@ -425,10 +455,11 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
             "one of the two fools (AoA-only vs baseline-only images):\n\n") + per_victim, None))
     if transfer and n_clean <= PER_IMAGE_MAX:
         low, high = error_interval(n_clean // 2, n_clean)
+        shown = [s for s in sets if s == "clean" or made_on[s] == groups[0]]  # the run surrogate's sets
         sections.append((f"Per image: victims fooled out of {len(victims)} ({', '.join(victims)})", md_table(
-            ["image", "true class"] + sets,
-            [[key, f"{names.get(labels[key], labels[key])} ({labels[key]})"] + [len(fooled[key][s]) for s in sets]
-             for key in sorted(fooled)]) + (
+            ["image", "true class"] + shown,
+            [[key, f"{names.get(labels[key], labels[key])} ({labels[key]})"]
+             + [sum(v in victims for v in fooled[key][s]) for s in shown] for key in sorted(fooled)]) + (
             f"\n\nWith {n_clean} images, a victim that gets half of them wrong has an error rate anywhere in "
             f"{low:.1f}–{high:.1f}% (exact 95% interval), so the tables above can tell attacks apart only by large "
             "margins. What a set this small can show: whether images made on the surrogate fool other "
@@ -471,12 +502,15 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     if pages:
         sections.append(("Downstream stages", "\n".join(
             f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))
-    threat = md_table(["attack set", "method", "options", "images"],
-                      [[a, methods[a], _options((attacks or {}).get(a)), len(rmsd[a])] for a in adversarial])
+    threat = md_table(["attack set", "method", "surrogate", "options", "images"],
+                      [[a, methods[a], made_on[a], _options((attacks or {}).get(a)), len(rmsd[a])]
+                       for a in adversarial])
     warnings = sanity_warnings(errors, archs, len(names), profile == "imagenet")
     md = [f"# Robustness report ({profile} profile)\n",
           *(["**Sanity check failed**: " + " ".join(f"⚠ {w}" for w in warnings) + "\n"] if warnings else []),
-          f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`). Every attack has the same threat model: "
+          f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`)"
+          + (f", and for the sets that name theirs: {', '.join(f'`{m}`' for m in surrogates if m != surrogate['name'])}"
+             if len(surrogates) > 1 else "") + ". Every attack has the same threat model: "
           f"RMSD at most η = {budget['eta']} and L∞ at most ε = {budget['eps']} after rounding to uint8, step "
           f"α = {budget['alpha']} (0-255 scale), at most {budget.get('max_steps', '?')} steps. {n_clean} clean images.\n",
           threat + "\n",

@@ -192,9 +192,11 @@ class AttackOptions(_AsGiven):
     """One attack set: the method (``attack``, default: the set's name, so ``pgd: {}`` is PGD) and its own options
     (:class:`attacks.base.AttackConfig` fields and AoA's SGLRP conventions); an option left out keeps the attack's
     default. The set's name names its shards, DVC stage and report row, so one method can run in several settings
-    (``aoa`` and ``aoa-authors: {attack: aoa, si: 4}``)."""
+    (``aoa`` and ``aoa-authors: {attack: aoa, si: 4}``) and on several surrogates (``aoa-resnet: {attack: aoa,
+    surrogate: resnet50}``: a surrogate x victim matrix)."""
 
     attack: str | None = None
+    surrogate: str | None = None  # the zoo model this set is made on (default: generate.surrogate)
     si: Positive | None = None
     si_x_twice: bool | None = None
     di: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -370,6 +372,20 @@ class Params(_Section):
                 raise ValueError(f"attacks.{name}: {method!r} is not an attack method (known: {', '.join(list_attacks())})"
                                  + ("" if options and options.attack else f"; a set named otherwise says which method "
                                     f"it runs: {name}: {{attack: aoa, ...}}"))
+        return self
+
+    @model_validator(mode="after")
+    def _surrogates_in_the_zoo(self):
+        if not self.zoo:
+            return self
+        names = [m.name for m in self.zoo.models]
+        surrogates = {f"attacks.{name}.surrogate": options.surrogate for name, options in (self.attacks or {}).items()
+                      if options and options.surrogate}
+        if self.generate:
+            surrogates["generate.surrogate"] = self.generate.surrogate
+        for key, name in surrogates.items():
+            if name not in names:
+                raise ValueError(f"{key}: {name!r} is not a zoo model (zoo.models: {', '.join(names)})")
         return self
 
     @model_validator(mode="after")

@@ -87,15 +87,19 @@ def trained_specs(params: Params) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in json.loads(models_file.read_text())} if models_file.is_file() else {}
 
 
-def surrogate_spec(params: Params) -> dict[str, Any]:
-    """The resolved zoo spec of the surrogate (written by the zoo stage)."""
-    name, models_file = params.require("generate").surrogate, Path(params.require("zoo").out) / "models.json"
+def surrogate_spec(params: Params, attack: str | None = None) -> dict[str, Any]:
+    """The resolved zoo spec (written by the zoo stage) of the surrogate of attack set ``attack``: its own
+    ``surrogate`` option, else ``generate.surrogate`` (also the run's surrogate when ``attack`` is None)."""
+    options = params.require("attacks").get(attack) if attack else None
+    key, name = ((f"attacks.{attack}.surrogate", options.surrogate) if options and options.surrogate
+                 else ("generate.surrogate", params.require("generate").surrogate))
+    models_file = Path(params.require("zoo").out) / "models.json"
     if not models_file.is_file():
         raise ConfigError(f"{models_file}: not found (run the zoo stage first)")
     specs = trained_specs(params)
     if name not in specs:
-        raise ConfigError(f"{params.path}: generate.surrogate {name!r} is not a model the zoo stage wrote to "
-                          f"{models_file} (have: {', '.join(specs)})")
+        raise ConfigError(f"{params.path}: {key} {name!r} is not a model the zoo stage wrote to {models_file} "
+                          f"(have: {', '.join(specs)})")
     return specs[name]
 
 
@@ -107,13 +111,14 @@ def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
     options = attacks[attack].model_dump() if attacks[attack] else {}
     method = attack_method(attack, options)
     options.pop("attack", None)
+    options.pop("surrogate", None)  # a model, not an attack option
     # the switch fixes the threads unless the params give a number themselves (auto follows the core count)
     threads = params.reproducible.threads if params.reproducible and gen.cpu_threads == "auto" else gen.cpu_threads
     return {
         "attack": attack, "method": method,
         "budget": params.require("budget"),
         "options": {**options, "sub_batch": gen.sub_batch},  # memory: a generate parameter
-        "surrogate": surrogate_spec(params),
+        "surrogate": surrogate_spec(params, attack),
         "clean_dir": params.require("source").out,
         "out_dir": str(Path(gen.out_root) / attack),
         "batch_size": gen.batch_size, "devices": gen.devices, "cpu_workers": gen.cpu_workers, "cpu_threads": threads,
@@ -194,6 +199,7 @@ def report(params: Params) -> dict[str, Any]:
         "eval_dir": ev.out, "shards_root": params.require("generate").out_root,
         "clean_dir": params.require("source").out, "sets": ev.sets,
         "surrogate": surrogate_spec(params),
+        "set_surrogates": {s: surrogate_spec(params, s) for s in ev.sets if s != "clean"},
         "budget": params.require("budget").model_dump(),
         "attacks": {k: v.model_dump() if v else None for k, v in params.require("attacks").items()},
         "out_dir": rep.out, "profile": params.profile, "examples": rep.examples,

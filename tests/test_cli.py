@@ -391,3 +391,31 @@ def test_evaluate_arguments_carry_the_metrics_path_of_their_params_file(tmp_path
     for name, expected in (("params.yaml", "metrics/evaluate.json"), ("mnist.yaml", "metrics/mnist/evaluate.json")):
         (tmp_path / name).write_text(yaml.safe_dump(params))
         assert stages.evaluate(load_params(tmp_path / name))["metrics_path"] == expected
+
+
+def test_an_attack_set_may_name_its_own_surrogate_from_the_zoo(tmp_path, capsys):
+    import json
+
+    from pipelines import stages
+    from pipelines.params import load_params
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "models.json").write_text(json.dumps([{"name": "vgg_demo", "arch": "vgg_demo"},
+                                                  {"name": "resnet_tiny", "arch": "resnet10t"}]))
+
+    def two_surrogates(params):
+        params["zoo"].update(out=str(zoo))
+        params["attacks"]["aoa-resnet"] = {"attack": "aoa", "surrogate": "resnet_tiny", "si": 2}
+        params["evaluate"]["sets"].append("aoa-resnet")
+
+    p = _params(tmp_path, "two.yaml", edit=two_surrogates)
+    params = load_params(str(p))
+    own, default = stages.generate(params, "aoa-resnet", tmp_path), stages.generate(params, "aoa", tmp_path)
+    assert own["surrogate"]["name"] == "resnet_tiny" and default["surrogate"]["name"] == "vgg_demo"
+    assert "surrogate" not in own["options"] and own["options"]["si"] == 2  # a model, not an attack option
+    assert stages.report(params)["set_surrogates"]["aoa-resnet"]["name"] == "resnet_tiny"
+    bad = _params(tmp_path, "bad.yaml", edit=lambda params: params["attacks"].update(
+        {"aoa-x": {"attack": "aoa", "surrogate": "nope"}}))
+    err = _one_line_error(capsys, ["generate", "--attack", "aoa-x", "--params", str(bad)])
+    assert "attacks.aoa-x.surrogate: 'nope' is not a zoo model (zoo.models: " in err

@@ -174,7 +174,8 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
                      "si 2", '<td style="text-align: right;">10</td>', "cannot be compared",
                      # text columns left-aligned, numbers right-aligned
                      '<td style="text-align: left;">aoa-si1</td>\n<td style="text-align: left;">aoa</td>\n'
-                     '<td style="text-align: left;">si 1</td>\n<td style="text-align: right;">10</td>',
+                     '<td style="text-align: left;">vgg_demo</td>\n<td style="text-align: left;">si 1</td>\n'
+                     '<td style="text-align: right;">10</td>',
                      # a network registered here is custom; a timm architecture is named as timm names it
                      f"vgg_demo (custom, {json.loads((tmp_path / 'eval/models/vgg_demo.json').read_text())['param_count']:g}"
                      " M params; surrogate)", "resnet10t (timm <code>resnet10t</code>; transfer victim)",
@@ -235,6 +236,26 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
             "clean_acc", "reported", "footnote"} <= set(card) and not {"eps", "autoattack_acc"} & set(card)
     assert card["link"] is None and card["architecture"] == "resnet10t"  # no pretrained tag: no Hub page to link
     assert (card["transfer_rmsd"], card["transfer_linf"], card["threat_model"]) == (7.0, 25.5, "transfer")
+    # the surrogate x victim matrix: the white-box cell marked, each baseline compared only with AoA sets made on
+    # its surrogate (aoa-si1 declared made on resnet10t: a second surrogate, with no baseline of its own)
+    def matrix(markdown):  # {(attack set, model): cell}
+        lines = [line for line in markdown.split("attack set × model")[1].split("\n## ")[0].splitlines()
+                 if line.startswith("| ")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        return {(cells[0], model): cell for line in lines[1:]
+                for cells in [[c.strip() for c in line.strip("|").split("|")]]
+                for model, cell in zip(header[2:], cells[2:])}
+
+    cells = matrix(result["markdown"])
+    assert cells[("aoa", "vgg_demo")].endswith("**wb**") and "**wb**" not in cells[("aoa", "resnet10t")]
+    two = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
+                       specs["vgg_demo"], budget, str(tmp_path / "report2"), attacks=attacks, downstream=[],
+                       set_surrogates={"aoa": specs["vgg_demo"], "pgd": specs["vgg_demo"],
+                                       "aoa-si1": specs["resnet10t"]})
+    assert [(t["surrogate"], t["aoa"], t["baseline"]) for t in two["transfer"]] == [("vgg_demo", "aoa", "pgd")]
+    cells = matrix(two["markdown"])
+    assert cells[("aoa-si1", "resnet10t")].endswith("**wb**") and "**wb**" not in cells[("aoa-si1", "vgg_demo")]
+    assert "and for the sets that name theirs: `resnet10t`" in two["markdown"]
     ood_page = (tmp_path / "report" / "pages" / "ood.html").read_text()
     assert "<table>" in ood_page and '<a href="../report.html">← Robustness report</a>' in ood_page  # the way back
     assert (tmp_path / "report" / "pages" / "../report.html").resolve() == page.resolve()

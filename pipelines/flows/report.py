@@ -24,9 +24,10 @@ from pipelines.params import load_params
 def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
                 budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
                 victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
-                downstream: list[str] | None = None, downstream_dir: str | None = None) -> dict[str, Any]:
+                downstream: list[str] | None = None, downstream_dir: str | None = None,
+                set_surrogates: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     result = build_report(eval_dir, shards_root, clean_dir, sets, surrogate, budget, out_dir, profile, examples,
-                          victims, attacks, downstream, downstream_dir)
+                          victims, attacks, downstream, downstream_dir, set_surrogates)
     # figures inline: the Prefect UI cannot follow links to files on this machine
     create_markdown_artifact(key=artifact_key(profile, "robustness-report"), markdown=result["markdown_inline"],
                              description="DAmageNet robustness report")
