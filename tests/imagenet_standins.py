@@ -16,13 +16,14 @@ from PIL import Image
 
 from sources.real_world import PHOTOS
 
-# the ImageNet profile's seven models, stood in for by tiny timm networks with hub weights (test_resnet is ResNet-like,
+# the ImageNet profile's nine models, stood in for by tiny timm networks with hub weights (test_resnet is ResNet-like,
 # so SGLRP can explain it: it stands in for the VGG19 surrogate); DenseNet-121 (8 M parameters) is itself, so the
 # report's join with the published table has a row to show
 STAND_INS = {"vgg19": "test_resnet.r160_in1k", "vgg16": "test_efficientnet.r160_in1k",
              "resnet50": "test_byobnet.r160_in1k", "densenet121": "densenet121.tv_in1k",
              "inception_v3": "test_convnext2.r160_in1k", "convnext_tiny": "test_convnext.r160_in1k",
-             "vit_base_patch16_224": "test_vit.r160_in1k"}
+             "vit_base_patch16_224": "test_vit.r160_in1k", "inception_v3_adv": "test_vit2.r160_in1k",
+             "inception_resnet_v2_ens_adv": "test_nfnet.r160_in1k"}
 
 
 def write_ilsvrc_val(root: Path) -> dict[str, int]:
