@@ -144,7 +144,10 @@ class License(_Section):
 
 
 class Source(_Section):
-    kind: Literal["class_folder", "label_file"]
+    # class_folder: a tree of class folders; label_file: a flat folder + "name index" lines; devkit: a flat folder of
+    # ILSVRC2012_val_*.JPEG + the ILSVRC2012 devkit (folder or tarball) as label_file; kaggle: a flat folder + Kaggle's
+    # LOC_val_solution.csv as label_file
+    kind: Literal["class_folder", "label_file", "devkit", "kaggle"]
     data: str  # the folder the prepare stage reads (images, label file, label sets): its DVC dependency
     root: str
     label_file: str | None = None
@@ -159,6 +162,12 @@ class Source(_Section):
     out: str
     license: License = License(id="other", name="ImageNet terms of access", link="https://image-net.org/download")
     source_dataset: str = "extended|ILSVRC/imagenet-1k"  # the cards' source_datasets: what the images come from
+
+    @model_validator(mode="after")
+    def _labels_given(self):
+        if self.kind != "class_folder" and not self.label_file:
+            raise ValueError(f"source.kind {self.kind} reads its labels from source.label_file, which is not set")
+        return self
 
     @model_validator(mode="after")
     def _reads_inside_data(self):
@@ -379,10 +388,9 @@ class Params(_Section):
         if not self.zoo:
             return self
         names = [m.name for m in self.zoo.models]
+        # (generate.surrogate is checked when generate runs: a stage that does not attack may use another zoo)
         surrogates = {f"attacks.{name}.surrogate": options.surrogate for name, options in (self.attacks or {}).items()
                       if options and options.surrogate}
-        if self.generate:
-            surrogates["generate.surrogate"] = self.generate.surrogate
         for key, name in surrogates.items():
             if name not in names:
                 raise ValueError(f"{key}: {name!r} is not a zoo model (zoo.models: {', '.join(names)})")

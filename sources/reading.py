@@ -1,9 +1,9 @@
 """Reading source images: index a source, then load each image as an RGB centre crop.
 
-Three source kinds share this code: an ImageNet-style class-folder tree (WordNet-id folders map to the standard
+The source kinds share this code: an ImageNet-style class-folder tree (WordNet-id folders map to the standard
 0-999 indices; any other folder names map to their sorted order, as torchvision's ImageFolder does), a flat folder
-with a label file of ``name index`` lines (the layout of the official DAmageNet ``val.txt``), and the demo world
-(a class-folder tree).
+with its labels (``name index`` lines as the official DAmageNet ``val.txt``, the ILSVRC2012 devkit, Kaggle's CSV:
+:mod:`sources.label_files`), and the embedded worlds (class-folder trees).
 
 Bad input never stops a run by default: the sample is skipped and ``(file, reason)`` goes to a :class:`Rejects`
 list that the stage writes next to its outputs and counts in its metrics. ``strict=True`` raises
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import posixpath
 import re
 import stat
 import unicodedata
@@ -30,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from sources import BadSourceError  # defined import-light in sources/__init__.py; raised here
+from sources.label_files import read_labels
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FILTERS = {
@@ -226,34 +226,17 @@ def _indexable(path: Path, root: Path, rejects: Rejects) -> bool:
 
 
 def label_file_source(
-    folder: Path | str, label_file: Path | str, rejects: Rejects, num_classes: int = 1000
+    folder: Path | str, label_file: Path | str, rejects: Rejects, num_classes: int = 1000, kind: str = "label_file"
 ) -> list[SourceSample]:
-    """Index a flat folder from ``name index`` lines (official DAmageNet ``val.txt`` layout)."""
+    """Index a flat folder from its labels: ``name index`` lines (official DAmageNet ``val.txt`` layout), or the
+    devkit's or Kaggle's forms (``kind``; :mod:`sources.label_files`)."""
     folder, label_file = Path(folder), Path(label_file)
-    if not label_file.is_file():
-        raise BadSourceError(label_file, "label file does not exist")
     synsets = imagenet_synsets() if num_classes == 1000 else None
-    samples, listed, inside = [], {}, folder.resolve()
-    for lineno, raw in enumerate(label_file.read_bytes().splitlines(), 1):
-        where = f"{label_file}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            rejects.add(where, f"line is not valid UTF-8 ({raw[:40]!r})")
+    listed = read_labels(kind, label_file, synsets, rejects)
+    samples, inside = [], folder.resolve()
+    for name, (where, label) in listed.items():
+        if label is None:  # refused by the reader, which said why
             continue
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not re.fullmatch(r"-?[0-9]+", parts[1]):
-            rejects.add(where, f"malformed line {line!r}: expected 'name index'")
-            continue
-        # "./a.png" is a.png: the name as the folder listing sees it (it was indexed and also "not listed")
-        name, label = posixpath.normpath(parts[0]), int(parts[1])
-        if name in listed:  # which label is right cannot be told: the file must be fixed
-            first, first_label = listed[name]
-            raise BadSourceError(label_file, f"lines {first} and {lineno} both name {name!r}" + (
-                f" (labels {first_label} and {label})" if label != first_label else "") + ": keep one line per image")
-        listed[name] = (lineno, label)
         if Path(name).is_absolute() or ".." in Path(name).parts:
             rejects.add(where, f"image name {name!r} points outside {folder}: refused")
             continue

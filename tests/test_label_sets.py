@@ -97,7 +97,7 @@ def test_an_attack_set_runs_the_method_it_names_and_an_unnamed_unknown_one_is_re
                                                                                    "si_x_twice": True}
     params["attacks"]["aoa-authors"] = {"si": 4}  # what used to pass here and fail in generate with a KeyError
     with pytest.raises(ConfigError, match=r"p.yaml: parameters: attacks.aoa-authors: 'aoa-authors' is not an attack "
-                                          r"method \(known: aoa, .*aoa-authors: \{attack: aoa, \.\.\.\}"):
+                                          r"method \(known: admix, aoa, bsr, .*aoa-authors: \{attack: aoa, \.\.\.\}"):
         validate_params(params, "p.yaml")
     params["attacks"]["aoa-authors"] = {"attack": "aoaa"}
     with pytest.raises(ConfigError, match="attacks.aoa-authors: 'aoaa' is not an attack method"):

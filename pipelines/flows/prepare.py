@@ -36,7 +36,7 @@ from sources.reading import (
 def index_source(source: Source, rejects: Rejects) -> list[SourceSample]:
     if source.kind == "class_folder":
         return class_folder_source(source.root, rejects)[0]
-    return label_file_source(source.root, source.label_file, rejects, source.num_classes)
+    return label_file_source(source.root, source.label_file, rejects, source.num_classes, source.kind)
 
 
 def select(samples: list[SourceSample], sel: Select) -> list[SourceSample]:
@@ -122,6 +122,15 @@ def _prepare(source: Source, out: Path, metrics_path: str, strict: bool) -> dict
     return metrics
 
 
+def _kept_rejects(source: Source, rejects: Rejects) -> str:
+    """A failed run's rejects, written beside the output (its building folder is dropped): the first reasons and
+    where the rest are."""
+    path = Path(str(source.out).rstrip("/") + ".rejects.tsv")
+    rejects.write(path)
+    reasons = sorted({r for _, r in rejects.items})
+    return f"{'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}; every file in {path}"
+
+
 def _build(source: Source, out: Path, strict: bool) -> dict:
     rejects = Rejects(strict=strict)
     sel = source.select
@@ -136,8 +145,9 @@ def _build(source: Source, out: Path, strict: bool) -> dict:
                   if source.label_sets else {})
     samples = select(indexed, sel)
     if not samples:
-        raise ConfigError(f"source: nothing selected from {len(indexed)} indexed image(s) (select: {sel.model_dump()}); the "
-                          "previous clean set is kept")
+        raise ConfigError(f"source: nothing selected from {len(indexed)} indexed image(s) (select: {sel.model_dump()})"
+                          + (f"; {len(rejects)} file(s) rejected ({_kept_rejects(source, rejects)})" if len(rejects)
+                             else "") + "; the previous clean set is kept")
     buffer, shards, kept = [], 0, 0
 
     def flush():
@@ -161,12 +171,8 @@ def _build(source: Source, out: Path, strict: bool) -> dict:
     if buffer:
         flush()
     if not kept:  # an empty set never replaces a good one
-        kept_rejects = Path(str(source.out).rstrip("/") + ".rejects.tsv")
-        rejects.write(kept_rejects)
-        reasons = sorted({r for _, r in rejects.items})
-        raise BadSourceError(source.root, f"all {len(samples)} selected image(s) were rejected ({'; '.join(reasons[:3])}"
-                             f"{'; ...' if len(reasons) > 3 else ''}; every file in {kept_rejects}); the previous "
-                             "clean set is kept")
+        raise BadSourceError(source.root, f"all {len(samples)} selected image(s) were rejected "
+                             f"({_kept_rejects(source, rejects)}); the previous clean set is kept")
     rejects.write(out / "rejects.tsv")
     with_set = sum(bool(label_sets.get(s.key)) for s in samples)
     records = [meta for p in shard_paths(out) for _, _, meta in shard_records(p)]

@@ -1,0 +1,156 @@
+"""ImageNet val as it is distributed: the wnid tree, a flat folder with Caffe's val.txt, with the ILSVRC2012 devkit
+(folder or tarball) and with Kaggle's LOC_val_solution.csv. The same photos written in every layout, with fakes in
+the real layouts (a meta.mat written with scipy in the devkit's structure, whose class ids are not timm's order),
+give the same clean shards, pixel for pixel and label for label."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import yaml
+from imagenet_standins import write_ilsvrc_val
+
+from pipelines.config import Source
+from pipelines.flows.prepare import prepare_flow
+from shards.shardset import iter_shardset
+
+SYNSETS = list(timm.data.ImageNetInfo().label_names())
+
+
+def _devkit_ids() -> dict[str, int]:
+    """ILSVRC2012_ID per WordNet id: as in the real devkit, not in sorted-wnid order (here: reversed)."""
+    return {wnid: 1000 - i for i, wnid in enumerate(SYNSETS)}
+
+
+def write_devkit(root: Path, labels: dict[str, int]) -> Path:
+    """``root/ILSVRC2012_devkit_t12/data/{meta.mat, ILSVRC2012_validation_ground_truth.txt}``; meta.mat's ``synsets``
+    is a struct array with the devkit's fields, the 1000 leaf classes then two parent synsets (ids 1001, 1002)."""
+    from scipy.io import savemat
+
+    ids = _devkit_ids()
+    rows = [(ids[w], w, f"class {w}", "", 0, [], 0, 1300) for w in SYNSETS]
+    rows += [(1001, "n00001740", "entity", "", 22, [1002], 1, 0), (1002, "n00002684", "object", "", 21, [], 2, 0)]
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O"),
+             ("children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")]
+    synsets = np.array(rows, dtype=dtype)
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    savemat(data / "meta.mat", {"synsets": synsets})
+    # one id per image, in file-name order (the images are numbered 1..N)
+    truth = [ids[SYNSETS[labels[name]]] for name in sorted(labels)]
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{i}\n" for i in truth))
+    return data.parent
+
+
+def write_kaggle(path: Path, labels: dict[str, int], extra: str) -> None:
+    """LOC_val_solution.csv: one row per image, boxes ``wnid x1 y1 x2 y2`` (two boxes of one class on one image),
+    and ``extra`` with boxes of two classes."""
+    rows = ["ImageId,PredictionString"]
+    for i, (name, label) in enumerate(sorted(labels.items())):
+        boxes = f"{SYNSETS[label]} 10 20 200 220 " * (2 if i == 0 else 1)
+        rows.append(f"{Path(name).stem},{boxes}")
+    rows.append(f"{extra},{SYNSETS[1]} 1 1 5 5 {SYNSETS[2]} 3 3 9 9 ")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    labels = write_ilsvrc_val(root / "tree")
+    flat = root / "flat"
+    flat.mkdir()
+    for wnid_dir in (root / "tree").iterdir():
+        for f in wnid_dir.iterdir():
+            shutil.copy(f, flat / f.name)
+    extra = "ILSVRC2012_val_00000099"  # an image Kaggle gives boxes of two classes
+    shutil.copy(next(flat.iterdir()), flat / f"{extra}.JPEG")
+    (root / "labels").mkdir()
+    (root / "labels" / "val.txt").write_text("".join(f"{n} {i}\n" for n, i in labels.items()))
+    devkit = write_devkit(root / "labels", labels)
+    with tarfile.open(root / "labels" / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar.add(devkit, arcname=devkit.name)
+    write_kaggle(root / "labels" / "LOC_val_solution.csv", labels, extra)
+    return root, labels
+
+
+def _prepare(data: Path, out: Path, **kw) -> dict:
+    source = Source(data=str(data), num_classes=1000, size=64, crop_pct=0.875, shard_size=2, out=str(out), **kw)
+    return prepare_flow(source, metrics_path=str(out.parent / f"{out.name}.json"))
+
+
+def _samples(folder: Path) -> dict[str, tuple]:
+    return {s["key"]: (s["cls"], s["json"]["wnid"], s["image"].tobytes()) for s in iter_shardset(folder)}
+
+
+@pytest.fixture(scope="module")
+def tree_samples(layouts, prefect_server, tmp_path_factory):
+    root, labels = layouts
+    out = tmp_path_factory.mktemp("tree") / "clean"
+    assert _prepare(root, out, kind="class_folder", root=str(root / "tree"))["images"] == len(labels)
+    return _samples(out)
+
+
+@pytest.mark.parametrize("kind,label_file", [("label_file", "val.txt"), ("devkit", "ILSVRC2012_devkit_t12"),
+                                             ("devkit", "ILSVRC2012_devkit_t12.tar.gz"),
+                                             ("kaggle", "LOC_val_solution.csv")])
+def test_every_layout_gives_the_wnid_trees_shards(layouts, tree_samples, kind, label_file, tmp_path):
+    root, labels = layouts
+    flat = _prepare(root, tmp_path / "flat", kind=kind, root=str(root / "flat"),
+                    label_file=str(root / "labels" / label_file))
+    expected = tree_samples
+    assert _samples(tmp_path / "flat") == expected  # the same keys, labels, wnids and pixels
+    assert {k: v[0] for k, v in expected.items()} == {Path(n).stem: i for n, i in labels.items()}
+    rejects = (tmp_path / "flat" / "rejects.tsv").read_text()
+    if kind == "kaggle":  # the image with boxes of two classes: refused, said once
+        assert flat["rejects"] == 1 and "'ILSVRC2012_val_00000099' has boxes of n01443537, n01484850" in rejects
+    else:  # not in the labels: refused as unlisted
+        assert flat["rejects"] == 1 and "ILSVRC2012_val_00000099.JPEG" in rejects
+
+
+@pytest.mark.parametrize("file,says", [
+    ("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+     "looks like the devkit's ILSVRC2012_validation_ground_truth.txt (one class id per image, ids of the devkit's "
+     "meta.mat): set source.kind: devkit and source.label_file: the devkit folder or tarball"),
+    ("LOC_val_solution.csv",
+     "looks like Kaggle's LOC_val_solution.csv: set source.kind: kaggle (source.label_file: this file)")])
+def test_a_label_file_in_another_format_is_named_with_the_kind_that_reads_it(layouts, file, says, tmp_path):
+    """Before: `nothing selected from 0 indexed image(s)`, no reason, no format named."""
+    root, _ = layouts
+    params = yaml.safe_load(open("params.yaml"))
+    params["source"].update(kind="label_file", data=str(root), root=str(root / "flat"),
+                            label_file=str(root / "labels" / file), num_classes=1000, out=str(tmp_path / "clean"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    run = subprocess.run([str(Path(sys.executable).with_name("damagenet")), "--params", str(tmp_path / "p.yaml"),
+                          "prepare"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+    assert str(root / "labels" / file) in run.stderr and says in run.stderr and "lines are not 'name index'" in run.stderr
+    assert not (tmp_path / "clean").exists()
+
+
+def test_a_prepare_that_indexes_nothing_says_why_and_leaves_the_reasons(layouts, tmp_path, prefect_server):
+    """A val.txt whose names miss the files (`.jpg` for `.JPEG`): before, `nothing selected from 0 indexed image(s)`
+    and no rejects.tsv to read."""
+    root, labels = layouts
+    (root / "labels" / "wrong.txt").write_text("".join(f"{Path(n).stem}.jpg {i}\n" for n, i in labels.items()))
+    params = yaml.safe_load(open("params.yaml"))
+    params["source"].update(kind="label_file", data=str(root), root=str(root / "flat"), num_classes=1000,
+                            label_file=str(root / "labels" / "wrong.txt"), out=str(tmp_path / "clean"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    _prepare(root, tmp_path / "clean", kind="label_file", root=str(root / "flat"),
+             label_file=str(root / "labels" / "val.txt"))
+    previous = {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+    run = subprocess.run([str(Path(sys.executable).with_name("damagenet")), "--params", str(tmp_path / "p.yaml"),
+                          "prepare"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+    kept = tmp_path / "clean.rejects.tsv"
+    assert "nothing selected from 0 indexed image(s)" in run.stderr and "missing image named in" in run.stderr
+    assert f"every file in {kept}" in run.stderr and "the previous clean set is kept" in run.stderr
+    assert len(kept.read_text().splitlines()) == len(labels) + 5  # 4 missing, 5 files not listed
+    assert {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()} == previous
