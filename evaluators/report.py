@@ -360,7 +360,7 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     candidates = [m for m in errors if victims is None or m in victims]
     # the run's surrogate first: its group is the one the per-image table follows
     groups = sorted(surrogates, key=lambda name: name != surrogate["name"])
-    victims = [m for m in candidates if m != groups[0]] if groups else candidates
+    first_victims = [m for m in candidates if m != groups[0]] if groups else candidates
     transfer, labels, fooled = [], {}, {}
     if aoa_sets and candidates:
         labels, fooled = per_image_fooled(eval_path, candidates, sets)
@@ -369,7 +369,8 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
         group_aoa = [s for s in aoa_sets if made_on[s] == made]
         group_baselines = [s for s in adversarial if made_on[s] == made and s not in aoa_sets]
         if group_aoa and group_victims:
-            seen = {k: {s: [v for v in per_set[s] if v in group_victims] for s in per_set} for k, per_set in fooled.items()}
+            seen = {k: {s: [v for v in per_set[s] if v in group_victims] for s in per_set}
+                    for k, per_set in fooled.items()}
             transfer += [{**t, "surrogate": made} for t in transfer_comparison(errors, group_victims, group_aoa,
                                                                                 group_baselines, seen)]
     rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
@@ -447,7 +448,8 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
                          "(held-out victims)", overall + (
             f"\n\nEvery attack is run on the same {n_clean} images, so the comparison is paired. Across the "
             f"victims of a surrogate (every model of {', '.join(candidates)} but that surrogate) the image is the "
-            "unit (the victims see the same images): an exact sign test on how many victims each image fools under AoA vs the baseline, and a "
+            "unit (the victims see the same images): an exact sign test on how many victims each image fools under "
+            "AoA vs the baseline, and a "
             "paired bootstrap interval over images for the mean difference in error. \"reproduces\" / \"refutes\" "
             f"only when p < 0.05; each row is its own test, not corrected for the {len(transfer)} comparisons (Holm's "
             "correction would multiply the smallest p by that number).\n\n"
@@ -456,10 +458,10 @@ def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str
     if transfer and n_clean <= PER_IMAGE_MAX:
         low, high = error_interval(n_clean // 2, n_clean)
         shown = [s for s in sets if s == "clean" or made_on[s] == groups[0]]  # the run surrogate's sets
-        sections.append((f"Per image: victims fooled out of {len(victims)} ({', '.join(victims)})", md_table(
+        sections.append((f"Per image: victims fooled out of {len(first_victims)} ({', '.join(first_victims)})", md_table(
             ["image", "true class"] + shown,
             [[key, f"{names.get(labels[key], labels[key])} ({labels[key]})"]
-             + [sum(v in victims for v in fooled[key][s]) for s in shown] for key in sorted(fooled)]) + (
+             + [sum(v in first_victims for v in fooled[key][s]) for s in shown] for key in sorted(fooled)]) + (
             f"\n\nWith {n_clean} images, a victim that gets half of them wrong has an error rate anywhere in "
             f"{low:.1f}–{high:.1f}% (exact 95% interval), so the tables above can tell attacks apart only by large "
             "margins. What a set this small can show: whether images made on the surrogate fool other "

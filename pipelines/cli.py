@@ -115,12 +115,34 @@ def _report(args, params):
 
 
 def _serve(args, params):
+    _require_schedulable_server()
     from pipelines.flows.report import scheduled_evaluation_flow
 
     cron = args.cron or params.require("report").schedule
     print(f"serving evaluate-and-report on cron {cron!r}, re-reading {args.params} at every run (Ctrl-C to stop)")
     scheduled_evaluation_flow.serve(name="scheduled-evaluation", cron=cron,
                                     parameters={"params_path": str(Path(args.params).resolve())})
+
+
+def _require_schedulable_server() -> None:
+    """Schedules live on a Prefect server that outlives this command: Prefect's temporary one cannot hold them (it
+    logged "Cannot schedule flows on an ephemeral server" and nothing ever ran)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.config import ConfigError
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("scheduling needs a Prefect server that stays up (the temporary one cannot schedule): run "
+                          "`scripts/with-prefect-server damagenet serve`, or start one with `prefect server start` and "
+                          "set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as e:
+        raise ConfigError(f"the Prefect API at {url} does not answer ({e}): start the server first "
+                          "(`prefect server start`), or unset PREFECT_API_URL and run "
+                          "`scripts/with-prefect-server damagenet serve`") from None
 
 
 def _publish(args, params):

@@ -419,3 +419,27 @@ def test_an_attack_set_may_name_its_own_surrogate_from_the_zoo(tmp_path, capsys)
         {"aoa-x": {"attack": "aoa", "surrogate": "nope"}}))
     err = _one_line_error(capsys, ["generate", "--attack", "aoa-x", "--params", str(bad)])
     assert "attacks.aoa-x.surrogate: 'nope' is not a zoo model (zoo.models: " in err
+
+
+def test_serve_needs_a_server_that_can_schedule_and_says_how_to_get_one(tmp_path):
+    """Before: `serving ... on cron` was printed, Prefect logged "Cannot schedule flows on an ephemeral server" and
+    nothing ever ran."""
+    import os
+    import socket
+    import subprocess
+
+    damagenet = str(Path(sys.executable).with_name("damagenet"))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    run = subprocess.run([damagenet, "serve"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and run.stdout == "", run.stdout
+    assert run.stderr.splitlines() == ["damagenet serve: scheduling needs a Prefect server that stays up (the temporary "
+                                       "one cannot schedule): run `scripts/with-prefect-server damagenet serve`, or "
+                                       "start one with `prefect server start` and set "
+                                       "PREFECT_API_URL=http://127.0.0.1:4200/api"]
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    run = subprocess.run([damagenet, "serve"], capture_output=True, text=True, env={**env, "PREFECT_API_URL": url},
+                         timeout=120)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1
+    assert run.stderr.startswith(f"damagenet serve: the Prefect API at {url} does not answer (")

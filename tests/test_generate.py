@@ -548,7 +548,7 @@ def test_the_cards_are_hub_cards_with_every_field_explained_on_one_scale(clean_s
         assert d["configs"][0]["data_files"][0] == {"split": "validation", "path": f"{name}-*.tar"}
         assert d["dataset_info"]["splits"] == [{"name": "validation", "num_examples": 20}]
         assert d["dataset_info"]["download_size"] == sum(p.stat().st_size for p in shard_paths(folder))
-        assert d["size_categories"] == ["n<1K"] and "adversarial-examples" in d["tags"]
+        assert d["size_categories"] == ["n<1K"] and ("adversarial-examples" in d["tags"]) == (name == "aoa")
         # the source's defaults: ImageNet's terms, which the Hub wants named and linked
         assert (d["license"], d["license_name"], d["license_link"]) == (
             "other", "ImageNet terms of access", "https://image-net.org/download")

@@ -91,7 +91,7 @@ def test_imagenet_profile_runs_as_the_readme_says(tmp_path, hub_cache):
         with open(workspace / f"data/eval/results/results-{s}-real.csv") as f:  # both images have a label set
             assert {r["model"] for r in csv.DictReader(f)} == set(STAND_INS)
     report = (workspace / "reports/report.md").read_text()
-    assert "| DenseNet121 | 26.85 |" in report and "densenet121 (timm `densenet121.tv_in1k`)" in report
+    assert "| DenseNet121 | 26.85 |" in report and "densenet121 (timm `densenet121.tv_in1k`; transfer victim)" in report
     assert report.count("near chance") >= 1 and "above the published 26.85%" in report
     # the checkout's own outputs were not touched
     assert not (REPO / "runs").exists() or workspace.parent != REPO / "runs"

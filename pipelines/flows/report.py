@@ -7,7 +7,6 @@ published shards at the next run, without a restart (cached results are reused f
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -41,7 +40,7 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
 def _scheduled_run_name() -> str:
     from prefect.runtime import flow_run
 
-    return "scheduled-evaluation-" + Path(flow_run.parameters["params_path"]).stem  # the profile's file, no path
+    return "scheduled-evaluation-" + load_params(flow_run.parameters["params_path"]).profile
 
 
 @flow(name="scheduled-evaluation", flow_run_name=_scheduled_run_name)
