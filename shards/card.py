@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from shards.shardset import names_of, shard_paths, shard_records
+from shards.shardset import names_of, shard_paths
 
 CITATION = """\
 @article{chen2022aoa,
@@ -232,9 +232,10 @@ short side to floor({s['size']} / {s['crop_pct']}) with the {s['filter']} filter
 """
 
 
-def card_problems(root: Path | str) -> list[str]:
+def card_problems(root: Path | str, records: list[dict[str, Any]] | None) -> list[str]:
     """What is wrong with the card of the set in ``root``: unreadable, text other than its header gives, or a header
-    that disagrees with the set (``_info.json``, the shards, the samples' records)."""
+    that disagrees with the set (``_info.json``, the shards, the samples' ``records`` as the caller read them; None:
+    they could not all be read, so only the text is checked)."""
     root = Path(root)
     path = root / "README.md"
     if not path.is_file():
@@ -248,13 +249,12 @@ def card_problems(root: Path | str) -> list[str]:
     if path.read_text() != expected_text:
         problems.append(f"{path}: its text is not the one its header gives (edited by hand?)")
     d, shards = card.data.to_dict(), shard_paths(root)
-    if not shards:
+    if not shards or records is None:
         return problems
     try:
         info = json.loads((root / "_info.json").read_text())["splits"]["validation"]
-        records = [meta for p in shards for _, _, meta in shard_records(p)]
     except (OSError, ValueError, KeyError):
-        return problems  # the index and shard checks report these
+        return problems  # the index checks report it
     dn = d["damagenet"]
     expected = {
         "configs[0].data_files": [{"split": "validation", "path": f"{shards[0].name.rsplit('-', 1)[0]}-*.tar"}],

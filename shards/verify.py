@@ -36,9 +36,8 @@ def verify_shardset(root: Path | str, num_classes: int, clean: Path | str | None
     the expected image side (default: the set's most common image size)."""
     root = Path(root)
     problems = verify_files(root)
-    problems += _verify_samples(root, num_classes, clean, budget, size)
-    problems += card_problems(root)
-    return problems
+    sample_problems, records = _verify_samples(root, num_classes, clean, budget, size)
+    return problems + sample_problems + card_problems(root, records)
 
 
 def verify_files(root: Path | str) -> list[str]:
@@ -63,8 +62,12 @@ def verify_files(root: Path | str) -> list[str]:
     return problems
 
 
-def _verify_samples(root: Path, num_classes: int, clean, budget, size) -> list[str]:
+def _verify_samples(root: Path, num_classes: int, clean, budget, size) -> tuple[list[str], list[dict] | None]:
+    """The samples' problems, and their JSON records (None when some sample could not be read: the card's numbers
+    cannot then be checked)."""
     problems: list[str] = []
+    records: list[dict] = []
+    read_all = True
     expected = _read_index(root / "shardindex.json", problems)
     reference = _clean_samples(clean, problems) if clean is not None else None
     seen: set[str] = set()
@@ -73,9 +76,10 @@ def _verify_samples(root: Path, num_classes: int, clean, budget, size) -> list[s
     max_member = 2 * size * size * 3 + (1 << 16) if size else MAX_MEMBER_BYTES
     for p in shard_paths(root):
         try:
-            n = _check_shard(p, num_classes, seen, reference, budget, shapes, problems, max_member)
+            n = _check_shard(p, num_classes, seen, reference, budget, shapes, problems, max_member, records)
         except (tarfile.TarError, OSError, ValueError, EOFError) as e:
             problems.append(f"{p}: unreadable tar ({e})")
+            read_all = False
             continue
         if p.name in expected and expected[p.name] != n:
             problems.append(f"{p}: {n} samples, index says {expected[p.name]}")
@@ -86,7 +90,7 @@ def _verify_samples(root: Path, num_classes: int, clean, budget, size) -> list[s
     if reference is not None and len(seen) != len(reference):
         missing = sorted(set(reference) - seen)
         problems.append(f"{root}: {len(missing)} clean key(s) have no adversarial image, e.g. {missing[:3]}")
-    return problems
+    return problems, records if read_all and len(records) == len(seen) else None
 
 
 def read_sums(path: Path, problems: list[str]) -> dict[str, str]:
@@ -149,7 +153,7 @@ def _clean_samples(clean: Path | str, problems: list[str]) -> dict[str, tuple[np
 
 
 def _check_shard(path: Path, num_classes: int, seen: set[str], reference, budget, shapes: dict, problems,
-                 max_member: int) -> int:
+                 max_member: int, records: list[dict]) -> int:
     n = 0
     for key, fields in tar_samples(path, max_member):  # raises on non-file, oversized and adjacent duplicate members
         n += 1
@@ -167,7 +171,7 @@ def _check_shard(path: Path, num_classes: int, seen: set[str], reference, budget
             continue
         try:
             label = int(fields["cls"])
-            json.loads(fields["json"])
+            records.append(json.loads(fields["json"]))
         except ValueError as e:
             problems.append(f"{where}: unreadable cls/json ({e})")
             continue
