@@ -10,16 +10,21 @@ had four starts); a cross-entropy gradient (the FGSM family) about 3x.
 ``auto`` gives each concurrent worker an equal share of half the device's *total* memory, not of what happens to be
 free: the number of copies per pass decides the last bits of a gradient (other kernels run), so it must come out the
 same on every run of one machine, as the shards' bytes must. What is free now is only checked, with a warning.
+On CPU the total is the RAM this process may use: the container's cgroup limit where one is set, since the
+machine's physical RAM (what a container sees in ``sysconf``) can be twice that and would size a pass, and warn
+about it, for memory the process never gets.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
 SHARE = 0.5  # of the device's total memory, split among the workers that run on it at once
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # a container's own cgroup (cgroup namespaces): v2 memory.max, v1 limit file
 
 
 def activation_bytes(model: torch.nn.Module, size: int, device: str | torch.device = "cpu") -> int:
@@ -45,7 +50,18 @@ def total_memory(device: str | torch.device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min([os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), *cgroup_memory_limit()])
+
+
+def cgroup_memory_limit() -> list[int]:
+    """The memory limit of this process's cgroup, in bytes (v2 or v1), or nothing where none is set."""
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            value = (CGROUP_ROOT / name).read_text().strip()
+        except OSError:
+            continue
+        return [int(value)] if value.isdigit() else []  # "max" (v2): no limit; v1 says so with a huge number
+    return []
 
 
 def free_memory(device: str | torch.device) -> int:

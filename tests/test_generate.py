@@ -628,6 +628,34 @@ def test_activation_bytes_and_auto_sub_batch_follow_their_formula(monkeypatch):
         memory.warn_if_short(attack, 32, "cpu", copies=3, workers=1)
 
 
+def test_auto_sizes_for_the_containers_memory_and_does_not_warn_when_that_is_free(tmp_path, monkeypatch):
+    # a container limited to a quarter of the machine's RAM: `auto` sizes for the limit, and with the limit free
+    # it warns of nothing (sized for the machine's RAM it warned "need about 24.0 GiB" on a 23 GiB container)
+    from attacks import create_attack, memory
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = physical // 4
+    (tmp_path / "memory.max").write_text(f"{limit}\n")  # cgroup v2
+    monkeypatch.setattr(memory, "CGROUP_ROOT", tmp_path)
+    assert memory.total_memory("cpu") == limit
+    model = build_model(ModelSpec(name="v", arch="vgg_demo", num_classes=10))
+    attack = create_attack("aoa", model)
+    per_copy = memory.copy_bytes(attack, 32, "cpu")
+    copies = memory.auto_sub_batch(attack, 32, "cpu", workers=2)
+    assert copies == int(0.5 * limit / 2 // per_copy)
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(0.9 * limit))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memory.warn_if_short(attack, 32, "cpu", copies=copies, workers=2)
+    # no limit set: "max" in v2, a huge number in v1 (as on this project's machines); then the machine's RAM
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory.total_memory("cpu") == physical
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert memory.total_memory("cpu") == physical
+
+
 def test_out_of_memory_names_the_parameter_and_leaves_no_partial_file(clean_set, surrogate, tmp_path, monkeypatch):
     from attacks.base import Attack
     from shards.adversarial import attack_shard_file
