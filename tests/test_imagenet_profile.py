@@ -4,6 +4,7 @@ cache in their real layouts (stand-ins: random weights, a few real photos), run 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from imagenet_standins import STAND_INS, write_hub_model, write_ilsvrc_val
+from imagenet_standins import STAND_INS, write_hub_model, write_hub_parquet, write_ilsvrc_val, write_wds
 
 from shards.shardset import iter_shardset
 
@@ -172,3 +173,34 @@ def test_missing_hub_weights_are_one_message_naming_the_cache_in_use(stage, tmp_
     assert f"{len(models)} hub model(s) are not in the local cache" in err
     assert err.count(f"({cache})") == len(models) and ".cache/huggingface" not in err
     assert all(f"`hf download timm/{m['arch']}`" in err for m in models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hf_dataset", "wds"])
+def test_the_hub_copies_of_imagenet_go_through_the_profiles_prepare_stage(kind, tmp_path):
+    """The README's line for the Hub's parquet copy (IMAGENET_VAL = its repo in the hub cache) and for timm's tars:
+    the workspace ``scripts/run-profile`` makes, then its DVC prepare stage (the first one ``make imagenet`` runs
+    that reads the images)."""
+    tree = tmp_path / "tree"
+    labels = write_ilsvrc_val(tree)
+    stored = {n: (next(tree.glob(f"*/{n}")).read_bytes(), i) for n, i in labels.items()}
+    if kind == "hf_dataset":
+        write_hub_parquet(tmp_path / "hub", stored)
+        val = tmp_path / "hub" / "datasets--ILSVRC--imagenet-1k"
+    else:
+        write_wds(tmp_path / "wds", stored)
+        val = tmp_path / "wds"
+    workspace = tmp_path / "ws"
+    plan = subprocess.run([str(REPO / "scripts/run-profile"), "--dry", str(REPO / "profiles/imagenet.yaml"),
+                           str(workspace), f"source.kind={kind}", f"source.root={val}", f"source.data={val}",
+                           "source.label_sets=null"], capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "p")}
+    run = subprocess.run(["dvc", "repro", "prepare"], cwd=workspace, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    clean = {s["json"]["source_file"]: s for s in iter_shardset(workspace / "data/shards/clean")}
+    assert {name: s["cls"] for name, s in clean.items()} == labels
+    assert {name: s["json"]["source_sha256"] for name, s in clean.items()} == {
+        n: hashlib.sha256(data).hexdigest() for n, (data, _) in stored.items()}
+    assert json.loads((workspace / "metrics/prepare.json").read_text())["rejects"] == 0

@@ -6,6 +6,7 @@ images go through exactly the same crop. Bad source files are skipped and listed
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -23,6 +24,7 @@ from pipelines.params import write_json
 from shards.card import card_data, write_card
 from shards.shardset import shard_name, shard_paths, shard_records, write_index, write_shard
 from sources import BadSourceError, sha256_file
+from sources.containers import hf_dataset_source, member_bytes, wds_source
 from sources.reading import (
     Rejects,
     SourceSample,
@@ -36,7 +38,21 @@ from sources.reading import (
 def index_source(source: Source, rejects: Rejects) -> list[SourceSample]:
     if source.kind == "class_folder":
         return class_folder_source(source.root, rejects)[0]
+    if source.kind == "hf_dataset":
+        return hf_dataset_source(source.root, rejects, source.num_classes)
+    if source.kind == "wds":
+        return wds_source(source.root, rejects, source.num_classes)
     return label_file_source(source.root, source.label_file, rejects, source.num_classes, source.kind)
+
+
+def read_sample(s: SourceSample, source: Source) -> tuple:
+    """One source image as its clean crop and the sha256 of the bytes it was read from (a file, or an image stored
+    inside a parquet or tar file: the same sum as that image's own file)."""
+    if s.member is None:
+        return load_crop(s.path, source.size, source.crop_pct, source.filter, source.min_side), sha256_file(s.path)
+    data = member_bytes(s)
+    return (load_crop(s.where, source.size, source.crop_pct, source.filter, source.min_side, data=data),
+            hashlib.sha256(data).hexdigest())
 
 
 def select(samples: list[SourceSample], sel: Select) -> list[SourceSample]:
@@ -157,13 +173,13 @@ def _build(source: Source, out: Path, strict: bool) -> dict:
 
     for s in tqdm(samples, desc="prepare", unit="img", mininterval=2):
         try:
-            image = load_crop(s.path, source.size, source.crop_pct, source.filter, source.min_side)
+            image, sha256 = read_sample(s, source)
         except BadSourceError as e:
             rejects.add(e.path, e.reason)
             continue
         buffer.append({"key": s.key, "image": image, "cls": s.label,
-                       "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_file": s.path.name,
-                                "source_sha256": sha256_file(s.path),
+                       "json": {"key": s.key, "label": s.label, "wnid": s.wnid, "source_file": s.name,
+                                "source_sha256": sha256,
                                 **({"label_set": label_sets[s.key]} if s.key in label_sets else {})}})
         kept += 1
         if len(buffer) == source.shard_size:
