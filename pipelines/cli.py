@@ -115,13 +115,22 @@ def _report(args, params):
 
 
 def _serve(args, params):
+    from pipelines.config import ConfigError
+
+    project = Path(args.params).resolve().parent
+    if Path(args.params).name != "params.yaml" or not (project / "dvc.yaml").is_file():
+        raise ConfigError(f"{args.params}: serve runs `dvc repro evaluate report` in a DVC project, whose stages read "
+                          "the params.yaml beside its dvc.yaml; for a profile, make its workspace once "
+                          "(`scripts/run-profile PROFILE`) and serve that: `damagenet --params "
+                          "runs/<profile>/params.yaml serve`")
     _require_schedulable_server()
     from pipelines.flows.report import scheduled_evaluation_flow
 
     cron = args.cron or params.require("report").schedule
-    print(f"serving evaluate-and-report on cron {cron!r}, re-reading {args.params} at every run (Ctrl-C to stop)")
-    scheduled_evaluation_flow.serve(name="scheduled-evaluation", cron=cron,
-                                    parameters={"params_path": str(Path(args.params).resolve())})
+    print(f"serving `dvc repro evaluate report` in {project} on cron {cron!r}: each run reads {args.params} "
+          "again (Ctrl-C to stop)")
+    scheduled_evaluation_flow.serve(name=f"scheduled-evaluation-{params.profile}", cron=cron,
+                                    parameters={"project": str(project)})
 
 
 def _require_schedulable_server() -> None:
@@ -257,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("evaluate", _evaluate, "Evaluate every model of 'evaluate.models' on every shard set of 'evaluate.sets' "
         "(cached per model weights and shard set); timm-style CSVs, per-model JSON, per-sample predictions.")
     add("report", _report, "Write the robustness report (reports/report.md, report.html) and a Prefect artifact.")
-    p = add("serve", _serve, "Serve evaluate+report on a cron schedule (Prefect serve); new models in the list are "
-            "evaluated against the published shards, the others come from the cache.")
+    p = add("serve", _serve, "Serve `dvc repro evaluate report` on a cron schedule (Prefect serve; needs a Prefect "
+            "server that stays up); new models in the list are evaluated against the published shards, the others "
+            "come from the cache.")
     p.add_argument("--cron", help="cron schedule (default: report.schedule in params.yaml)")
     p = add("publish", _publish, reads_params=False, help_text="dvc push to the default remote (printed first; a missing local remote folder is "
             "created): how shard sets and reports are published.")

@@ -97,35 +97,25 @@ def test_generate_names_an_attack_missing_from_params(tmp_path, capsys):
     assert err.startswith(f"damagenet generate: {p}: attack 'fgsmm' has no entry under 'attacks'")
 
 
-def test_serve_builds_a_cron_deployment_that_rereads_params_each_run(tmp_path):
-    import numpy as np
-    import yaml
+def test_serve_builds_a_cron_deployment_of_dvc_repro_in_the_project(tmp_path):
+    from pipelines.flows.report import SCHEDULED_STAGES, scheduled_evaluation_flow
 
-    from pipelines import stages
-    from pipelines.flows.report import scheduled_evaluation_flow
-    from pipelines.params import load_params
-    from shards.shardset import shard_name, write_index, write_shard
-
-    def made_here(params):  # the stages' outputs this run reads, as made (sums written) in tmp_path
-        params["source"]["out"], params["generate"]["out_root"] = str(tmp_path / "clean"), str(tmp_path / "sets")
-        params["zoo"]["out"] = str(tmp_path / "zoo")
-
-    for folder in ["clean", *(f"sets/{n}" for n in yaml.safe_load(open("params.yaml"))["attacks"])]:
-        name = folder.rsplit("/", 1)[-1]
-        write_shard(tmp_path / folder / shard_name(name, 0), [
-            {"key": "img0", "image": np.zeros((32, 32, 3), np.uint8), "cls": 0, "json": {}}])
-        write_index(tmp_path / folder, name)
-    (tmp_path / "zoo").mkdir()
-    (tmp_path / "zoo" / "models.json").write_text("[]")
-    p = _params(tmp_path, edit=made_here)
-    deployment = scheduled_evaluation_flow.to_deployment(
-        name="scheduled-evaluation", cron="0 3 * * *", parameters={"params_path": str(p)})
+    deployment = scheduled_evaluation_flow.to_deployment(name="scheduled-evaluation-demo", cron="0 3 * * *",
+                                                         parameters={"project": str(tmp_path)})
     assert deployment.schedules[0].schedule.cron == "0 3 * * *"
-    assert deployment.parameters == {"params_path": str(p)}  # nothing frozen at start: the file is read per run
-    before = [m["name"] for m in stages.evaluate(load_params(p))["models"]]
-    _params(tmp_path, edit=lambda params: made_here(params) or params["evaluate"]["models"].append("resnet10t_extra"))
-    after = [m["name"] for m in stages.evaluate(load_params(p))["models"]]
-    assert after == before + ["resnet10t_extra"]
+    # nothing of the parameters is frozen at start: each run's `dvc repro` reads the project's params.yaml
+    assert deployment.parameters == {"project": str(tmp_path)} and SCHEDULED_STAGES == ("evaluate", "report")
+
+
+def test_serve_refuses_a_parameters_file_dvc_does_not_read(tmp_path, capsys):
+    """A scheduled run is `dvc repro`, whose stages read the params.yaml beside dvc.yaml: a profile file is refused
+    before any server is asked, with the way to serve it."""
+    p = _params(tmp_path, "mnist.yaml")
+    err = _one_line_error(capsys, ["--params", str(p), "serve"])
+    assert err.startswith(f"damagenet serve: {p}: serve runs `dvc repro evaluate report` in a DVC project")
+    assert "damagenet --params runs/<profile>/params.yaml serve" in err
+    p = _params(tmp_path)  # a params.yaml with no dvc.yaml beside it
+    assert "in a DVC project" in _one_line_error(capsys, ["--params", str(p), "serve"])
 
 
 def test_muso_check_prints_the_three_distances_and_needs_no_params_file(tmp_path, monkeypatch, capsys):

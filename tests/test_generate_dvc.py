@@ -4,6 +4,7 @@ shards (the outputs persist) and the set is byte-identical to an uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,6 +39,9 @@ def workspace(tmp_path, small_world):
     for code in ("attacks", "evaluators", "model_zoo", "pipelines", "shards", "sources", "training"):  # stage deps
         shutil.copytree(REPO / code, ws / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(small_world / "val", ws / "images")
+    for folder in ("data/downstream", "reports/downstream"):  # evaluate and report read them (README only here)
+        (ws / folder).mkdir(parents=True)
+        shutil.copy(REPO / folder / "README.md", ws / folder)
     torch.manual_seed(0)
     save_weights(build_model(ModelSpec(name="sur", arch="vgg_demo", num_classes=10)), ws / "weights/sur.safetensors")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -129,12 +133,9 @@ def test_stopped_generate_resumes_through_dvc_with_only_the_missing_shards(works
     assert not list(out.glob("*.tmp")) and 2 <= len(shard_paths(out)) < 4
 
 
-@pytest.mark.slow
-def test_a_prefect_server_that_dies_mid_run_ends_it_in_seconds_in_one_line(workspace, prefect_server, tmp_path):
-    """Before: the run failed 59 s after its server died, with six task tracebacks in its log and Prefect's own
-    errors on stderr."""
-    made = subprocess.run(DVC + ["repro", "prepare", "zoo"], cwd=workspace, env=_env(), capture_output=True, text=True)
-    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+@contextlib.contextmanager
+def _prefect_server(tmp_path: Path):
+    """A real `prefect server start` (scheduler included) on a free port; yields it and the env that points at it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -148,13 +149,51 @@ def test_a_prefect_server_that_dies_mid_run_ends_it_in_seconds_in_one_line(works
                 break
             except OSError:
                 time.sleep(1)
-        out = workspace / "data/shards/aoa"
-        code, took = _stop_mid_shard(["damagenet", "generate", "--attack", "aoa"], workspace, out,
-                                     lambda _: os.killpg(server.pid, signal.SIGKILL), tmp_path / "out.log", env,
-                                     stderr=tmp_path / "err.log")
+        yield server, env
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_fires_on_a_real_server_and_goes_through_dvc(workspace, tmp_path):
+    """Before: on Prefect's temporary server nothing ever ran; with a server, the run wrote reports/ outside DVC
+    (`dvc status` stale) and was named after the parameters file."""
+    with _prefect_server(tmp_path) as (_, env), open(tmp_path / "serve.log", "w") as log:
+        minute = (time.gmtime(time.time() + 75).tm_min) % 60  # once, a minute or two from now (UTC, Prefect's default)
+        serve = subprocess.Popen(["damagenet", "serve", "--cron", f"{minute} * * * *"], cwd=workspace, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            runs, deadline = [], time.time() + 480  # that minute, then hub_weights .. report on 20 images
+            while time.time() < deadline and not any(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
+                                                     for r in runs):
+                time.sleep(5)
+                query = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", method="POST",
+                                               data=json.dumps({"flows": {"name": {"any_": ["scheduled-evaluation"]}}}
+                                                               ).encode(), headers={"Content-Type": "application/json"})
+                runs = json.loads(urllib.request.urlopen(query, timeout=10).read())
+        finally:
+            os.killpg(serve.pid, signal.SIGINT)
+            serve.wait(60)
+    done = [r for r in runs if r["state_type"] == "COMPLETED"]
+    assert done, (runs, (tmp_path / "serve.log").read_text()[-3000:])
+    assert done[0]["name"] == f"scheduled-evaluation-{yaml.safe_load((workspace / 'params.yaml').read_text())['profile']}"
+    assert (workspace / "reports/report.md").is_file() and (workspace / "metrics/evaluate.json").is_file()
+    status = subprocess.run(DVC + ["status", "--json"], cwd=workspace, env=env, capture_output=True, text=True)
+    assert set(json.loads(status.stdout)) <= {"hub_weights"}, status.stdout  # DVC recorded what the run wrote
+
+
+@pytest.mark.slow
+def test_a_prefect_server_that_dies_mid_run_ends_it_in_seconds_in_one_line(workspace, prefect_server, tmp_path):
+    """Before: the run failed 59 s after its server died, with six task tracebacks in its log and Prefect's own
+    errors on stderr."""
+    made = subprocess.run(DVC + ["repro", "prepare", "zoo"], cwd=workspace, env=_env(), capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    out = workspace / "data/shards/aoa"
+    with _prefect_server(tmp_path) as (server, env):
+        code, took = _stop_mid_shard(["damagenet", "generate", "--attack", "aoa"], workspace, out,
+                                     lambda _: os.killpg(server.pid, signal.SIGKILL), tmp_path / "out.log", env,
+                                     stderr=tmp_path / "err.log")
     log, err = (tmp_path / "out.log").read_text(), (tmp_path / "err.log").read_text()
     assert code == 1 and took < 30, (code, took, err[-2000:])
     lines = [line for line in err.split("\n") if line and not line.startswith("generate aoa:")]  # not the progress bar

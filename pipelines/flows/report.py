@@ -1,12 +1,18 @@
 """Stage ``report``: the robustness report (Markdown + HTML), also published as a Prefect artifact.
 
-``scheduled_evaluation_flow`` chains evaluate and report from a parameters file that it reads at the start of every
-run; ``damagenet serve`` runs it on a cron schedule, so a model added to ``evaluate.models`` is evaluated against the
-published shards at the next run, without a restart (cached results are reused for the others).
+``scheduled_evaluation_flow`` runs ``dvc repro evaluate report`` in a DVC project; ``damagenet serve`` runs it on a
+cron schedule. The stages read the project's ``params.yaml`` at every run, so a model added to ``evaluate.models`` is
+evaluated against the published shards at the next run, without a restart (cached results are reused for the
+others), and DVC records what they wrote: ``dvc status`` stays true after a scheduled run.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,7 +21,6 @@ from prefect.artifacts import create_markdown_artifact
 from evaluators.report import build_report
 from pipelines import stages
 from pipelines.flows import artifact_key
-from pipelines.flows.evaluate import evaluate
 from pipelines.params import load_params
 
 
@@ -37,14 +42,29 @@ def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str]
     return result
 
 
+SCHEDULED_STAGES = ("evaluate", "report")
+
+
 def _scheduled_run_name() -> str:
     from prefect.runtime import flow_run
 
-    return "scheduled-evaluation-" + load_params(flow_run.parameters["params_path"]).profile
+    return "scheduled-evaluation-" + load_params(Path(flow_run.parameters["project"]) / "params.yaml").profile
 
 
 @flow(name="scheduled-evaluation", flow_run_name=_scheduled_run_name)
-def scheduled_evaluation_flow(params_path: str = "params.yaml") -> dict[str, Any]:
-    params = load_params(params_path)  # at every run: a model added to the file is evaluated at the next one
-    evaluate(**stages.evaluate(params))
-    return report_flow(**stages.report(params))
+def scheduled_evaluation_flow(project: str) -> None:
+    """``dvc repro evaluate report`` in ``project`` (and whatever those stages need that is out of date), its output
+    in this run's log; a failure fails the run with DVC's last lines."""
+    log = get_run_logger()
+    # the stages' commands (damagenet ...) from this environment, whatever PATH the server's worker has
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    last = deque(maxlen=5)
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", *SCHEDULED_STAGES], cwd=project, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            if line.strip():
+                log.info("%s", line.rstrip())
+                last.append(line.strip())
+    if proc.returncode:
+        raise RuntimeError(f"dvc repro {' '.join(SCHEDULED_STAGES)} in {project} failed (exit {proc.returncode}): "
+                           + " | ".join(last))
