@@ -19,7 +19,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from evaluators.report import build_report
-from pipelines import stages
 from pipelines.flows import artifact_key
 from pipelines.params import load_params
 
