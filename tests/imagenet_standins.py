@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import timm
@@ -19,6 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from sources.real_world import PHOTOS
+
+SYNSETS = list(timm.data.ImageNetInfo().label_names())
 
 # the ImageNet profile's nine models, stood in for by tiny timm networks with hub weights (test_resnet is ResNet-like,
 # so SGLRP can explain it: it stands in for the VGG19 surrogate); DenseNet-121 (8 M parameters) is itself, so the
@@ -106,3 +109,39 @@ def write_wds(folder: Path, images: dict[str, tuple[bytes, int]]) -> None:
                 data, label = images[n]
                 sink.write({"__key__": Path(n).stem, "jpg": data, "cls": label,
                             "json": {"filename": n, "label": label}})
+
+
+def _devkit_ids() -> dict[str, int]:
+    """ILSVRC2012_ID per WordNet id: as in the real devkit, not in sorted-wnid order (here: reversed)."""
+    return {wnid: 1000 - i for i, wnid in enumerate(SYNSETS)}
+
+
+def write_devkit(root: Path, labels: dict[str, int]) -> Path:
+    """``root/ILSVRC2012_devkit_t12/data/{meta.mat, ILSVRC2012_validation_ground_truth.txt}``; meta.mat's ``synsets``
+    is a struct array with the devkit's fields, the 1000 leaf classes then two parent synsets (ids 1001, 1002)."""
+    from scipy.io import savemat
+
+    ids = _devkit_ids()
+    rows = [(ids[w], w, f"class {w}", "", 0, [], 0, 1300) for w in SYNSETS]
+    rows += [(1001, "n00001740", "entity", "", 22, [1002], 1, 0), (1002, "n00002684", "object", "", 21, [], 2, 0)]
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O"),
+             ("children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")]
+    synsets = np.array(rows, dtype=dtype)
+    data = root / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    savemat(data / "meta.mat", {"synsets": synsets})
+    # one id per image, in file-name order (the images are numbered 1..N)
+    truth = [ids[SYNSETS[labels[name]]] for name in sorted(labels)]
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{i}\n" for i in truth))
+    return data.parent
+
+
+def write_kaggle(path: Path, labels: dict[str, int], extra: str) -> None:
+    """LOC_val_solution.csv: one row per image, boxes ``wnid x1 y1 x2 y2`` (two boxes of one class on one image),
+    and ``extra`` with boxes of two classes."""
+    rows = ["ImageId,PredictionString"]
+    for i, (name, label) in enumerate(sorted(labels.items())):
+        boxes = f"{SYNSETS[label]} 10 20 200 220 " * (2 if i == 0 else 1)
+        rows.append(f"{Path(name).stem},{boxes}")
+    rows.append(f"{extra},{SYNSETS[1]} 1 1 5 5 {SYNSETS[2]} 3 3 9 9 ")
+    path.write_text("\n".join(rows) + "\n")

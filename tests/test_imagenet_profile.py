@@ -9,12 +9,21 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from imagenet_standins import STAND_INS, write_hub_model, write_hub_parquet, write_ilsvrc_val, write_wds
+from imagenet_standins import (
+    STAND_INS,
+    write_devkit,
+    write_hub_model,
+    write_hub_parquet,
+    write_ilsvrc_val,
+    write_kaggle,
+    write_wds,
+)
 
 from shards.shardset import iter_shardset
 
@@ -176,24 +185,45 @@ def test_missing_hub_weights_are_one_message_naming_the_cache_in_use(stage, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["hf_dataset", "wds"])
-def test_the_hub_copies_of_imagenet_go_through_the_profiles_prepare_stage(kind, tmp_path):
-    """The README's line for the Hub's parquet copy (IMAGENET_VAL = its repo in the hub cache) and for timm's tars:
-    the workspace ``scripts/run-profile`` makes, then its DVC prepare stage (the first one ``make imagenet`` runs
-    that reads the images)."""
+@pytest.mark.parametrize("kind", ["label_file", "devkit", "kaggle", "hf_dataset", "wds"])
+def test_every_other_layout_goes_through_the_profiles_prepare_stage(kind, tmp_path):
+    """The README's lines for each layout but the wnid tree (which the whole profile rehearses above): the workspace
+    ``scripts/run-profile`` makes with the README's settings, then its DVC prepare stage (the first stage of
+    ``make imagenet`` that reads the images)."""
     tree = tmp_path / "tree"
     labels = write_ilsvrc_val(tree)
     stored = {n: (next(tree.glob(f"*/{n}")).read_bytes(), i) for n, i in labels.items()}
-    if kind == "hf_dataset":
-        write_hub_parquet(tmp_path / "hub", stored)
-        val = tmp_path / "hub" / "datasets--ILSVRC--imagenet-1k"
+    data = tmp_path / "data"
+    data.mkdir()
+    settings = []
+    if kind in ("label_file", "devkit", "kaggle"):
+        val = data / "val"
+        val.mkdir()
+        for name, (image, _) in stored.items():
+            (val / name).write_bytes(image)
+        if kind == "label_file":
+            (data / "val.txt").write_text("".join(f"{n} {i}\n" for n, i in labels.items()))
+            label_file = data / "val.txt"
+        elif kind == "devkit":
+            devkit = write_devkit(data / "unpacked", labels)
+            with tarfile.open(data / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+                tar.add(devkit, arcname=devkit.name)
+            label_file = data / "ILSVRC2012_devkit_t12.tar.gz"
+        else:
+            write_kaggle(data / "LOC_val_solution.csv", labels, "ILSVRC2012_val_00000099")
+            label_file = data / "LOC_val_solution.csv"
+        settings = [f"source.data={data}", f"source.label_file={label_file}"]
+    elif kind == "hf_dataset":
+        write_hub_parquet(data / "hub", stored)
+        val = data / "hub" / "datasets--ILSVRC--imagenet-1k"
     else:
-        write_wds(tmp_path / "wds", stored)
-        val = tmp_path / "wds"
+        write_wds(data / "wds", stored)
+        val = data / "wds"
     workspace = tmp_path / "ws"
+    # IMAGENET_VAL sets source.root and source.data; SET's source.data (the README's line) wins
     plan = subprocess.run([str(REPO / "scripts/run-profile"), "--dry", str(REPO / "profiles/imagenet.yaml"),
-                           str(workspace), f"source.kind={kind}", f"source.root={val}", f"source.data={val}",
-                           "source.label_sets=null"], capture_output=True, text=True)
+                           str(workspace), f"source.root={val}", f"source.data={val}", f"source.kind={kind}",
+                           *settings, "source.label_sets=null"], capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr[-3000:]
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "p")}
     run = subprocess.run(["dvc", "repro", "prepare"], cwd=workspace, env=env, capture_output=True, text=True,
@@ -203,4 +233,4 @@ def test_the_hub_copies_of_imagenet_go_through_the_profiles_prepare_stage(kind, 
     assert {name: s["cls"] for name, s in clean.items()} == labels
     assert {name: s["json"]["source_sha256"] for name, s in clean.items()} == {
         n: hashlib.sha256(data).hexdigest() for n, (data, _) in stored.items()}
-    assert json.loads((workspace / "metrics/prepare.json").read_text())["rejects"] == 0
+    assert json.loads((workspace / "metrics/prepare.json").read_text())["rejects"] == (kind == "kaggle")
