@@ -25,9 +25,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.data import resolve_model_data_config  # noqa: E402
 
+from common.files import sha256_file  # noqa: E402
 from model_zoo import ZooError, architectures  # noqa: E402,F401  (architectures registers the demo nets with timm)
 from model_zoo.converters import efficientnet_lite_state_dict, package_weights_file  # noqa: E402
-from sources import sha256_file  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.params import write_json
+from common.files import write_json
 
 
 def table_dir(metrics_path: str | Path) -> Path:

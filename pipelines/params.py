@@ -4,7 +4,6 @@ it: :mod:`pipelines.stages`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -54,23 +53,3 @@ def metrics_dir(params_path: str | Path) -> Path:
     for any other parameters file, so a profile run never overwrites the default run's metrics."""
     name = Path(params_path)
     return Path("metrics") if name.name == "params.yaml" else Path("metrics") / name.stem
-
-
-def write_json(path: str | Path, obj: Any, pretty: bool = True) -> None:
-    """``obj`` as JSON, sorted and indented (stable bytes for DVC diffs; ``pretty=False``: compact, for large cache
-    records), written to a temporary file beside ``path`` and renamed over it: a kill mid-write leaves the old file
-    or the new one, never half of one."""
-    import json
-    import os
-    import threading
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a name of this process and thread (not mkstemp's 0600 file): the result gets the usual permissions
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n" if pretty else json.dumps(obj))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -21,9 +21,10 @@ import torch
 
 from attacks import AttackConfig, code_digest, create_attack
 from attacks.memory import auto_sub_batch, copy_bytes, warn_if_short
+from common.files import sha256_file
 from model_zoo.zoo import build_model
 from shards import STOP, NotOurs, Stopped
-from shards.shardset import ShardWriter, read_shard, sha256_file, shard_records, tar_samples
+from shards.shardset import ShardWriter, read_shard, shard_records, tar_samples
 
 
 def shard_seed(seed: int, name: str) -> int:

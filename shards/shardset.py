@@ -31,7 +31,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from sources import sha256_file  # noqa: F401  (part of this module's interface: the sets' checksums)
+from common.files import sha256_file
 
 INDEX_FILES = ("shardindex.json", "_info.json", "manifest.jsonl")
 FIELDS = {"png", "cls", "json"}  # the only members a sample may have

@@ -3,17 +3,7 @@ import-light: the CLI catches :class:`BadSourceError` without importing torch.""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-
-
-def sha256_file(path: Path | str) -> str:
-    """The file's sha256, read in 1 MiB blocks (weight files are GBs): provenance of sources, shards and weights."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class BadSourceError(ValueError):

@@ -1,5 +1,5 @@
 """The import contract (pyproject.toml, checked by import-linter): layers pipelines -> evaluators -> training ->
-shards -> attacks | model_zoo -> sources, no import circles inside a package, and a CLI that answers `--help`
+shards -> attacks | model_zoo -> sources -> common, no import circles inside a package, and a CLI that answers `--help`
 without importing the heavy libraries."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipelines", "evaluators", "training", "shards", "attacks", "model_zoo", "sources")
+PACKAGES = ("pipelines", "evaluators", "training", "shards", "attacks", "model_zoo", "sources", "common")
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:

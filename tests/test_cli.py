@@ -433,3 +433,17 @@ def test_serve_needs_a_server_that_can_schedule_and_says_how_to_get_one(tmp_path
                          timeout=120)
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1
     assert run.stderr.startswith(f"damagenet serve: the Prefect API at {url} does not answer (")
+
+
+def test_a_profile_workspace_runs_its_own_copy_of_the_code(tmp_path):
+    """Before: the stages imported the checkout's code through the editable install, so code edited while a profile
+    ran (or a module added) mixed into the run and broke it mid-way."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    workspace = tmp_path / "ws"
+    run = subprocess.run([str(repo / "scripts/run-profile"), "--dry", str(repo / "profiles/real.yaml"), str(workspace)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"run-profile: the stages run the code in {workspace}\n" in run.stdout
+    assert (workspace / "pipelines" / "cli.py").read_bytes() == (repo / "pipelines" / "cli.py").read_bytes()

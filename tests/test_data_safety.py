@@ -235,7 +235,7 @@ def small_set(tmp_path):
 
 
 def _resum(root):
-    from shards.shardset import sha256_file
+    from common.files import sha256_file
 
     lines = (root / "SHA256SUMS").read_text().splitlines()
     (root / "SHA256SUMS").write_text("".join(f"{sha256_file(root / line.split('  ')[1])}  {line.split('  ')[1]}\n"
@@ -284,7 +284,7 @@ def test_json_records_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     import json
     import os
 
-    from pipelines.params import write_json
+    from common.files import write_json
 
     record = tmp_path / "eval" / "cache.json"
     write_json(record, {"top1": 50.0}, pretty=False)

@@ -427,7 +427,8 @@ def _broken_copy(reference, tmp_path, name, edit):
 
 
 def test_verify_reports_every_gap_without_crashing(clean_set, reference_run, tmp_path):
-    from shards.shardset import encode_png, sha256_file
+    from common.files import sha256_file
+    from shards.shardset import encode_png
 
     clean, ref = clean_set[0], reference_run[0]
 
@@ -564,7 +565,8 @@ def test_the_cards_are_hub_cards_with_every_field_explained_on_one_scale(clean_s
 
 def test_verify_holds_the_card_to_the_set(clean_set, reference_run, tmp_path):
     """Before: an edited card (another attack, a smaller RMSD), re-summed, passed `damagenet verify`."""
-    from shards.shardset import sha256_file, write_sums
+    from common.files import sha256_file
+    from shards.shardset import write_sums
 
     damagenet = [str(Path(sys.executable).with_name("damagenet")), "--params", str(REPO / "params.yaml"), "verify"]
     for edit in ("rmsd", "attack", "text", "names"):

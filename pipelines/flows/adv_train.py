@@ -19,13 +19,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from common.files import write_json
 from evaluators.downstream_report import adv_training_section
 from evaluators.white_box import pgd_robust_accuracy
 from model_zoo.zoo import build_model, save_weights
 from pipelines.config import AdvRun, AdvTrain
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import adv_train_rows, write_table
-from pipelines.params import write_json
 from sources.reading import load_split
 from training.adversarial import create_method
 from training.adversarial.monitors import CODetector, COMonitor, early_conv_layers

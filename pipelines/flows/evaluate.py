@@ -17,12 +17,12 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
+from common.files import write_json
 from evaluators.classification import evaluate_shardset, shardset_hash
 from evaluators.success import success_rates
 from model_zoo.zoo import build_model, timm_model_name, weights_hash
 from pipelines.config import Source
 from pipelines.metric_tables import evaluate_rows, write_table
-from pipelines.params import write_json
 
 
 @task(name="evaluate-model", task_run_name="evaluate-{spec[name]}")

@@ -30,9 +30,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from attacks import AttackConfig, list_attacks
+from common.files import sha256_file, write_json
 from model_zoo.zoo import weights_sha256
 from pipelines.config import Budget, Dask
-from pipelines.params import write_json
 from pipelines.prefect_api import unreachable_api
 from pipelines.progress import RUNNING, Progress
 from pipelines.stages import resolve_devices
@@ -40,7 +40,6 @@ from shards import STOP, NotOurs, Stopped
 from shards.adversarial import attack_shard_file, written_here
 from shards.card import attack_numbers, attack_parameters, card_data, card_license, read_card, write_card
 from shards.shardset import (
-    sha256_file,
     shard_name,
     shard_paths,
     shard_records,

@@ -19,13 +19,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from common.files import write_json
 from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
 from model_zoo.zoo import build_model, save_weights
 from pipelines.config import Ood
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import ood_rows, write_table
-from pipelines.params import write_json
 from sources.reading import load_image_folder, load_split
 from training.data import shard_images
 from training.ood import SCORES, create_method

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from common.files import write_json
 from evaluators.claims import over_seeds
 from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
@@ -26,7 +27,6 @@ from model_zoo.zoo import build_model, save_weights
 from pipelines.config import Optim
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import optim_rows, write_table
-from pipelines.params import write_json
 from sources.reading import load_split
 from training.flat_lora import FlatLoRANoise, add_lora, merge_lora
 from training.supervised import Recipe, accuracy, batch_starts, train_classifier, write_curve

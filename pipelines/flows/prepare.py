@@ -19,11 +19,11 @@ from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger
 from tqdm import tqdm
 
+from common.files import sha256_file, write_json
 from pipelines.config import ConfigError, Select, Source
-from pipelines.params import write_json
 from shards.card import card_data, write_card
 from shards.shardset import shard_name, shard_paths, shard_records, write_index, write_shard
-from sources import BadSourceError, sha256_file
+from sources import BadSourceError
 from sources.containers import hf_dataset_source, member_bytes, wds_source
 from sources.reading import (
     Rejects,

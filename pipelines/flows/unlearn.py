@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from common.files import write_json
 from evaluators.claims import over_seeds
 from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
@@ -27,7 +28,6 @@ from model_zoo.zoo import build_model, save_weights
 from pipelines.config import Unlearn
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import unlearn_rows, write_table
-from pipelines.params import write_json
 from sources.reading import load_split
 from training.supervised import Recipe, accuracy, train_classifier, write_curve
 from training.unlearning import UnlearningData, create_method

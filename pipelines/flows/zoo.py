@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from prefect import flow, get_run_logger, task
 
+from common.files import sha256_file, write_json
 from model_zoo.converters import package_weights_file
 from model_zoo.zoo import ModelSpec, ZooError, build_model, hub_weights, hub_weights_file, save_weights
 from pipelines.config import Zoo, ZooModel
 from pipelines.metric_tables import write_table, zoo_rows
-from pipelines.params import write_json
-from sources import sha256_file
 from sources.reading import load_split
 from training.supervised import Recipe, accuracy, train_classifier
 
