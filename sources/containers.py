@@ -65,65 +65,60 @@ def _sample(path: Path, name: str, at: tuple[int, int], label, num_classes: int,
                         Member(name, at))
 
 
-def hf_dataset_source(root: Path | str, rejects: Rejects, num_classes: int = 1000) -> list[SourceSample]:
-    """Index the parquet files of ``ILSVRC/imagenet-1k`` (or any parquet with ``image`` and ``label`` columns)."""
+def container_source(kind: str, root: Path | str, rejects: Rejects, num_classes: int = 1000) -> list[SourceSample]:
+    """Index the parquet files (``kind`` hf_dataset) or webdataset tars (wds) under ``root``: names and labels only."""
+    root = Path(root)
+    synsets = imagenet_synsets() if num_classes == 1000 else None
+    entries, samples = (_parquet_entries if kind == "hf_dataset" else _tar_entries), []
+    for path in _files(root, kind):
+        try:
+            for name, at, label in entries(path, rejects):
+                if (s := _sample(path, name, at, label, num_classes, synsets, rejects)) is not None:
+                    samples.append(s)
+        except BadSourceError:
+            raise
+        except (OSError, ValueError, tarfile.TarError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            rejects.add(path, f"not a readable {'parquet' if kind == 'hf_dataset' else 'tar'} file ({e})")
+    return unique_keys(samples, root)
+
+
+def _parquet_entries(path: Path, rejects: Rejects):
+    """(image file name, (row group, row), label) per row of an ``image`` / ``label`` parquet file."""
     import pyarrow.parquet as pq
 
-    root = Path(root)
-    synsets = imagenet_synsets() if num_classes == 1000 else None
-    samples = []
-    for path in _files(root, "hf_dataset"):
-        try:
-            parquet = pq.ParquetFile(path)
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-            rejects.add(path, f"not a readable parquet file ({e})")
-            continue
-        missing = {"image", "label"} - set(parquet.schema_arrow.names)
-        if missing:
-            raise BadSourceError(path, f"has no {' or '.join(sorted(missing))} column (columns: "
-                                       f"{', '.join(parquet.schema_arrow.names)}): not the ILSVRC/imagenet-1k layout")
-        for group in range(parquet.num_row_groups):
-            # the image paths and labels only; the bytes are read row group by row group when cropped
-            table = parquet.read_row_group(group, columns=["image", "label"])
-            names = table.column("image").combine_chunks().field("path").to_pylist()
-            for row, (name, label) in enumerate(zip(names, table.column("label").to_pylist())):
-                name = Path(name).name if name else f"{path.stem}-{group}-{row}.jpg"
-                if (s := _sample(path, name, (group, row), label, num_classes, synsets, rejects)) is not None:
-                    samples.append(s)
-    return unique_keys(samples, root)
+    parquet = pq.ParquetFile(path)
+    missing = {"image", "label"} - set(parquet.schema_arrow.names)
+    if missing:
+        raise BadSourceError(path, f"has no {' or '.join(sorted(missing))} column (columns: "
+                                   f"{', '.join(parquet.schema_arrow.names)}): not the ILSVRC/imagenet-1k layout")
+    for group in range(parquet.num_row_groups):
+        # the image paths and labels only; the bytes are read row group by row group when cropped
+        table = parquet.read_row_group(group, columns=["image", "label"])
+        names = table.column("image").combine_chunks().field("path").to_pylist()
+        for row, (name, label) in enumerate(zip(names, table.column("label").to_pylist())):
+            yield (Path(name).name if name else f"{path.stem}-{group}-{row}.jpg"), (group, row), label
 
 
-def wds_source(root: Path | str, rejects: Rejects, num_classes: int = 1000) -> list[SourceSample]:
-    """Index webdataset tars with an image, a ``cls`` and optionally a ``json`` member per key (timm's copy)."""
-    root = Path(root)
-    synsets = imagenet_synsets() if num_classes == 1000 else None
-    samples = []
-    for path in _files(root, "wds"):
-        try:
-            members = _tar_members(path)
-        except (tarfile.TarError, OSError) as e:
-            rejects.add(path, f"not a readable tar file ({e})")
+def _tar_entries(path: Path, rejects: Rejects):
+    """(image file name, (byte offset, size), label) per key of a webdataset tar with an image and a ``cls`` (or a
+    ``json`` with ``label``); ``json``'s ``filename`` names the image, as in timm's copy."""
+    for key, parts in _tar_members(path).items():
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+        if image is None:
+            rejects.add(f"{path}[{key}]", f"no image member ({', '.join(IMAGE_EXTENSIONS)}) for this key")
             continue
-        for key, parts in members.items():
-            image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-            if image is None:
-                rejects.add(f"{path}[{key}]", f"no image member ({', '.join(IMAGE_EXTENSIONS)}) for this key")
-                continue
-            info, cls = parts.get("json"), parts.get("cls")
-            try:
-                meta = json.loads(_read(path, info.offset_data, info.size)) if info else {}
-                label = int(_read(path, cls.offset_data, cls.size)) if cls else meta.get("label")
-            except ValueError as e:  # a json or cls member that does not parse
-                rejects.add(f"{path}[{key}]", f"unreadable cls or json member ({e})")
-                continue
-            name = Path(meta.get("filename") or Path(image.name).name).name
-            if cls and "label" in meta and meta["label"] != label:
-                rejects.add(f"{path}[{name}]", f"cls says {label} but json says {meta['label']}: refused")
-                continue
-            if (s := _sample(path, name, (image.offset_data, image.size), label, num_classes, synsets,
-                             rejects)) is not None:
-                samples.append(s)
-    return unique_keys(samples, root)
+        info, cls = parts.get("json"), parts.get("cls")
+        try:
+            meta = json.loads(_read(path, info.offset_data, info.size)) if info else {}
+            label = int(_read(path, cls.offset_data, cls.size)) if cls else meta.get("label")
+        except ValueError as e:  # a json or cls member that does not parse
+            rejects.add(f"{path}[{key}]", f"unreadable cls or json member ({e})")
+            continue
+        name = Path(meta.get("filename") or Path(image.name).name).name
+        if cls and "label" in meta and meta["label"] != label:
+            rejects.add(f"{path}[{name}]", f"cls says {label} but json says {meta['label']}: refused")
+            continue
+        yield name, (image.offset_data, image.size), label
 
 
 def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:

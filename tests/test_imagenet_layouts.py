@@ -14,6 +14,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
@@ -143,3 +145,32 @@ def test_a_prepare_that_indexes_nothing_says_why_and_leaves_the_reasons(layouts,
     assert f"every file in {kept}" in run.stderr and "the previous clean set is kept" in run.stderr
     assert len(kept.read_text().splitlines()) == len(labels) + 5  # 4 missing, 5 files not listed
     assert {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()} == previous
+
+
+def test_damaged_parquet_and_tar_files_are_rejects_and_a_foreign_parquet_is_named(layouts, tmp_path):
+    from sources import BadSourceError
+    from sources.containers import container_source
+    from sources.reading import Rejects
+
+    root, labels = layouts
+    data = root / "hub/datasets--ILSVRC--imagenet-1k/snapshots/4603483700ee984ea9debe3ddbfdeae86f6489eb/data"
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    shutil.copy(data / "validation-00000-of-00002.parquet", folder)
+    (folder / "validation-00001-of-00002.parquet").write_bytes(b"PAR1 cut short")  # an interrupted copy
+    rejects = Rejects()
+    assert len(container_source("hf_dataset", folder, rejects)) == 3
+    assert [r for _, r in rejects.items][0].startswith("not a readable parquet file (")
+    tars = tmp_path / "tars"
+    shutil.copytree(root / "wds", tars)
+    (tars / "imagenet1k-validation-0009.tar").write_bytes(b"not a tar")
+    with wds.TarWriter(str(tars / "imagenet1k-validation-0010.tar")) as sink:
+        sink.write({"__key__": "ILSVRC2012_val_00000077", "cls": 3})  # a label with no image
+    rejects = Rejects()
+    assert len(container_source("wds", tars, rejects)) == len(labels)
+    reasons = sorted(r for _, r in rejects.items)
+    assert reasons[0].startswith("cls says 1 but json says 2") and reasons[1].startswith("no image member")
+    assert reasons[2].startswith("not a readable tar file (")
+    pq.write_table(pa.table({"img": [b"x"], "target": [1]}), folder / "validation-00000-of-00002.parquet")
+    with pytest.raises(BadSourceError, match="has no image or label column .*not the ILSVRC/imagenet-1k layout"):
+        container_source("hf_dataset", folder, Rejects())

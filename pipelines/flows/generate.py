@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from attacks import AttackConfig, list_attacks
 from common.files import sha256_file, write_json
 from model_zoo.zoo import weights_sha256
 from pipelines.config import Budget, Dask
+from pipelines.flows import artifact_key
 from pipelines.prefect_api import unreachable_api
 from pipelines.progress import RUNNING, Progress
 from pipelines.stages import resolve_devices
@@ -148,7 +148,7 @@ def generate_flow(
     try:
         with _stop_after_step_on_signals():
             return _generate(attack, method or attack, budget, options, surrogate, clean_dir, out, batch_size,
-                             devices, seed, metrics_path, cpu_threads)
+                             devices, seed, metrics_path, cpu_threads, artifact_key(profile, f"generate-{attack}"))
     finally:
         lock.release()
 
@@ -180,7 +180,7 @@ def _stop_after_step_on_signals():
 
 
 def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed,
-              metrics_path, threads):
+              metrics_path, threads, progress_key: str):
     log = get_run_logger()
     options = dict(options)
     aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
@@ -217,7 +217,7 @@ def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, 
         path.unlink()
     start = time.perf_counter()
     threads = cpu_threads(devices, len(units)) if threads == "auto" else int(threads)
-    results, failed = _run_units(units, devices, threads, log, f"generate {attack}", out)
+    results, failed = _run_units(units, devices, threads, log, f"generate {attack}", out, progress_key)
     wall = time.perf_counter() - start
     for r in results:
         if r.get("repaired"):
@@ -247,7 +247,7 @@ def _workers_per_device(devices: list[str], device: str, units: int) -> int:
     return min(devices.count(device), units) or 1
 
 
-def _run_units(units, devices, threads: int, log, desc: str, out: Path):
+def _run_units(units, devices, threads: int, log, desc: str, out: Path, key: str):
     """Submit every unit; retry each failure once on the next device (a lost Prefect API ends the run at once).
     Returns (results, units that still failed).
     Progress: a terminal bar per finished shard, a Prefect progress artifact that also moves with the attack steps,
@@ -255,7 +255,7 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path):
     retried: the run stops with every finished shard kept."""
     from prefect.runtime import flow_run
 
-    progress = RUNNING[str(flow_run.id)] = Progress(_artifact_key(desc), desc, len(units))
+    progress = RUNNING[str(flow_run.id)] = Progress(key, desc, len(units))
     futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)], threads))
                for i, u in enumerate(units)]
     results, retry, sums = [], [], {}
@@ -288,10 +288,6 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path):
             log.error("unit %s failed again on %s: %s", Path(u["out_shard"]).name, dev, e)
             failed.append(u)
     return results, failed
-
-
-def _artifact_key(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")  # artifact keys: lowercase, digits and dashes
 
 
 def _previous_rate(path: Path, images: int | None) -> float | None:

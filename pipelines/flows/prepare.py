@@ -24,7 +24,7 @@ from pipelines.config import ConfigError, Select, Source
 from shards.card import card_data, write_card
 from shards.shardset import shard_name, shard_paths, shard_records, write_index, write_shard
 from sources import BadSourceError
-from sources.containers import hf_dataset_source, member_bytes, wds_source
+from sources.containers import container_source, member_bytes
 from sources.reading import (
     Rejects,
     SourceSample,
@@ -38,10 +38,8 @@ from sources.reading import (
 def index_source(source: Source, rejects: Rejects) -> list[SourceSample]:
     if source.kind == "class_folder":
         return class_folder_source(source.root, rejects)[0]
-    if source.kind == "hf_dataset":
-        return hf_dataset_source(source.root, rejects, source.num_classes)
-    if source.kind == "wds":
-        return wds_source(source.root, rejects, source.num_classes)
+    if source.kind in ("hf_dataset", "wds"):
+        return container_source(source.kind, source.root, rejects, source.num_classes)
     return label_file_source(source.root, source.label_file, rejects, source.num_classes, source.kind)
 
 
