@@ -11,9 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
-
 from attacks.registry import attack_method
 from pipelines.config import ConfigError, Params
 from pipelines.params import metrics_dir
@@ -44,6 +41,8 @@ def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, 
             else:
                 specs.append(zoo_specs[e])
         elif "pattern" in e:
+            import timm  # only here: the stages' arguments are made without torch
+
             for arch in timm.list_models(e["pattern"], pretrained=e.get("weights") == "hf-hub"):
                 specs.append({"name": arch, "arch": arch, "weights": e.get("weights"), "num_classes": 1000})
         else:
@@ -54,6 +53,8 @@ def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, 
 def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
     """``auto``: every GPU, else ``cpu_workers`` CPU workers; a list is taken as given."""
     if devices == "auto":
+        import torch
+
         n = torch.cuda.device_count()
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"] * cpu_workers
     return list(devices)
