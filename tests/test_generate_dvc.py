@@ -36,7 +36,7 @@ def workspace(tmp_path, small_world):
     ws = tmp_path / "ws"
     ws.mkdir()
     shutil.copy(REPO / "dvc.yaml", ws)
-    for code in ("attacks", "evaluators", "model_zoo", "pipelines", "shards", "sources", "training"):  # stage deps
+    for code in ("attacks", "common", "evaluators", "model_zoo", "pipelines", "shards", "sources", "training"):  # deps
         shutil.copytree(REPO / code, ws / code, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(small_world / "val", ws / "images")
     for folder in ("data/downstream", "reports/downstream"):  # evaluate and report read them (README only here)
