@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from attacks.precision import PRECISIONS
+from common.budget import Budget
+from model_zoo.spec import ModelSpec
 from shards.adversarial import attack_shard_file
+from shards.job import ShardJob, split_options
 from shards.shardset import shard_name, write_shard
 from sources.demo_world import CLASSES, render
 
@@ -49,24 +53,21 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=50)
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
-    budget = {"eta": 7.0, "eps": 25.5, "alpha": 2.0}
-    config = {"eta": 7 / 255, "eps": 25.5 / 255, "alpha": 2 / 255, "max_steps": args.max_steps, "si": 4,
-              "si_x_twice": True, "precision": args.precision}
-    spec = {"name": args.arch, "arch": args.arch, "num_classes": 1000,
-            "data": {"input_size": [3, args.size, args.size]}}
+    budget = Budget(eta=7.0, eps=25.5, alpha=2.0, max_steps=args.max_steps)
+    config, _ = split_options("aoa", "aoa", budget, {"si": 4, "si_x_twice": True, "precision": args.precision})
+    spec = ModelSpec(name=args.arch, arch=args.arch, data={"input_size": [3, args.size, args.size]})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clean = make_clean_shards(tmp, args.images, args.size, args.shard_size)
-        warm = {"in_shard": str(clean[0]), "out_shard": str(tmp / "warmup.tar"), "attack": "aoa", "config":
-                {**config, "max_steps": 2}, "budget": budget, "surrogate": spec, "batch_size": args.batch, "seed": 0}
+        jobs = [ShardJob(in_shard=str(p), out_shard=str(tmp / shard_name("aoa", i)), in_sha256="", method="aoa",
+                         config=config, attack_options={}, budget=budget, surrogate=spec, surrogate_sha256=None,
+                         batch_size=args.batch, seed=0) for i, p in enumerate(clean)]
+        warm = replace(jobs[0], out_shard=str(tmp / "warmup.tar"), config=replace(config, max_steps=2))
         attack_shard_file(warm, args.device)  # model build, cuDNN autotuning
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        steps = 0
-        for i, p in enumerate(clean):
-            unit = {**warm, "in_shard": str(p), "out_shard": str(tmp / shard_name("aoa", i)), "config": config}
-            steps += attack_shard_file(unit, args.device)["steps"]
+        steps = sum(attack_shard_file(job, args.device)["steps"] for job in jobs)
         wall = time.perf_counter() - start
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device: {name}; {args.arch} {args.size}px batch {args.batch} {args.precision}, SI=4 (x twice), "

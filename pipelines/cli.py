@@ -73,16 +73,18 @@ def _generate(args, params):
     generate(**stages.generate(params, args.attack, args.metrics))
 
 
-def _downstream(flow_module: str, flow_name: str):
+def _downstream(stage: str):
     """The handler of a downstream stage (adv_train, ood, unlearn, optim): its flow with the stage's arguments."""
 
     def run(args, params):
-        import importlib
-
         from pipelines import stages
+        from pipelines.flows.adv_train import adv_train_flow
+        from pipelines.flows.ood import ood_flow
+        from pipelines.flows.optim import optim_flow
+        from pipelines.flows.unlearn import unlearn_flow
 
-        flow = getattr(importlib.import_module(f"pipelines.flows.{flow_module}"), flow_name)
-        flow(**stages.downstream(params, flow_module, args.metrics))
+        flows = {"adv_train": adv_train_flow, "ood": ood_flow, "unlearn": unlearn_flow, "optim": optim_flow}
+        flows[stage](**stages.downstream(params, stage, args.metrics))
 
     return run
 
@@ -189,15 +191,16 @@ def _verify(args, params):
 
 def _compare(args, params):
     from evaluators.compare import compare_shardsets
+    from model_zoo.spec import MissingModel
     from model_zoo.zoo import build_model
     from pipelines import stages
     from pipelines.config import ConfigError
 
     specs = stages.resolve_models(args.models or params.require("evaluate").models, stages.trained_specs(params))
-    failed = [s["error"] for s in specs if "error" in s]
+    failed = [s.error for s in specs if isinstance(s, MissingModel)]
     if failed:
         raise ConfigError(f"{params.path}: {failed[0]}")
-    result = compare_shardsets(args.set_a, args.set_b, {s["name"]: build_model(s) for s in specs})
+    result = compare_shardsets(args.set_a, args.set_b, {s.name: build_model(s) for s in specs})
     print(f"{args.set_b} against {args.set_a}: {result['differing']} of {result['images']} image(s) differ; "
           f"|delta| max {result['max_abs']}, mean {result['mean_abs']:.4f}, RMSD {result['rmsd']:.4f} (0-255 scale, "
           "every pixel)")
@@ -247,13 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
             "shards into data/shards/<attack>, one Prefect task per shard; resumable.")
     p.add_argument("--attack", required=True, help="attack set, a key of 'attacks' in params.yaml (e.g. aoa, pgd, "
                    "aoa-authors); its 'attack' option names the method it runs (default: the key)")
-    add("adv-train", _downstream("adv_train", "adv_train_flow"), aliases=["adv_train"],  # dvc.yaml calls downstream stages by their section name
+    add("adv-train", _downstream("adv_train"), aliases=["adv_train"],  # dvc.yaml calls downstream stages by their section name
         help_text="Adversarial training runs (params 'adv_train'): FGSM, FGSM-RS, N-FGSM, GradAlign, PGD-AT, "
         "watched for catastrophic overfitting; data/downstream/adv_train, metrics/downstream/adv_train.json, "
         "reports/downstream/adv_train (page), plots/downstream/adv_train (per-check curves).")
-    add("ood", _downstream("ood", "ood_flow"), "OOD fine-tuning (params 'ood'): OE, Energy-OE, OrthLoss against the un-tuned baseline; "
+    add("ood", _downstream("ood"), "OOD fine-tuning (params 'ood'): OE, Energy-OE, OrthLoss against the un-tuned baseline; "
         "FPR95/AUROC/AUPR (ID positive) per OOD set to metrics/downstream/ood.json, reports/downstream/ood.")
-    add("unlearn", _downstream("unlearn", "unlearn_flow"), "Machine unlearning (params 'unlearn'): FT, GA, RL, SalUn, NatMU, SFR-on, MUSO per "
+    add("unlearn", _downstream("unlearn"), "Machine unlearning (params 'unlearn'): FT, GA, RL, SalUn, NatMU, SFR-on, MUSO per "
         "scenario against retraining; metrics/downstream/unlearn.json, reports/downstream/unlearn.")
     p = add("muso-check", _muso_check, reads_params=False, help_text="MUSO's exact-unlearning check in an over-parameterised linear model: prints the "
             "distance to the retrained weights for MUSO labels, random labels and no relabelling.")
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p", type=int, default=600, help="random features, > n (default 600)")
     p.add_argument("--forget", type=int, default=12, help="samples to forget (default 12)")
     p.add_argument("--seed", type=int, default=0)
-    add("optim", _downstream("optim", "optim_flow"), "Optimisers (params 'optim'): SGD vs SAM vs F-SAM from scratch, LoRA vs Flat-LoRA "
+    add("optim", _downstream("optim"), "Optimisers (params 'optim'): SGD vs SAM vs F-SAM from scratch, LoRA vs Flat-LoRA "
         "adaptation to a shifted split; metrics/downstream/optim.json, reports/downstream/optim.")
     add("evaluate", _evaluate, "Evaluate every model of 'evaluate.models' on every shard set of 'evaluate.sets' "
         "(cached per model weights and shard set); timm-style CSVs, per-model JSON, per-sample predictions.")

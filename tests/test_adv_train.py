@@ -303,9 +303,11 @@ def test_snapshot_is_a_copy_not_a_view():
 
 @pytest.mark.slow
 def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_path):
+    from model_zoo.spec import ModelSpec
     from model_zoo.zoo import build_model
     from pipelines.config import AdvTrain
     from pipelines.flows.adv_train import adv_train_flow
+    from pipelines.stages import DownstreamPaths, read_models_file
     from sources.reading import load_split
     from training.supervised import accuracy
 
@@ -318,14 +320,13 @@ def test_adv_train_stage_on_the_small_world(small_world, prefect_server, tmp_pat
         "runs": {"fgsm": {"method": "fgsm", "eps": 16}, "n-fgsm": {"method": "n-fgsm", "eps": 16}},
         "final_eval": {"pgd_steps": 3, "restarts": 2, "n": 50},
     })
-    spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10,
-            "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
-    metrics = adv_train_flow(cfg, spec, out=str(tmp_path / "adv"), metrics_path=str(tmp_path / "m.json"), report_dir=str(tmp_path / "reports"),
-                             plots_dir=str(tmp_path / "plots"))
+    spec = ModelSpec(name="tiny", arch="test_resnet", num_classes=10, data={"input_size": [3, 32, 32], "crop_pct": 1.0})
+    metrics = adv_train_flow(cfg, spec, DownstreamPaths(tmp_path / "adv", tmp_path / "m.json", tmp_path / "reports",
+                                                        tmp_path / "plots"))
     assert set(metrics) == {"fgsm", "n-fgsm"}
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(metrics))
-    specs = json.loads((tmp_path / "adv" / "models.json").read_text())
-    assert [s["name"] for s in specs] == ["at-fgsm", "at-n-fgsm"]
+    specs = read_models_file(tmp_path / "adv" / "models.json")
+    assert [s.name for s in specs] == ["at-fgsm", "at-n-fgsm"]
     xv, yv, _ = load_split(small_world / "val", 32)
     # the saved checkpoint is the trained model: the evaluate stage rebuilds it from the spec
     assert accuracy(build_model(specs[0]), xv, yv) == pytest.approx(metrics["fgsm"]["val_acc"], abs=0.01)

@@ -199,13 +199,13 @@ def test_sub_batches_give_the_whole_batch_gradient(name, options, random_surroga
 
 
 def test_cpu_workers_share_the_cores_only_with_workers_that_can_run(monkeypatch):
-    from pipelines.flows.generate import cpu_threads
+    from pipelines.flows.generate import threads_per_cpu_worker
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert cpu_threads(["cpu"] * 4, units=10) == 4
-    assert cpu_threads(["cpu"] * 4, units=1) == 16  # one shard: one worker runs, with every core
-    assert cpu_threads(["cpu"] * 4, units=3) == 5
-    assert cpu_threads(["cuda:0", "cuda:1"], units=5) == 16  # GPU workers do not take CPU threads
+    assert threads_per_cpu_worker(["cpu"] * 4, units=10) == 4
+    assert threads_per_cpu_worker(["cpu"] * 4, units=1) == 16  # one shard: one worker runs, with every core
+    assert threads_per_cpu_worker(["cpu"] * 4, units=3) == 5
+    assert threads_per_cpu_worker(["cuda:0", "cuda:1"], units=5) == 16  # GPU workers do not take CPU threads
 
 
 def test_the_registry_names_each_method_where_its_module_registers_it():

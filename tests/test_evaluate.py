@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from evaluators.classification import evaluate_shardset
 from model_zoo.zoo import ModelSpec, build_model
 from pipelines.config import Source
 from pipelines.flows.evaluate import evaluate_flow
-from pipelines.stages import resolve_models
+from pipelines.stages import read_models_file, resolve_models
 from shards.shardset import iter_shardset, read_shard, shard_name, write_index, write_shard
 
 
@@ -44,8 +45,7 @@ def _spec(tmp, name, seed):
     model.model.fc.bias.data.normal_(0, 0.5)  # no exactly tied logits (a zero bias ties them on dead features)
     path = tmp / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, path)
-    return {"name": name, "arch": "resnet10t", "num_classes": 10, "weights": str(path),
-            "kwargs": {"channels": [8, 16, 32, 64]}}
+    return ModelSpec(name=name, arch="resnet10t", num_classes=10, weights=str(path), kwargs={"channels": [8, 16, 32, 64]})
 
 
 def test_top1_top5_match_a_plain_loop(sets, tmp_path):
@@ -79,7 +79,7 @@ def test_cache_skips_evaluated_models_and_recomputes_on_change(sets, tmp_path, p
     assert cached(second) == {"a": {"clean": True, "noisy": True}, "b": {"clean": False, "noisy": False}}
     assert second["top1_err"]["a"] == first["top1_err"]["a"]
     save_file({k: v.contiguous() for k, v in build_model(_spec(tmp_path / "..", "a2", 5)).model.state_dict().items()},
-              a["weights"])  # new weights under the same name
+              a.weights)  # new weights under the same name
     changed = tmp_path / "noisy2"
     shutil.copytree(sets["noisy"], changed)
     first_shard = sorted(changed.glob("*.tar"))[0]
@@ -106,7 +106,7 @@ def test_a_failed_model_fails_the_run_and_leaves_the_previous_results(sets, tmp_
     before = {p: p.read_bytes() for p in [tmp_path / "m.json", *sorted((tmp_path / "e").rglob("*")), *sorted(
               (tmp_path / "tables").rglob("*"))] if p.is_file() and "cache" not in p.parts}
     models = resolve_models(["not_in_zoo", good], {})
-    state = evaluate_flow(models=models + [{**good, "name": "good_again"}], **kw, return_state=True)
+    state = evaluate_flow(models=models + [good.replace(name="good_again")], **kw, return_state=True)
     assert state.is_failed() and "1 model(s) failed" in state.message  # a failed model fails the flow run
     assert "unknown model 'not_in_zoo'" in state.message and "nothing written" in state.message
     after = {p: p.read_bytes() for p in before}
@@ -127,7 +127,7 @@ def test_an_unreadable_set_is_named(sets, tmp_path):
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_server, tmp_path):
     """The demo pipeline end to end on a tiny set, then the HTML report screenshotted by a real browser."""
-    from evaluators.report import build_report
+    from evaluators.report import ReportInput, build_report
     from pipelines.config import Budget, Select
     from pipelines.flows.generate import generate
     from pipelines.flows.prepare import prepare_flow
@@ -135,7 +135,7 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed and could not be installed here (make test installs it via apt)")
-    specs = {s["name"]: s for s in json.loads((trained_zoo["out"] / "models.json").read_text())}
+    specs = {s.name: s for s in read_models_file(trained_zoo["out"] / "models.json")}
     # label sets (file name -> acceptable classes): the label and its neighbour class; class 0's are empty
     files = sorted(p for p in (small_world / "val").glob("*/*"))
     folders = sorted(p.name for p in (small_world / "val").iterdir())
@@ -158,8 +158,14 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     for stage in ("ood", "optim"):  # a page of this run and one of another run
         (tmp_path / "report" / "downstream" / stage).mkdir(parents=True)
         (tmp_path / "report" / "downstream" / stage / "index.md").write_text(f"# {stage}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
-    result = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
-                          specs["vgg_demo"], budget, str(tmp_path / "report"), attacks=attacks, downstream=["ood"])
+    def report(out: str, **kw):
+        return build_report(ReportInput(
+            eval_dir=tmp_path / "eval", shards_root=tmp_path / "shards", clean_dir=Path(sets["clean"]), sets=list(sets),
+            surrogate=specs["vgg_demo"], budget=Budget(**budget), out_dir=tmp_path / out,
+            methods={s: o.get("attack", s) for s, o in attacks.items()},
+            options={s: {k: v for k, v in o.items() if k != "attack"} for s, o in attacks.items()}, **kw))
+
+    result = report("report", downstream=["ood"])
     assert set(result["errors"]) == {"vgg_demo", "resnet10t"}
     # the variant is its own shard set, made by the method it names, and its own row against each baseline
     variant = list(iter_shardset(tmp_path / "shards" / "aoa-si1"))
@@ -248,10 +254,7 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
 
     cells = matrix(result["markdown"])
     assert cells[("aoa", "vgg_demo")].endswith("**wb**") and "**wb**" not in cells[("aoa", "resnet10t")]
-    two = build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets),
-                       specs["vgg_demo"], budget, str(tmp_path / "report2"), attacks=attacks, downstream=[],
-                       set_surrogates={"aoa": specs["vgg_demo"], "pgd": specs["vgg_demo"],
-                                       "aoa-si1": specs["resnet10t"]})
+    two = report("report2", downstream=[], set_surrogates={"aoa-si1": specs["resnet10t"]})
     assert [(t["surrogate"], t["aoa"], t["baseline"]) for t in two["transfer"]] == [("vgg_demo", "aoa", "pgd")]
     cells = matrix(two["markdown"])
     assert cells[("aoa-si1", "resnet10t")].endswith("**wb**") and "**wb**" not in cells[("aoa-si1", "vgg_demo")]
@@ -261,8 +264,7 @@ def test_report_renders_in_headless_chromium(trained_zoo, small_world, prefect_s
     assert (tmp_path / "report" / "pages" / "../report.html").resolve() == page.resolve()
     assert "[OOD" in (tmp_path / "report" / "pages" / "README.md").read_text()
     # a profile without downstream stages: no page stays, and the folder is not empty (DVC warns on an empty output)
-    build_report(str(tmp_path / "eval"), str(tmp_path / "shards"), sets["clean"], list(sets), specs["vgg_demo"],
-                 budget, str(tmp_path / "report"), attacks=attacks, downstream=[])
+    report("report", downstream=[])
     assert [f.name for f in (tmp_path / "report" / "pages").iterdir()] == ["README.md"]
     assert "no downstream stages" in (tmp_path / "report" / "pages" / "README.md").read_text()
     assert not (tmp_path / "report" / "downstream" / "ood" / "index.html").exists()  # another stage's output folder is left alone
@@ -312,7 +314,7 @@ def test_results_csv_rank_diff_is_signed_and_crop_columns_describe_the_shards(se
 def test_published_table_is_joined_on_architecture_and_pretrained_tag():
     """Before: joined on the architecture alone, the adversarially trained InceptionV3 sat on the plain InceptionV3
     row, the adversarial rows stayed empty, and two models of one architecture collided (the last won)."""
-    from evaluators.report import published_join
+    from evaluators.published import published_join
 
     errors = {"vgg16_tv": {"clean": 30.0, "aoa": 91.5}, "vgg16_again": {"clean": 30.0, "aoa": 91.5},
               "inc_adv": {"clean": 23.0, "aoa": 60.0}, "inc_ens": {"clean": 20.0, "aoa": 50.0},
@@ -330,7 +332,7 @@ def test_published_table_is_joined_on_architecture_and_pretrained_tag():
     assert apart == ["vgg16_again", "inc_tv", "mine"]
     import timm
 
-    from evaluators.report import _published
+    from evaluators.published import _published
 
     named = [r["timm_model"] for r in _published() if r["timm_model"]]
     assert len(named) == 12 and set(named) <= set(timm.list_pretrained())  # timm 1.0 names, each a real model

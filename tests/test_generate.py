@@ -44,7 +44,7 @@ def surrogate(tmp_path_factory):
     model = build_model(ModelSpec(name="vgg_demo", arch="vgg_demo", num_classes=10))
     path = tmp_path_factory.mktemp("zoo") / "vgg_demo.safetensors"
     save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, path)
-    return {"name": "vgg_demo", "arch": "vgg_demo", "num_classes": 10, "weights": str(path)}
+    return ModelSpec(name="vgg_demo", arch="vgg_demo", num_classes=10, weights=str(path))
 
 
 def _run(clean, surrogate, out, attack="aoa", budget=BUDGET, **kw):
@@ -135,11 +135,11 @@ def test_shards_made_by_other_attack_code_are_made_anew(clean_set, surrogate, re
                                                         monkeypatch, caplog):
     """DVC reruns generate when the attacks package changes; the shards already there were made by the old code, so
     they are another job, not complete ones (the records' job digest names the code); the same code keeps them."""
-    import shards.adversarial
+    import shards.job
 
     out = tmp_path / "old_code"
     shutil.copytree(reference_run[0], out)
-    monkeypatch.setattr(shards.adversarial, "code_digest", lambda: "other attack code")
+    monkeypatch.setattr(shards.job, "code_digest", lambda: "other attack code")
     _run(clean_set[0], surrogate, out, devices=["cpu"])
     assert "made by another job" in caplog.text
     digests = {s["json"]["job_digest"] for s in iter_shardset(out)}
@@ -210,8 +210,10 @@ def test_a_failing_unit_is_reported_while_the_others_complete(clean_set, surroga
 def test_sigkill_mid_shard_then_rerun_is_byte_identical(clean_set, surrogate, reference_run, tmp_path):
     out = tmp_path / "killed"
     script = (
-        "import json, sys; from pipelines.config import Budget; from pipelines.flows.generate import generate; "
-        f"generate('aoa', Budget(**{BUDGET!r}), {{'si': 2}}, json.loads(sys.argv[1]), {str(clean_set[0])!r}, {str(out)!r}, "
+        "import sys; from model_zoo.spec import ModelSpec; from pipelines.config import Budget; "
+        "from pipelines.flows.generate import generate; "
+        f"generate('aoa', Budget(**{BUDGET!r}), {{'si': 2}}, ModelSpec.model_validate_json(sys.argv[1]), "
+        f"{str(clean_set[0])!r}, {str(out)!r}, "
         "batch_size=4, seed=0, devices=['cpu'], cpu_threads=1)"
     )
     from prefect.settings import PREFECT_API_URL
@@ -219,7 +221,7 @@ def test_sigkill_mid_shard_then_rerun_is_byte_identical(clean_set, surrogate, re
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's test server: no second start
     log = tmp_path / "child.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(surrogate)], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", script, surrogate.model_dump_json()], env=env,
                                 stdout=err, stderr=err)
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None and not list(out.glob("*.tmp")):
@@ -593,17 +595,30 @@ def test_verify_holds_the_card_to_the_set(clean_set, reference_run, tmp_path):
     assert good.returncode == 0 and good.stdout.endswith(": OK\n"), good.stdout
 
 
-def _unit(clean_set, surrogate, out, **kw):
-    from attacks import AttackConfig
+def _job(clean_set, surrogate, out, **kw):
     from model_zoo.zoo import weights_sha256
-    from pipelines.flows.generate import attack_config
+    from shards.job import ShardJob, split_options
 
-    config = attack_config(Budget(**BUDGET), {"si": 2}).__dict__
-    assert isinstance(config, dict) and AttackConfig(**config).si == 2
-    return {"in_shard": str(shard_paths(clean_set[0])[0]), "out_shard": str(out / "aoa-000000.tar"),
-            "attack": "aoa", "in_sha256": "x", "config": config, "attack_kwargs": {}, "budget": BUDGET,
-            "surrogate": surrogate, "surrogate_sha256": weights_sha256(surrogate), "batch_size": 4, "seed": 0,
-            "sub_batch": "auto", "workers_per_device": 1, **kw}
+    config, own = split_options("aoa", "aoa", Budget(**BUDGET), {"si": 2})
+    return ShardJob(in_shard=str(shard_paths(clean_set[0])[0]), out_shard=str(out / "aoa-000000.tar"), in_sha256="x",
+                    method="aoa", config=config, attack_options=own, budget=Budget(**BUDGET), surrogate=surrogate,
+                    surrogate_sha256=weights_sha256(surrogate), batch_size=4, seed=0, **{"sub_batch": "auto", **kw})
+
+
+def test_a_sets_options_split_into_the_shared_config_and_the_methods_own_and_a_stray_one_is_named():
+    from attacks import AttackConfig
+    from shards.job import constructor_options, split_options
+
+    # what the registry's classes take besides the shared config: AoA's loss weight and SGLRP conventions only
+    assert constructor_options("aoa") == {"lam", "explicit", "bounds", "relu", "inactive_pool"}
+    assert constructor_options("pgd") == constructor_options("bsr") == set()
+    config, own = split_options("aoa-authors", "aoa", Budget(**BUDGET), {"si": 4, "si_x_twice": True, "lam": 2.0,
+                                                                       "bounds": "channel"})
+    assert own == {"lam": 2.0, "bounds": "channel"}
+    assert config == AttackConfig(eta=BUDGET["eta"] / 255, eps=BUDGET["eps"] / 255, alpha=BUDGET["alpha"] / 255,
+                                  max_steps=BUDGET["max_steps"], si=4, si_x_twice=True)
+    with pytest.raises(ValueError, match=r"attacks.pgd-lam: lam is not an option of pgd \(its own: none"):
+        split_options("pgd-lam", "pgd", Budget(**BUDGET), {"lam": 2.0})
 
 
 def test_activation_bytes_and_auto_sub_batch_follow_their_formula(monkeypatch):
@@ -668,7 +683,7 @@ def test_out_of_memory_names_the_parameter_and_leaves_no_partial_file(clean_set,
 
     monkeypatch.setattr(Attack, "__call__", no_memory)
     with pytest.raises(MemoryError, match=r"aoa-000000.tar: out of memory on cpu .*set generate.sub_batch"):
-        attack_shard_file(_unit(clean_set, surrogate, tmp_path, sub_batch=3), "cpu")
+        attack_shard_file(_job(clean_set, surrogate, tmp_path, sub_batch=3), "cpu")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -677,7 +692,7 @@ def test_progress_is_reported_per_step_and_a_stop_ends_between_steps(clean_set, 
     from shards.adversarial import attack_shard_file
 
     calls = []
-    result = attack_shard_file(_unit(clean_set, surrogate, tmp_path), "cpu",
+    result = attack_shard_file(_job(clean_set, surrogate, tmp_path), "cpu",
                                on_step=lambda done, total, step, active: calls.append((done, total, step, active)))
     assert result["count"] == 5 and calls[0] == (0, 5, 1, 4) and calls[-1][0] == 4  # batches of 4, then 1
     assert all(0 <= a <= 4 for *_, a in calls) and max(c[2] for c in calls) <= BUDGET["max_steps"]
@@ -692,7 +707,7 @@ def test_progress_is_reported_per_step_and_a_stop_ends_between_steps(clean_set, 
 
     try:
         with pytest.raises(shards.Stopped, match="stopped at step 3"):
-            attack_shard_file(_unit(clean_set, surrogate, out), "cpu", on_step=stop_at_step_2)
+            attack_shard_file(_job(clean_set, surrogate, out), "cpu", on_step=stop_at_step_2)
     finally:
         shards.STOP.clear()
     assert seen == [1, 2] and list(out.iterdir()) == []  # the partial shard is gone

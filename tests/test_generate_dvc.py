@@ -23,6 +23,7 @@ import yaml
 from model_zoo.zoo import ModelSpec, build_model, save_weights
 from pipelines.config import Budget
 from pipelines.flows.generate import generate
+from pipelines.stages import read_models_file
 from shards.shardset import shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,11 +112,11 @@ def test_stopped_generate_resumes_through_dvc_with_only_the_missing_shards(works
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (ino, mtime), name
     assert f"{4 - len(kept)} shards written, {len(kept)} already complete" in resumed.stdout + resumed.stderr
 
-    surrogate = json.loads((workspace / "data/zoo/models.json").read_text())[0]
+    surrogate = read_models_file(workspace / "data/zoo/models.json")[0]
     reference = tmp_path / "reference"
     os.chdir(workspace)  # the spec's weights path is relative to the project, as the stage ran it
     try:
-        generate("aoa", Budget(**BUDGET), {"si": 2, "sub_batch": "auto"}, surrogate, "data/shards/clean", str(reference),
+        generate("aoa", Budget(**BUDGET), {"si": 2}, surrogate, "data/shards/clean", str(reference), sub_batch="auto",
                  batch_size=5, devices=["cpu"], cpu_threads=1)
     finally:
         os.chdir(REPO)

@@ -116,6 +116,7 @@ def test_a_moved_hub_snapshot_is_new_weights_everywhere_and_only_for_that_model(
     from pipelines.config import Zoo
     from pipelines.flows.evaluate import evaluate_flow
     from pipelines.flows.zoo import hub_weights_flow, zoo_flow
+    from pipelines.stages import read_models_file
     from shards.shardset import shard_name, write_index, write_shard
 
     cache = tmp_path / "hub"
@@ -134,17 +135,17 @@ def test_a_moved_hub_snapshot_is_new_weights_everywhere_and_only_for_that_model(
     def run(tag):
         hub = hub_weights_flow(zoo, str(tmp_path / f"hub-{tag}.json"))
         zoo_flow(zoo, metrics_path=str(tmp_path / f"zoo-{tag}.json"), hub=hub)
-        specs = json.loads((tmp_path / "zoo" / "models.json").read_text())
+        specs = read_models_file(tmp_path / "zoo" / "models.json")
         result = evaluate_flow(specs, {"clean": str(clean)}, str(tmp_path / "eval"),
                                metrics_path=str(tmp_path / f"eval-{tag}.json"))
-        return hub, {s["name"]: s for s in specs}, {r["name"]: r for r in result["records"]}
+        return hub, {s.name: s for s in specs}, {r["name"]: r for r in result["records"]}
 
     hub1, specs1, eval1 = run("before")
     assert not any(r["results"]["clean"]["cached"] for r in eval1.values())
     new = write_hub_model(cache, "test_vit.r160_in1k", seed=7)  # the update: refs/main now names another snapshot
     hub2, specs2, eval2 = run("after")
     assert hub2["a"] == hub1["a"] and hub2["b"]["revision"] == new != old["test_vit.r160_in1k"]
-    assert hub2["b"]["sha256"] != hub1["b"]["sha256"] and specs2["b"]["sha256"] == hub2["b"]["sha256"]
+    assert hub2["b"]["sha256"] != hub1["b"]["sha256"] and specs2["b"].sha256 == hub2["b"]["sha256"]
     assert eval2["a"]["results"]["clean"]["cached"] and not eval2["b"]["results"]["clean"]["cached"]
     assert weights_hash(specs2["a"]) == weights_hash(specs1["a"]) != weights_hash(specs1["b"]) != weights_hash(
         specs2["b"])
@@ -155,7 +156,7 @@ def test_a_moved_hub_snapshot_is_new_weights_everywhere_and_only_for_that_model(
 
 
 def test_sanity_warnings_flag_near_chance_and_far_from_published_only():
-    from evaluators.report import sanity_warnings
+    from evaluators.published import sanity_warnings
 
     errors = {"random": {"clean": 99.9}, "off": {"clean": 40.85}, "good": {"clean": 27.0}, "mine": {"clean": 95.0}}
     archs = {"random": "vgg16.tv_in1k", "off": "densenet121.tv_in1k", "good": "densenet121.tv_in1k",

@@ -121,6 +121,7 @@ def test_label_sets_and_the_label_file_must_lie_where_dvc_looks():
     ({"name": "d", "arch": "densenet121", "kwargs": {"growth_rate": 12, "block_config": [2, 2, 2, 2]}}, None),
 ])
 def test_a_model_is_named_as_timm_names_it_only_when_it_is_timms_network(spec, name):
+    from model_zoo.spec import ModelSpec
     from model_zoo.zoo import timm_model_name
 
-    assert timm_model_name(spec) == name
+    assert timm_model_name(ModelSpec.model_validate(spec)) == name

@@ -79,11 +79,12 @@ def test_orth_and_par_terms_do_not_train_the_class_weights():
 
 
 def _tiny_classifier(num_classes=4):
+    from model_zoo.spec import ModelSpec
     from model_zoo.zoo import build_model
 
     torch.manual_seed(0)
-    return build_model({"name": "t", "arch": "test_resnet", "num_classes": num_classes,
-                        "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}})
+    return build_model(ModelSpec(name="t", arch="test_resnet", num_classes=num_classes,
+                                 data={"input_size": [3, 32, 32], "crop_pct": 1.0}))
 
 
 def test_feature_hook_returns_what_the_head_consumes():
@@ -121,9 +122,11 @@ def outlier_folders(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ood_stage_on_the_small_world(small_world, outlier_folders, prefect_server, tmp_path):
+    from model_zoo.spec import ModelSpec
     from model_zoo.zoo import build_model
     from pipelines.config import Ood
     from pipelines.flows.ood import evaluate_detector, load_ood_data, ood_flow
+    from pipelines.stages import DownstreamPaths
 
     cfg = Ood(**{"model": "tiny", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
            "id_classes": [0, 1, 2, 5, 6, 7], "pretrain": {"epochs": 3, "lr": 0.005},
@@ -133,9 +136,9 @@ def test_ood_stage_on_the_small_world(small_world, outlier_folders, prefect_serv
            "methods": {"oe": {"method": "oe"}, "orthloss": {"method": "orthloss"},
                        "energy-oe": {"method": "energy-oe", "search": {"m_in": [-2.0, 0.0], "m_out": [2.0]}}},
            "seed": 0, "seeds": [0, 1]})
-    spec = {"name": "tiny", "arch": "test_resnet", "num_classes": 10, "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
-    metrics = ood_flow(cfg, spec, out=str(tmp_path / "ood"), metrics_path=str(tmp_path / "ood.json"), report_dir=str(tmp_path / "reports"),
-                       plots_dir=str(tmp_path / "plots"))
+    spec = ModelSpec(name="tiny", arch="test_resnet", num_classes=10, data={"input_size": [3, 32, 32], "crop_pct": 1.0})
+    metrics = ood_flow(cfg, spec, DownstreamPaths(tmp_path / "ood", tmp_path / "ood.json", tmp_path / "reports",
+                                                  tmp_path / "plots"))
     assert metrics["positive"] == "in-distribution"
     assert list(metrics["methods"]) == ["baseline", "oe", "orthloss", "energy-oe"]
     assert [m["score"] for m in metrics["methods"].values()] == ["msp", "msp", "orthloss", "energy"]
@@ -156,7 +159,7 @@ def test_ood_stage_on_the_small_world(small_world, outlier_folders, prefect_serv
     assert len(data["id_test"][0]) == 120 and set(data["id_test"][1].tolist()) == set(range(6))  # relabelled
     assert len(data["outliers"]) == 120 + 40 and len(data["tests"]["blobs"]) == 40
     # the saved checkpoint reproduces the reported numbers
-    model = build_model({**spec, "num_classes": 6, "weights": str(tmp_path / "ood" / "orthloss.safetensors")})
+    model = build_model(spec.replace(num_classes=6, weights=str(tmp_path / "ood" / "orthloss.safetensors")))
     again = evaluate_detector(model, data)
     assert again["sets"]["blobs"]["orthloss"] == metrics["methods"]["orthloss"]["per_seed"][0]["blobs"]  # seed 0
     assert again["id_acc"] > 100 / 6

@@ -216,10 +216,10 @@ def test_shift_images_blurs_and_lowers_contrast_towards_the_tint():
 
 @pytest.mark.slow
 def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
-    import json
 
     from pipelines.config import Optim
     from pipelines.flows.optim import optim_flow
+    from pipelines.stages import DownstreamPaths, read_models_file
     from shards.shardset import shard_name, write_index, write_shard
     from sources.reading import load_split
 
@@ -231,7 +231,7 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
                      for i in range(40)])
         write_index(tmp_path / name, name)
         sets[name] = str(tmp_path / name)
-    spec = next(s for s in trained_zoo["zoo"].specs() if s["name"] == "resnet10t")
+    spec = next(s for s in trained_zoo["zoo"].specs() if s.name == "resnet10t")
     cfg = Optim(**{"model": "resnet10t", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
            "seed": 0, "recipe": {"epochs": 1, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "warmup_epochs": 0},
            "optimizers": {"sgd": {}, "fsam": {"optimizer": "fsam", "optimizer_kwargs": {"rho": 0.05}}},
@@ -239,8 +239,8 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
                     "alpha": 4, "recipe": {"epochs": 1, "lr": 0.003, "optimizer": "adamw", "warmup_epochs": 0},
                     "runs": {"lora": {"sigma": 0.0}, "flat-lora": {"sigma": 0.05}}},
            "shard_sets": sets, "seeds": [0, 1], "label_noise": 0.2})
-    metrics = optim_flow(cfg, spec, out=str(tmp_path / "optim"), metrics_path=str(tmp_path / "optim.json"), report_dir=str(tmp_path / "reports"),
-                       plots_dir=str(tmp_path / "plots"))
+    metrics = optim_flow(cfg, spec, DownstreamPaths(tmp_path / "optim", tmp_path / "optim.json", tmp_path / "reports",
+                                                    tmp_path / "plots"))
     assert list(metrics["optimizers"]) == ["sgd", "fsam"] and list(metrics["lora"]) == ["lora", "flat-lora"]
     assert metrics["lora"]["flat-lora"]["sigma"] == 0.05
     import csv
@@ -252,8 +252,8 @@ def test_optim_stage_on_the_small_world(trained_zoo, small_world, prefect_server
     rows = list(csv.DictReader(open(tmp_path / "plots" / "flat-lora.csv")))
     assert list(rows[0])[-1] == "val_acc"
     assert float(rows[-1]["val_acc"]) == pytest.approx(metrics["lora"]["flat-lora"]["val_acc"], abs=0.01)
-    specs = json.loads((tmp_path / "optim" / "models.json").read_text())
-    assert [s["name"] for s in specs] == ["opt-sgd-seed0", "opt-sgd-seed1", "opt-fsam-seed0", "opt-fsam-seed1",
+    specs = read_models_file(tmp_path / "optim" / "models.json")
+    assert [s.name for s in specs] == ["opt-sgd-seed0", "opt-sgd-seed1", "opt-fsam-seed0", "opt-fsam-seed1",
                                           "opt-lora", "opt-flat-lora"]
     # the merged checkpoint is a plain timm model that the evaluate stage can load and that scores as reported
     from evaluators.classification import evaluate_shardset

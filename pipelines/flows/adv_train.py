@@ -11,7 +11,6 @@ the curves and every CO event marked.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +21,12 @@ from prefect.cache_policies import NO_CACHE
 from common.files import write_json
 from evaluators.downstream_report import adv_training_section
 from evaluators.white_box import pgd_robust_accuracy
+from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
 from pipelines.config import AdvRun, AdvTrain
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import adv_train_rows, write_table
+from pipelines.stages import DownstreamPaths
 from sources.reading import load_split
 from training.adversarial import create_method
 from training.adversarial.monitors import CODetector, COMonitor, early_conv_layers
@@ -39,13 +40,13 @@ def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) 
 
 
 @task(name="adversarial-training-run", task_run_name="adv-train-{name}", cache_policy=NO_CACHE)  # tensors are not cache keys
-def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: dict[str, Any], data, out: Path,
-                             plots_dir: str, profile: str) -> dict[str, Any]:
+def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: ModelSpec, data,
+                             paths: DownstreamPaths, profile: str) -> dict[str, Any]:
     log = get_run_logger()
     (x, y), (xv, yv) = data
     seed = cfg.seed if run.seed is None else run.seed  # a run may repeat another with its own seed (init, batches, attack noise)
     torch.manual_seed(seed)
-    model = build_model({**spec, "weights": None, "name": name})
+    model = build_model(spec.replace(weights=None, name=name))
     eps = run.eps / 255
     alpha = run.step / 255 if run.step is not None else None  # None: the method's default step
     method = create_method(run.method, eps=eps, alpha=alpha, seed=seed, **run.options)
@@ -74,9 +75,9 @@ def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: dict[s
     kept = monitor.keep_robust(model)
     if kept is not None:
         log.info("%s: ends on the weights of step %d, its most robust check before the collapse", name, kept)
-    weights = out / "models" / f"{name}.safetensors"
+    weights = paths.out / "models" / f"{name}.safetensors"
     save_weights(model, weights)
-    write_curve(Path(plots_dir) / f"{name}.csv", monitor.history, last="train_pgd_acc")
+    write_curve(paths.plots / f"{name}.csv", monitor.history, last="train_pgd_acc")
     last = next(r for r in monitor.history if r["step"] == kept) if kept is not None else monitor.history[-1]
     white_box = {}
     if fe := cfg.final_eval:  # the white-box number of record, at the run's own eps: the val split or a random subset
@@ -87,7 +88,7 @@ def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: dict[s
         log.info("%s: white-box PGD-%d x%d accuracy on %d val images: %.2f", name, fe.pgd_steps, fe.restarts,
                  n, white_box["white_box_val_acc"])
     return {
-        "spec": {**spec, "name": f"at-{name}", "weights": str(weights)},
+        "spec": spec.replace(name=f"at-{name}", weights=str(weights)),
         "metrics": {
             "method": run.method, "eps": run.eps, "seed": seed, "val_acc": round(accuracy(model, xv, yv), 2),
             "final_val_pgd_acc": round(last["val_pgd_acc"], 2), "final_val_fgsm_acc": round(last["val_fgsm_acc"], 2),
@@ -98,12 +99,9 @@ def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: dict[s
     }
 
 
-@flow(name="adv-train", flow_run_name="adv-train-{profile}-{spec[name]}")
-def adv_train_flow(cfg: AdvTrain, spec: dict[str, Any], out: str = "data/downstream/adv_train",
-                   metrics_path: str = "metrics/downstream/adv_train.json",
-                   report_dir: str = "reports", plots_dir: str = "plots/downstream/adv_train",
-                   profile: str = "demo") -> dict[str, Any]:
-    size = spec["data"]["input_size"][-1]
+@flow(name="adv-train", flow_run_name="adv-train-{profile}-{spec.name}")
+def adv_train_flow(cfg: AdvTrain, spec: ModelSpec, paths: DownstreamPaths, profile: str = "demo") -> dict[str, Any]:
+    size = spec.image_size
     x, y, _ = load_split(cfg.train_root, size)
     xv, yv, _ = load_split(cfg.val_root, size)
     if cfg.mix_shards:
@@ -111,15 +109,15 @@ def adv_train_flow(cfg: AdvTrain, spec: dict[str, Any], out: str = "data/downstr
         get_run_logger().info("%d DAmageNet images mixed into %d training images", len(xs), len(x))
         x, y = torch.cat([x, xs]), torch.cat([y, ys])
     data = ((x, y), (xv, yv))  # loaded once, shared by every run
-    results = {name: adversarial_training_run(name, run, cfg, spec, data, Path(out), plots_dir, profile)
+    results = {name: adversarial_training_run(name, run, cfg, spec, data, paths, profile)
                for name, run in cfg.runs.items()}
-    write_json(Path(out) / "models.json", [r["spec"] for r in results.values()])
+    write_json(paths.out / "models.json", [r["spec"].to_json() for r in results.values()])
     metrics = {name: r["metrics"] for name, r in results.items()}
-    write_json(metrics_path, metrics)
-    write_table(metrics_path, adv_train_rows(metrics))
+    write_json(paths.metrics, metrics)
+    write_table(paths.metrics, adv_train_rows(metrics))
     markdown = adv_training_section(metrics, {n: r["history"] for n, r in results.items()}, cfg.monitor, cfg.final_eval,
-                                    Path(report_dir),
-                                    chance=100 / spec["num_classes"])
+                                    paths.reports,
+                                    chance=100 / spec.num_classes)
     create_markdown_artifact(key=artifact_key(profile, "adversarial-training"), markdown=markdown,
                              description="Adversarial training and CO")
     return metrics

@@ -20,23 +20,24 @@ from tqdm import tqdm
 from common.files import write_json
 from evaluators.classification import evaluate_shardset, shardset_hash
 from evaluators.success import success_rates
+from model_zoo.spec import MissingModel, ModelSpec
 from model_zoo.zoo import build_model, timm_model_name, weights_hash
 from pipelines.config import Source
 from pipelines.metric_tables import evaluate_rows, write_table
 
 
-@task(name="evaluate-model", task_run_name="evaluate-{spec[name]}")
-def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, batch_size: int, device: str,
+@task(name="evaluate-model", task_run_name="evaluate-{spec.name}")
+def evaluate_model(spec: ModelSpec | MissingModel, sets: dict[str, str], cache_dir: str, batch_size: int, device: str,
                    workers: int) -> dict[str, Any]:
     """All shard sets for one model (the model is built once); cached results are reused."""
-    if "error" in spec:
-        return {"name": spec["name"], "error": spec["error"]}
+    if isinstance(spec, MissingModel):
+        return {"name": spec.name, "error": spec.error}
     try:
         whash = weights_hash(spec)
         model = None
         results = {}
         for set_name, root in sets.items():
-            cache = Path(cache_dir) / spec["name"] / f"{set_name}-{whash}-{shardset_hash(root)}.json"
+            cache = Path(cache_dir) / spec.name / f"{set_name}-{whash}-{shardset_hash(root)}.json"
             cached = _read_cache(cache)
             if cached is not None:
                 results[set_name] = cached | {"cached": True}
@@ -47,12 +48,12 @@ def evaluate_model(spec: dict[str, Any], sets: dict[str, str], cache_dir: str, b
             results[set_name] = r | {"cached": False}
         model = model or build_model(spec, device="cpu")
         cfg = model.data_config
-        return {"name": spec["name"], "arch": spec["arch"], "timm_model": timm_model_name(spec), "weights_hash": whash,
+        return {"name": spec.name, "arch": spec.arch, "timm_model": timm_model_name(spec), "weights_hash": whash,
                 "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
                 "img_size": cfg["input_size"][-1], "crop_pct": cfg.get("crop_pct"),
                 "interpolation": cfg.get("interpolation"), "results": results}
     except Exception as e:  # noqa: BLE001  (one model's failure is reported, the others go on)
-        return {"name": spec["name"], "error": f"{type(e).__name__}: {e}"}
+        return {"name": spec.name, "error": f"{type(e).__name__}: {e}"}
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
@@ -70,14 +71,18 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def evaluate(**kwargs) -> dict[str, Any]:
-    """Run the evaluate flow with one worker per device (models are spread over the devices)."""
-    workers = len(kwargs.get("devices") or ["cpu"])
-    return evaluate_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(**kwargs)
+def evaluate(models: list[ModelSpec | MissingModel], sets: dict[str, str], out: str, *, batch_size: int = 256,
+             devices: list[str] | None = None, workers: int = 0, metrics_path: str = "metrics/evaluate.json",
+             source: Source | None = None, profile: str = "demo") -> dict[str, Any]:
+    """Run :func:`evaluate_flow` with one worker per device (models are spread over the devices)."""
+    runner = ThreadPoolTaskRunner(max_workers=len(devices or ["cpu"]))
+    return evaluate_flow.with_options(task_runner=runner)(
+        models, sets, out, batch_size=batch_size, devices=devices, workers=workers, metrics_path=metrics_path,
+        source=source, profile=profile)
 
 
 @flow(name="evaluate", flow_run_name="evaluate-{profile}")
-def evaluate_flow(models: list[dict[str, Any]], sets: dict[str, str], out: str, batch_size: int = 256,
+def evaluate_flow(models: list[ModelSpec | MissingModel], sets: dict[str, str], out: str, batch_size: int = 256,
                   devices: list[str] | None = None, workers: int = 0,
                   metrics_path: str = "metrics/evaluate.json", source: Source | None = None,
                   profile: str = "demo") -> dict[str, Any]:

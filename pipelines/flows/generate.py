@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
@@ -29,9 +29,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from attacks import AttackConfig, list_attacks
+from common.budget import Budget
 from common.files import sha256_file, write_json
+from model_zoo.spec import ModelSpec
 from model_zoo.zoo import weights_sha256
-from pipelines.config import Budget, Dask
+from pipelines.config import Dask
 from pipelines.flows import artifact_key
 from pipelines.prefect_api import unreachable_api
 from pipelines.progress import RUNNING, Progress
@@ -39,6 +41,7 @@ from pipelines.stages import resolve_devices
 from shards import STOP, NotOurs, Stopped
 from shards.adversarial import attack_shard_file, written_here
 from shards.card import attack_numbers, attack_parameters, card_data, card_license, read_card, write_card
+from shards.job import ShardJob, split_options
 from shards.shardset import (
     shard_name,
     shard_paths,
@@ -49,35 +52,29 @@ from shards.shardset import (
 from shards.verify import read_sums
 
 
-def attack_config(budget: Budget, options: dict[str, Any]) -> AttackConfig:
-    """The shared budget (0-255 scale in params.yaml) plus one attack's own options."""
-    return AttackConfig(eta=budget.eta / 255, eps=budget.eps / 255, alpha=budget.alpha / 255,
-                        max_steps=budget.max_steps, **options)
-
-
 def _shard_task_name() -> str:
     from prefect.runtime import task_run
 
-    return f"attack-{Path(task_run.parameters['unit']['out_shard']).stem}"  # e.g. attack-aoa-000003
+    return f"attack-{task_run.parameters['job'].name}"  # e.g. attack-aoa-000003
 
 
 @task(name="attack-shard", task_run_name=_shard_task_name)
-def attack_shard(unit: dict[str, Any], device: str, threads: int = 1) -> dict[str, Any]:
+def attack_shard(job: ShardJob, device: str, threads: int = 1) -> dict[str, Any]:
     """Attack one clean shard on ``device`` and write the adversarial shard (skipped when already complete)."""
     # imported here, not taken from this module's globals: Dask pickles the task by value
     from prefect.runtime import flow_run
 
     from pipelines.progress import RUNNING
 
-    log, name, start = get_run_logger(), Path(unit["out_shard"]).stem, time.perf_counter()
+    log, name, start = get_run_logger(), job.name, time.perf_counter()
     progress, last_log = RUNNING.get(str(flow_run.id)), [start]
-    max_steps = unit["config"]["max_steps"]
+    max_steps = job.config.max_steps
 
     def batch_done(done: int, total: int) -> None:
         log.info("%s: %d/%d images (%.0f s)", name, done, total, time.perf_counter() - start)
 
     def step_done(done: int, total: int, step: int, active: int) -> None:
-        batch = min(unit["batch_size"], total - done)
+        batch = min(job.batch_size, total - done)
         if progress:  # a batch's share grows with its steps (most images finish before max_steps)
             progress.update(name, (done + batch * step / max_steps) / total)
         if time.perf_counter() - last_log[0] > 30:  # a CPU batch can take minutes: say where it is
@@ -85,13 +82,13 @@ def attack_shard(unit: dict[str, Any], device: str, threads: int = 1) -> dict[st
             log.info("%s: images %d-%d of %d, step %d: %d still inside the budget (%.0f s)", name, done + 1,
                      done + batch, total, step, active, last_log[0] - start)
 
-    result = attack_shard_file(unit, device, threads, on_batch=batch_done, on_step=step_done)
+    result = attack_shard_file(job, device, threads, on_batch=batch_done, on_step=step_done)
     if progress:
         progress.update(name, 1.0, force=True)
     return result
 
 
-def cpu_threads(devices: list[str], units: int) -> int:
+def threads_per_cpu_worker(devices: list[str], units: int) -> int:
     """Intra-op threads for each CPU worker: the cores shared by the workers that can run at once (fewer units
     than workers leave cores to the ones that run)."""
     workers = min(sum(d == "cpu" for d in devices), units) or 1
@@ -109,33 +106,33 @@ def _task_runner(dask: Dask | None, workers: int):
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-def generate(*args, devices: str | list[str] = "auto", cpu_workers: int = 2, dask: Dask | None = None,
-             **kwargs) -> dict[str, Any]:
+def generate(attack: str, budget: Budget, options: dict[str, Any], surrogate: ModelSpec, clean_dir: str,
+             out_dir: str, *, method: str | None = None, sub_batch: int | Literal["auto"] = "auto",
+             batch_size: int = 50, devices: str | list[str] = "auto", cpu_workers: int = 2, dask: Dask | None = None,
+             cpu_threads: int | Literal["auto"] = "auto", seed: int = 0, metrics_path: str | None = None,
+             profile: str = "demo") -> dict[str, Any]:
     """Run :func:`generate_flow` on the workers chosen by ``devices`` (``auto``: every visible GPU, else
     ``cpu_workers`` CPU threads) or on Dask (``dask``: a scheduler address or a local cluster size)."""
     device_list = resolve_devices(devices, cpu_workers)
     runner = _task_runner(dask, len(device_list))
-    return generate_flow.with_options(task_runner=runner)(*args, devices=device_list, **kwargs)
+    return generate_flow.with_options(task_runner=runner)(
+        attack, budget, options, surrogate, clean_dir, out_dir, method=method, sub_batch=sub_batch,
+        batch_size=batch_size, devices=device_list, cpu_threads=cpu_threads, seed=seed, metrics_path=metrics_path,
+        profile=profile)
 
 
 @flow(name="generate", flow_run_name="generate-{profile}-{attack}")
-def generate_flow(
-    attack: str,
-    budget: Budget,
-    options: dict[str, Any],
-    surrogate: dict[str, Any],
-    clean_dir: str,
-    out_dir: str,
-    batch_size: int = 50,
-    devices: list[str] | None = None,
-    seed: int = 0,
-    metrics_path: str | None = None,
-    cpu_threads: int | str = "auto",
-    method: str | None = None,
-    profile: str = "demo",
-) -> dict[str, Any]:
+def generate_flow(attack: str, budget: Budget, options: dict[str, Any], surrogate: ModelSpec, clean_dir: str,
+                  out_dir: str, method: str | None = None, sub_batch: int | Literal["auto"] = "auto",
+                  batch_size: int = 50, devices: list[str] | None = None, cpu_threads: int | Literal["auto"] = "auto",
+                  seed: int = 0, metrics_path: str | None = None, profile: str = "demo") -> dict[str, Any]:
     """Attack every clean shard of ``clean_dir`` into ``out_dir``, one task per shard, mapped over ``devices``.
-    ``attack`` names the set (its shards and metrics); ``method`` is the attack it runs (default: the same name)."""
+    ``attack`` names the set (its shards and metrics); ``method`` is the attack it runs (default: the same name);
+    ``options`` are the set's own (the method's constructor options and shared config fields)."""
+    method = method or attack
+    if method not in list_attacks():
+        raise KeyError(f"unknown attack {method!r}; known attacks: {', '.join(list_attacks())}")
+    config, attack_options = split_options(attack, method, budget, options)
     devices = devices or ["cpu"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,9 +143,12 @@ def generate_flow(
         raise RuntimeError(f"{out}: another generate run is writing this set (lock {lock.lock_file}); wait for it "
                            "to finish or use another output folder") from None
     try:
+        jobs = _shard_jobs(attack, method, config, attack_options, budget, surrogate, clean_dir, out, batch_size,
+                           seed, sub_batch, devices)
+        threads = threads_per_cpu_worker(devices, len(jobs)) if cpu_threads == "auto" else int(cpu_threads)
         with _stop_after_step_on_signals():
-            return _generate(attack, method or attack, budget, options, surrogate, clean_dir, out, batch_size,
-                             devices, seed, metrics_path, cpu_threads, artifact_key(profile, f"generate-{attack}"))
+            return _generate(jobs, attack, clean_dir, devices, threads, out, metrics_path,
+                             artifact_key(profile, f"generate-{attack}"))
     finally:
         lock.release()
 
@@ -179,64 +179,60 @@ def _stop_after_step_on_signals():
             signal.signal(s, handler)
 
 
-def _generate(attack, method, budget, options, surrogate, clean_dir, out: Path, batch_size, devices, seed,
-              metrics_path, threads, progress_key: str):
-    log = get_run_logger()
-    options = dict(options)
-    aoa_arguments = ("lam", "bounds", "relu", "inactive_pool")  # attack arguments outside the shared config
-    attack_kwargs = {k: options.pop(k) for k in aoa_arguments if k in options}
-    sub_batch = options.pop("sub_batch", "auto")  # resolved per unit, on its device
-    if method not in list_attacks():
-        raise KeyError(f"unknown attack {method!r}; known attacks: {', '.join(list_attacks())}")
-    config = attack_config(budget, options)
+def _shard_jobs(attack: str, method: str, config: AttackConfig, attack_options: dict[str, Any], budget: Budget,
+                surrogate: ModelSpec, clean_dir: str, out: Path, batch_size: int, seed: int,
+                sub_batch: int | Literal["auto"], devices: list[str]) -> list[ShardJob]:
+    """One job per clean shard (output ``<attack>-00000i.tar``), with what earlier runs recorded of the shards they
+    finished; an earlier run's shard whose clean shard is gone is removed (only if this pipeline wrote it)."""
     inputs = shard_paths(clean_dir)
     if not inputs:
         raise FileNotFoundError(f"{clean_dir}: no clean shards (run the prepare stage first)")
     surrogate_sha256 = weights_sha256(surrogate)  # hashed once: a VGG19 file is half a gigabyte
-    units = [{
-        "in_shard": str(p), "out_shard": str(out / shard_name(attack, i)), "attack": method,
-        "in_sha256": sha256_file(p),  # part of the job: a re-prepared clean shard is a different job
-        "config": {**config.__dict__}, "attack_kwargs": attack_kwargs, "budget": budget.model_dump(),
-        "surrogate": surrogate, "surrogate_sha256": surrogate_sha256,  # other weights: another job
-        "batch_size": batch_size, "seed": seed,
-        "sub_batch": sub_batch, "workers_per_device": _workers_per_device(devices, devices[i % len(devices)],
-                                                                         len(inputs)),
-    } for i, p in enumerate(inputs)]
-    # what earlier runs recorded of the shards they finished (an unreadable line records nothing: made anew)
-    recorded = read_sums(out / "SHA256SUMS", problems=[])
-    for u in units:
-        u["recorded_sha256"] = recorded.get(Path(u["out_shard"]).name)
-    outputs = [Path(u["out_shard"]) for u in units]
-    stale = sorted(set(shard_paths(out)) - set(outputs))  # from a larger clean set of an earlier run, or not ours
+    recorded = read_sums(out / "SHA256SUMS", problems=[])  # an unreadable line records nothing: made anew
+    jobs = [ShardJob(
+        in_shard=str(p), out_shard=str(out / shard_name(attack, i)), in_sha256=sha256_file(p), method=method,
+        config=config, attack_options=attack_options, budget=budget, surrogate=surrogate,
+        surrogate_sha256=surrogate_sha256, batch_size=batch_size, seed=seed, sub_batch=sub_batch,
+        workers_per_device=_workers_per_device(devices, devices[i % len(devices)], len(inputs)),
+        recorded_sha256=recorded.get(shard_name(attack, i)),
+    ) for i, p in enumerate(inputs)]
+    stale = sorted(set(shard_paths(out)) - {Path(j.out_shard) for j in jobs})  # from a larger clean set, or not ours
     for path in stale:
         if not written_here(path, attack):
             raise NotOurs(f"{path}: not a shard this pipeline wrote for {attack!r}; move it out of {out} (nothing "
                           "was removed)")
     for path in stale:
-        log.warning("removing %s: its clean shard no longer exists", path)
+        get_run_logger().warning("removing %s: its clean shard no longer exists", path)
         path.unlink()
+    return jobs
+
+
+def _generate(jobs: list[ShardJob], attack: str, clean_dir: str, devices: list[str], threads: int, out: Path,
+              metrics_path: str | None, progress_key: str) -> dict[str, Any]:
+    """Run the jobs and write the set's metrics; a job that failed twice fails the run (the others are kept),
+    else the set gets its card and index."""
+    log = get_run_logger()
     start = time.perf_counter()
-    threads = cpu_threads(devices, len(units)) if threads == "auto" else int(threads)
-    results, failed = _run_units(units, devices, threads, log, f"generate {attack}", out, progress_key)
+    results, failed = _run_units(jobs, devices, threads, log, f"generate {attack}", out, progress_key)
     wall = time.perf_counter() - start
     for r in results:
         if r.get("repaired"):
             log.warning("%s was %s and has been made anew", r["shard"], r["repaired"])
     done = [r for r in results if not r["skipped"]]
-    failed_outputs = {u["out_shard"] for u in failed}
-    finished = [p for p in outputs if p.exists() and str(p) not in failed_outputs]
+    failed_outputs = {j.out_shard for j in failed}
+    finished = [Path(j.out_shard) for j in jobs if Path(j.out_shard).exists() and j.out_shard not in failed_outputs]
     records = [meta for p in finished for _, _, meta in shard_records(p)]
     metrics = _metrics(records, attack, done, wall)
-    metrics["failed_units"] = sorted(Path(u["out_shard"]).name for u in failed)
+    metrics["failed_units"] = sorted(Path(j.out_shard).name for j in failed)
     if metrics_path and metrics.get("images_per_second") is None:  # nothing made now: the rate of the run that did
         metrics["images_per_second"] = _previous_rate(Path(metrics_path), metrics.get("images"))
     if metrics_path:
         write_json(metrics_path, metrics)
     if failed:
         raise RuntimeError(f"generate {attack}: {len(failed)} unit(s) failed after retry: {metrics['failed_units']}; "
-                           f"the other {len(units) - len(failed)} shards are complete and kept")
-    write_card(out, _card(out, records, attack, method, config, attack_kwargs, budget, surrogate, clean_dir))
-    write_index(out, attack, outputs)
+                           f"the other {len(jobs) - len(failed)} shards are complete and kept")
+    write_card(out, _card(out, records, jobs[0], attack, clean_dir))
+    write_index(out, attack, [Path(j.out_shard) for j in jobs])
     log.info("generate %s: %d images, %d shards written, %d already complete", attack, metrics["images"],
              len(done), len(results) - len(done))
     return metrics
@@ -247,20 +243,20 @@ def _workers_per_device(devices: list[str], device: str, units: int) -> int:
     return min(devices.count(device), units) or 1
 
 
-def _run_units(units, devices, threads: int, log, desc: str, out: Path, key: str):
-    """Submit every unit; retry each failure once on the next device (a lost Prefect API ends the run at once).
-    Returns (results, units that still failed).
+def _run_units(jobs: list[ShardJob], devices: list[str], threads: int, log, desc: str, out: Path, key: str):
+    """Submit every job; retry each failure once on the next device (a lost Prefect API ends the run at once).
+    Returns (results, jobs that still failed).
     Progress: a terminal bar per finished shard, a Prefect progress artifact that also moves with the attack steps,
     per-batch (and, on slow batches, per-step) lines in the task logs. After ``shards.STOP`` (a signal), nothing is
     retried: the run stops with every finished shard kept."""
     from prefect.runtime import flow_run
 
-    progress = RUNNING[str(flow_run.id)] = Progress(key, desc, len(units))
-    futures = [(u, devices[i % len(devices)], attack_shard.submit(u, devices[i % len(devices)], threads))
-               for i, u in enumerate(units)]
+    progress = RUNNING[str(flow_run.id)] = Progress(key, desc, len(jobs))
+    futures = [(job, devices[i % len(devices)], attack_shard.submit(job, devices[i % len(devices)], threads))
+               for i, job in enumerate(jobs)]
     results, retry, sums = [], [], {}
     try:
-        for u, dev, fut in tqdm(futures, desc=desc, unit="shard"):
+        for job, dev, fut in tqdm(futures, desc=desc, unit="shard"):
             try:
                 results.append(fut.result())
                 sums[results[-1]["shard"]] = results[-1]["sha256"]
@@ -269,24 +265,24 @@ def _run_units(units, devices, threads: int, log, desc: str, out: Path, key: str
                 if unreachable_api(e):  # no unit can finish without the API: stop now, the finished shards are kept
                     raise
                 if not STOP.is_set():
-                    log.warning("unit %s failed on %s: %s", Path(u["out_shard"]).name, dev, e)
-                retry.append((u, devices[(devices.index(dev) + 1) % len(devices)]))
-            progress.update(Path(u["out_shard"]).stem, 1.0, force=True)
+                    log.warning("unit %s failed on %s: %s", job.name, dev, e)
+                retry.append((job, devices[(devices.index(dev) + 1) % len(devices)]))
+            progress.update(job.name, 1.0, force=True)
     finally:
         RUNNING.pop(str(flow_run.id), None)
     if STOP.is_set():
-        raise Stopped(f"{desc}: stopped on request; {len(results)} of {len(units)} shards are complete and kept, "
+        raise Stopped(f"{desc}: stopped on request; {len(results)} of {len(jobs)} shards are complete and kept, "
                       "the rest will be made by the next run")
     failed = []
-    for u, dev in retry:
+    for job, dev in retry:
         try:
-            results.append(attack_shard.submit(u, dev, threads).result())
+            results.append(attack_shard.submit(job, dev, threads).result())
             sums[results[-1]["shard"]] = results[-1]["sha256"]
             write_sums(out, dict(sorted(sums.items())))
-            log.info("unit %s succeeded on retry on %s", Path(u["out_shard"]).name, dev)
+            log.info("unit %s succeeded on retry on %s", job.name, dev)
         except Exception as e:  # noqa: BLE001
-            log.error("unit %s failed again on %s: %s", Path(u["out_shard"]).name, dev, e)
-            failed.append(u)
+            log.error("unit %s failed again on %s: %s", job.name, dev, e)
+            failed.append(job)
     return results, failed
 
 
@@ -307,11 +303,13 @@ def _metrics(records: list[dict], attack: str, done: list[dict], wall: float) ->
             "images_per_second": round(written / wall, 3) if written else None}
 
 
-def _card(out: Path, records, attack, method, config, attack_kwargs, budget, surrogate, clean_dir):
-    """The set's card; its licence and source datasets are those of the clean set it was made from."""
+def _card(out: Path, records: list[dict], job: ShardJob, attack: str, clean_dir: str) -> dict[str, Any]:
+    """The set's card (from its records and any one job: they share all but paths); its licence and source datasets
+    are those of the clean set it was made from."""
     clean = read_card(clean_dir)
-    attack = {"method": method, "surrogate": surrogate["name"], "surrogate_arch": surrogate["arch"],
-              "clean_set": str(clean_dir), "budget": budget.model_dump()}
-    return card_data(out, records, card_license(clean), clean.source_datasets, f"{attack} adversarial images (DAmageNet-style)",
-                     {"attack": attack, "parameters": attack_parameters({**config.__dict__, **attack_kwargs}),
+    made_by = {"method": job.method, "surrogate": job.surrogate.name, "surrogate_arch": job.surrogate.arch,
+               "clean_set": str(clean_dir), "budget": job.budget.model_dump()}
+    return card_data(out, records, card_license(clean), clean.source_datasets,
+                     f"{attack} adversarial images (DAmageNet-style)",
+                     {"attack": made_by, "parameters": attack_parameters({**job.config.__dict__, **job.attack_options}),
                       "numbers": attack_numbers(records)})

@@ -10,7 +10,6 @@ zoo models have seen every class) or the zoo weights as they are.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,10 +21,12 @@ from prefect.cache_policies import NO_CACHE
 from common.files import write_json
 from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
+from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
 from pipelines.config import Ood
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import ood_rows, write_table
+from pipelines.stages import DownstreamPaths
 from sources.reading import load_image_folder, load_split
 from training.data import shard_images
 from training.ood import SCORES, create_method
@@ -141,8 +142,8 @@ def energy_margin_search(base, data, method_cfg: dict[str, Any], recipe: Recipe,
 
 
 @task(name="ood-fine-tune", task_run_name="ood-{name}-seed{seed}", cache_policy=NO_CACHE)  # models, tensors: no keys
-def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg: Ood, out: Path, seed: int,
-            plots_dir: str) -> dict[str, Any]:
+def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg: Ood, paths: DownstreamPaths,
+            seed: int) -> dict[str, Any]:
     model = copy.deepcopy(base)
     seconds, options = 0.0, {}
     if method_cfg is not None:
@@ -150,13 +151,13 @@ def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg: Ood, 
         options = dict(method_cfg.get("options", {}))
         method = create_method(method_cfg["method"], **options)
         info = fine_tune(model, method, data, recipe, seed)
-        write_curve(Path(plots_dir) / f"{name}-seed{seed}.csv", info["history"], last="id_acc")
+        write_curve(paths.plots / f"{name}-seed{seed}.csv", info["history"], last="id_acc")
         seconds = info["train_seconds"]
         score = method.score
     else:
         score = "msp"
     if seed == cfg.seeds[0]:
-        save_weights(model, out / f"{name}.safetensors")
+        save_weights(model, paths.out / f"{name}.safetensors")
     result = evaluate_detector(model, data)
     get_run_logger().info("%s seed %d (%s score): ID acc %.1f; %s", name, seed, score, result["id_acc"],
                           ", ".join(f"{s}: FPR95 {v[score]['fpr95']:.1f} AUROC {v[score]['auroc']:.1f}"
@@ -180,23 +181,21 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "all_scores_first_seed": runs[0]["sets"]}
 
 
-@flow(name="ood", flow_run_name="ood-{profile}-{spec[name]}")
-def ood_flow(cfg: Ood, spec: dict[str, Any], out: str = "data/downstream/ood",
-             metrics_path: str = "metrics/downstream/ood.json",
-             report_dir: str = "reports", plots_dir: str = "plots/downstream/ood", profile: str = "demo") -> dict[str, Any]:
+@flow(name="ood", flow_run_name="ood-{profile}-{spec.name}")
+def ood_flow(cfg: Ood, spec: ModelSpec, paths: DownstreamPaths, profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
-    size = spec["data"]["input_size"][-1]
+    size = spec.image_size
     data = load_ood_data(cfg, size)
     log.info("ID: %d train / %d test images of %s classes; %d auxiliary outliers; test OOD sets: %s",
              len(data["train"][0]), len(data["id_test"][0]), cfg.id_classes or "all", len(data["outliers"]),
              {k: len(v) for k, v in data["tests"].items()})
     torch.manual_seed(cfg.seed)
-    num_classes = len(cfg.id_classes) if cfg.id_classes else spec["num_classes"]
+    num_classes = len(cfg.id_classes) if cfg.id_classes else spec.num_classes
     if cfg.pretrain:
-        base = build_model({**spec, "weights": None, "num_classes": num_classes})
+        base = build_model(spec.replace(weights=None, num_classes=num_classes))
         info = train_classifier(base, *data["train"], Recipe(**cfg.pretrain), seed=cfg.seed, desc="ID base",
                                 epoch_end=lambda m: {"id_acc": accuracy(m, *data["id_test"])})
-        write_curve(Path(plots_dir) / "id-base.csv", info["history"], last="id_acc")
+        write_curve(paths.plots / "id-base.csv", info["history"], last="id_acc")
     else:
         base = build_model(spec)
     runs = {"baseline": None, **cfg.methods}
@@ -209,12 +208,12 @@ def ood_flow(cfg: Ood, spec: dict[str, Any], out: str = "data/downstream/ood",
                                            "m_out": searches[name]["m_out"]}}
             log.info("%s: margins m_in %.2f, m_out %.2f chosen on validation data", name, searches[name]["m_in"],
                      searches[name]["m_out"])
-    results = {name: [ood_run(name, m, base, data, cfg, Path(out), seed, plots_dir) for seed in (cfg.seeds if m else cfg.seeds[:1])]
+    results = {name: [ood_run(name, m, base, data, cfg, paths, seed) for seed in (cfg.seeds if m else cfg.seeds[:1])]
                for name, m in runs.items()}  # the baseline is not trained: one evaluation
     metrics = {"positive": POSITIVE, "seeds": cfg.seeds,
                "methods": {name: aggregate_seeds(r) for name, r in results.items()}, "margin_search": searches}
-    write_json(metrics_path, metrics)
-    write_table(metrics_path, ood_rows(metrics))
-    markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg.id_classes, Path(report_dir))
+    write_json(paths.metrics, metrics)
+    write_table(paths.metrics, ood_rows(metrics))
+    markdown = ood_section(metrics, {n: r[0]["scores"] for n, r in results.items()}, cfg.id_classes, paths.reports)
     create_markdown_artifact(key=artifact_key(profile, "ood-fine-tuning"), markdown=markdown, description="OOD fine-tuning")
     return metrics

@@ -10,7 +10,6 @@ sets (its change under AoA). Specs go to ``models.json`` so the evaluate stage m
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,10 +22,12 @@ from common.files import write_json
 from evaluators.claims import over_seeds
 from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
+from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
 from pipelines.config import Optim
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import optim_rows, write_table
+from pipelines.stages import DownstreamPaths
 from sources.reading import load_split
 from training.flat_lora import FlatLoRANoise, add_lora, merge_lora
 from training.supervised import Recipe, accuracy, batch_starts, train_classifier, write_curve
@@ -55,24 +56,24 @@ def noisy_labels(labels: torch.Tensor, share: float, num_classes: int, seed: int
 
 
 @task(name="optimizer-run", task_run_name="optim-{name}-seed{seed}", cache_policy=NO_CACHE)
-def optimizer_run(name: str, overrides: dict[str, Any], cfg: Optim, spec: dict[str, Any], data, out: Path,
-                  plots_dir: str, seed: int) -> dict[str, Any]:
+def optimizer_run(name: str, overrides: dict[str, Any], cfg: Optim, spec: ModelSpec, data,
+                  paths: DownstreamPaths, seed: int) -> dict[str, Any]:
     (x, y), (xv, yv) = data
     torch.manual_seed(seed)
-    model = build_model({**spec, "weights": None, "name": name})
+    model = build_model(spec.replace(weights=None, name=name))
     info = train_classifier(model, x, y, Recipe(**{**cfg.recipe, **overrides}), seed=seed, desc=f"{name} seed {seed}",
                             epoch_end=lambda m: {"val_acc": accuracy(m, xv, yv)})
-    write_curve(Path(plots_dir) / f"{name}-seed{seed}.csv", info["history"], last="val_acc")
-    weights = out / f"{name}-seed{seed}.safetensors"
+    write_curve(paths.plots / f"{name}-seed{seed}.csv", info["history"], last="val_acc")
+    weights = paths.out / f"{name}-seed{seed}.safetensors"
     save_weights(model, weights)
-    return {"spec": {**spec, "name": f"opt-{name}-seed{seed}", "weights": str(weights)},
+    return {"spec": spec.replace(name=f"opt-{name}-seed{seed}", weights=str(weights)),
             "val_acc": round(accuracy(model, xv, yv), 2), "train_acc": round(accuracy(model, x, y), 2),
             "train_seconds": round(info["train_seconds"], 1), **shard_accuracy(model, cfg.shard_sets)}
 
 
 @task(name="lora-run", task_run_name="lora-{name}", cache_policy=NO_CACHE)
-def lora_run(name: str, sigma: float, cfg: Optim, spec: dict[str, Any], data, out: Path,
-             plots_dir: str) -> dict[str, Any]:
+def lora_run(name: str, sigma: float, cfg: Optim, spec: ModelSpec, data,
+             paths: DownstreamPaths) -> dict[str, Any]:
     (x, y), (xv, yv) = data
     lora = cfg.lora
     torch.manual_seed(cfg.seed)
@@ -83,29 +84,27 @@ def lora_run(name: str, sigma: float, cfg: Optim, spec: dict[str, Any], data, ou
     noise = FlatLoRANoise(layers, sigma, steps, cfg.seed)
     info = train_classifier(model, x, y, recipe, seed=cfg.seed, desc=name, callback=noise,
                             epoch_end=lambda m: {"val_acc": accuracy(m, xv, yv)})
-    write_curve(Path(plots_dir) / f"{name}.csv", info["history"], last="val_acc")
+    write_curve(paths.plots / f"{name}.csv", info["history"], last="val_acc")
     merge_lora(model.model)
-    weights = out / f"{name}.safetensors"
+    weights = paths.out / f"{name}.safetensors"
     save_weights(model, weights)
-    return {"spec": {**spec, "name": f"opt-{name}", "weights": str(weights)}, "val_acc": round(accuracy(model, xv, yv), 2),
+    return {"spec": spec.replace(name=f"opt-{name}", weights=str(weights)), "val_acc": round(accuracy(model, xv, yv), 2),
             "train_seconds": round(info["train_seconds"], 1), "sigma": sigma,
             "trainable_params": sum(p.numel() for layer in layers for p in (layer.lora_A, layer.lora_B)),
             **shard_accuracy(model, cfg.shard_sets)}
 
 
-@flow(name="optim", flow_run_name="optim-{profile}-{spec[name]}")
-def optim_flow(cfg: Optim, spec: dict[str, Any], out: str = "data/downstream/optim",
-               metrics_path: str = "metrics/downstream/optim.json",
-               report_dir: str = "reports", plots_dir: str = "plots/downstream/optim", profile: str = "demo") -> dict[str, Any]:
+@flow(name="optim", flow_run_name="optim-{profile}-{spec.name}")
+def optim_flow(cfg: Optim, spec: ModelSpec, paths: DownstreamPaths, profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
-    size = spec["data"]["input_size"][-1]
+    size = spec.image_size
     x, y, _ = load_split(cfg.train_root, size)
     xv, yv, _ = load_split(cfg.val_root, size)
     start = time.perf_counter()
-    y_train = noisy_labels(y, cfg.label_noise, spec["num_classes"], cfg.seed) if cfg.label_noise else y
+    y_train = noisy_labels(y, cfg.label_noise, spec.num_classes, cfg.seed) if cfg.label_noise else y
     if cfg.label_noise:
         log.info("label noise: %d of %d training labels replaced", int((y_train != y).sum()), len(y))
-    runs = {n: [optimizer_run(n, o or {}, cfg, spec, ((x, y_train), (xv, yv)), Path(out), plots_dir, seed)
+    runs = {n: [optimizer_run(n, o or {}, cfg, spec, ((x, y_train), (xv, yv)), paths, seed)
                 for seed in cfg.seeds] for n, o in cfg.optimizers.items()}
     optimizers = {n: over_seeds(r) for n, r in runs.items()}
     lora = cfg.lora
@@ -113,16 +112,16 @@ def optim_flow(cfg: Optim, spec: dict[str, Any], out: str = "data/downstream/opt
     shifted = ((shift_images(x[pick], **lora["shift"]), y[pick]), (shift_images(xv, **lora["shift"]), yv))
     base = build_model(spec)
     base_shifted = round(accuracy(base, *shifted[1]), 2)
-    log.info("zoo model %s on the shifted val split: %.1f%% (unshifted: %.1f%%)", spec["name"], base_shifted,
+    log.info("zoo model %s on the shifted val split: %.1f%% (unshifted: %.1f%%)", spec.name, base_shifted,
              accuracy(base, xv, yv))
-    adapters = {n: lora_run(n, r["sigma"], cfg, spec, shifted, Path(out), plots_dir) for n, r in lora["runs"].items()}
+    adapters = {n: lora_run(n, r["sigma"], cfg, spec, shifted, paths) for n, r in lora["runs"].items()}
     specs = [r["spec"] for per_seed in runs.values() for r in per_seed] + [r["spec"] for r in adapters.values()]
-    write_json(Path(out) / "models.json", specs)
+    write_json(paths.out / "models.json", [spec.to_json() for spec in specs])
     metrics = {"optimizers": optimizers, "seeds": cfg.seeds, "label_noise": cfg.label_noise,
                "lora": {n: {k: v for k, v in r.items() if k != "spec"} for n, r in adapters.items()},
                "lora_base_shifted_val_acc": base_shifted, "seconds": round(time.perf_counter() - start, 1)}
-    write_json(metrics_path, metrics)
-    write_table(metrics_path, optim_rows(metrics))
-    markdown = optim_section(metrics, cfg, Path(report_dir))
+    write_json(paths.metrics, metrics)
+    write_table(paths.metrics, optim_rows(metrics))
+    markdown = optim_section(metrics, cfg, paths.reports)
     create_markdown_artifact(key=artifact_key(profile, "optimisers"), markdown=markdown, description="SAM / F-SAM / Flat-LoRA")
     return metrics

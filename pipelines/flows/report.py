@@ -18,19 +18,25 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from evaluators.report import build_report
+from common.budget import Budget
+from evaluators.report import ReportInput, build_report
+from model_zoo.spec import ModelSpec
 from pipelines.flows import artifact_key
 from pipelines.params import load_params
 
 
 @flow(name="report", flow_run_name="report-{profile}")
-def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: dict[str, Any],
-                budget: dict[str, Any], out_dir: str, profile: str = "demo", examples: int = 4,
-                victims: list[str] | None = None, attacks: dict[str, Any] | None = None,
-                downstream: list[str] | None = None, downstream_dir: str | None = None,
-                set_surrogates: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    result = build_report(eval_dir, shards_root, clean_dir, sets, surrogate, budget, out_dir, profile, examples,
-                          victims, attacks, downstream, downstream_dir, set_surrogates)
+def report_flow(eval_dir: str, shards_root: str, clean_dir: str, sets: list[str], surrogate: ModelSpec, budget: Budget,
+                out_dir: str, methods: dict[str, str], options: dict[str, dict[str, Any]],
+                set_surrogates: dict[str, ModelSpec], profile: str = "demo", examples: int = 4,
+                victims: list[str] | None = None, downstream: list[str] | None = None,
+                downstream_dir: str | None = None) -> dict[str, Any]:
+    """The robustness report of the evaluate stage's results (:mod:`evaluators.report`)."""
+    result = build_report(ReportInput(
+        eval_dir=Path(eval_dir), shards_root=Path(shards_root), clean_dir=Path(clean_dir), sets=sets,
+        surrogate=surrogate, budget=budget, out_dir=Path(out_dir), methods=methods, options=options,
+        set_surrogates=set_surrogates, profile=profile, examples=examples, victims=victims, downstream=downstream,
+        downstream_dir=Path(downstream_dir) if downstream_dir else None))
     # figures inline: the Prefect UI cannot follow links to files on this machine
     create_markdown_artifact(key=artifact_key(profile, "robustness-report"), markdown=result["markdown_inline"],
                              description="DAmageNet robustness report")

