@@ -237,13 +237,11 @@ def _mean_std(r: dict[str, Any], key: str) -> Any:
     return number(float(r[key]), digits)
 
 
-def scenario_title(name: str, spec: dict[str, Any]) -> str:
+def scenario_title(name: str, scenario) -> str:
     """``random-10: forget a random 10% of the training images``; ``class-0: forget class 0``."""
-    if spec.get("kind") == "random":
-        return f"{name}: forget a random {spec['fraction']:.0%} of the training images"
-    if spec.get("kind") == "class":
-        return f"{name}: forget every training image of class {spec['class']}"
-    return f"{name}: {settings(spec)}"
+    if scenario.kind == "random":
+        return f"{name}: forget a random {scenario.fraction:.0%} of the training images"
+    return f"{name}: forget every training image of class {scenario.class_}"
 
 
 def unlearning_section(results: dict[str, dict[str, dict[str, float]]], cfg, report_dir: Path) -> str:
@@ -298,12 +296,12 @@ def optim_section(metrics: dict[str, Any], cfg, report_dir: Path) -> str:
              "those labels: memorisation)." if metrics.get("label_noise") else "")
     md = (
         "# Optimisers: SGD vs SAM vs F-SAM, LoRA vs Flat-LoRA\n\n"
-        f"## From scratch, same epochs and schedule ({settings(cfg.recipe)})\n\n"
+        f"## From scratch, same epochs and schedule ({settings(cfg.recipe.given())})\n\n"
         "SAM and F-SAM take two forward/backward passes per step (about twice the compute of SGD). Mean ± sample std "
         f"over seeds {metrics['seeds']}.{noise}\n\n"
         + md_table(header, rows(metrics["optimizers"]))
-        + f"\n\n## Adapting the zoo model to a shifted split ({settings(cfg.lora['shift'])}), "
-        f"rank {cfg.lora['rank']}, {cfg.lora['train_images']} shifted training images, BatchNorm statistics "
+        + f"\n\n## Adapting the zoo model to a shifted split ({settings(cfg.lora.shift.model_dump())}), "
+        f"rank {cfg.lora.rank}, {cfg.lora.train_images} shifted training images, BatchNorm statistics "
         "frozen (only the adapters adapt)\n\n"
         f"Zoo model on the shifted val split before adaptation: {number(metrics['lora_base_shifted_val_acc'])}%. "
         "Val acc below is on the shifted val split; the shard sets are the unshifted clean/AoA sets.\n\n"

@@ -117,7 +117,7 @@ def _report(args, params):
 
 
 def _serve(args, params):
-    from pipelines.config import ConfigError
+    from pipelines.config import ConfigError, Report
 
     project = Path(args.params).resolve().parent
     if Path(args.params).name != "params.yaml" or not (project / "dvc.yaml").is_file():
@@ -128,7 +128,7 @@ def _serve(args, params):
     _require_schedulable_server()
     from pipelines.flows.report import scheduled_evaluation_flow
 
-    cron = args.cron or params.require("report").schedule
+    cron = args.cron or params.require(Report).schedule
     print(f"serving `dvc repro evaluate report` in {project} on cron {cron!r}: each run reads {args.params} "
           "again (Ctrl-C to stop)")
     scheduled_evaluation_flow.serve(name=f"scheduled-evaluation-{params.profile}", cron=cron,
@@ -176,9 +176,10 @@ def _plots(args, params):
 
 
 def _verify(args, params):
+    from pipelines.config import Source
     from shards.verify import verify_shardset
 
-    source = params.require("source")
+    source = params.require(Source)
     num_classes = args.num_classes or source.num_classes
     budget = params.budget.model_dump() if args.clean and params.budget else None  # the run's budget, never the samples' own records
     problems = verify_shardset(args.shards, num_classes, args.clean, budget=budget, size=source.size)
@@ -194,9 +195,9 @@ def _compare(args, params):
     from model_zoo.spec import MissingModel
     from model_zoo.zoo import build_model
     from pipelines import stages
-    from pipelines.config import ConfigError
+    from pipelines.config import ConfigError, Evaluate
 
-    specs = stages.resolve_models(args.models or params.require("evaluate").models, stages.trained_specs(params))
+    specs = stages.resolve_models(args.models or params.require(Evaluate).models, stages.trained_specs(params))
     failed = [s.error for s in specs if isinstance(s, MissingModel)]
     if failed:
         raise ConfigError(f"{params.path}: {failed[0]}")

@@ -9,7 +9,7 @@ them, which knows their keys.
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -25,11 +25,17 @@ from attacks.options import BOUNDS, INACTIVE_POOL, PRECISIONS, RELU
 from attacks.registry import attack_method, list_attacks
 from common.budget import Budget
 from model_zoo.spec import ModelSpec
+from training.recipe import Recipe
 
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# a method's own options (keys its constructor takes; it checks them): numbers, names, switches and lists of them
+MethodOptions = dict[str, int | float | str | bool | list[int | float | str] | None]
 Devices = Literal["auto"] | list[str]
+
+
+S = TypeVar("S", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -69,7 +75,7 @@ class ZooModel(ModelSpec):
     """A zoo model as ``params.yaml`` gives it: its spec (class count and data config default to the zoo's) and,
     for a model trained here, its recipe."""
 
-    recipe: dict[str, Any] | None = None
+    recipe: Recipe | None = None
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -276,8 +282,8 @@ class AdvRun(_Section):
     step: Annotated[int | float, Field(gt=0, le=255)] | None = None  # null: the method's default step
     seed: int | None = None  # null: the section's seed
     response: Literal["log", "rollback"] | None = None  # null: the monitor's response
-    options: dict[str, Any] = {}  # the method's own options (GradAlign's lam, PGD-AT's steps)
-    recipe: dict[str, Any] = {}  # overrides of the section's recipe
+    options: MethodOptions = {}  # the method's own options (GradAlign's lam, PGD-AT's steps)
+    recipe: Recipe | None = None  # what the run changes of the section's recipe
 
 
 class AdvTrain(_Section):
@@ -286,10 +292,46 @@ class AdvTrain(_Section):
     val_root: str
     seed: int = 0
     mix_shards: list[str] | None = None
-    recipe: dict[str, Any]
+    recipe: Recipe
     monitor: Monitor
     runs: dict[str, AdvRun]
     final_eval: FinalEval | None = None
+
+
+class AuxOutliers(_Section):
+    """Training outliers: classes of the training split and image folders (disjoint from every test OOD set)."""
+
+    classes: list[NonNegative] | None = None
+    folders: list[str] = []
+
+
+class TestOodSet(_Section):
+    """One test OOD set: held-out ``classes`` of the validation split, an image ``folder``, or a shard set's
+    images of the ID classes (``shards``: are adversarial images detected as OOD?)."""
+
+    classes: list[NonNegative] | None = None
+    folder: str | None = None
+    shards: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(v is not None for v in (self.classes, self.folder, self.shards)) != 1:
+            raise ValueError("a test OOD set gives exactly one of classes, folder, shards")
+        return self
+
+
+class MarginSearch(_Section):
+    """Energy-OE's margins, searched on held-out data: offsets from the base model's median ID energy."""
+
+    m_in: list[float]
+    m_out: list[float]
+
+
+class OodMethod(_Section):
+    method: str  # training.ood: oe, energy-oe, orthloss
+    options: MethodOptions = {}  # the method's own options (energy margins, OrthLoss weights)
+    recipe: Recipe | None = None  # what the method changes of the section's recipe
+    search: MarginSearch | None = None
 
 
 class Ood(_Section):
@@ -297,13 +339,42 @@ class Ood(_Section):
     train_root: str
     val_root: str
     id_classes: list[NonNegative] | None = None
-    pretrain: dict[str, Any] | None = None
-    aux_outliers: dict[str, Any]
-    test_ood: dict[str, dict[str, Any]]
-    recipe: dict[str, Any]
-    methods: dict[str, dict[str, Any]]
-    seed: int = 0  # the ID base model (pretrain)
+    pretrain: Recipe | None = None  # train the ID base here with this recipe (null: the zoo weights)
+    aux_outliers: AuxOutliers
+    test_ood: dict[str, TestOodSet]
+    recipe: Recipe
+    methods: dict[str, OodMethod]
+    seed: int = 0  # the ID base model
     seeds: list[int] = [0]  # fine-tuning seeds: every method runs once per seed, reported as mean ± std
+
+
+class Scenario(_Section):
+    """What to forget: a seeded ``random`` share (``fraction``) of the training set, or every image of one
+    ``class``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    kind: Literal["random", "class"]
+    fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    class_: NonNegative | None = Field(None, alias="class")
+
+    @model_validator(mode="after")
+    def _kind_has_its_value(self):
+        if (self.fraction if self.kind == "random" else self.class_) is None:
+            raise ValueError(f"a {self.kind} scenario gives {'fraction' if self.kind == 'random' else 'class'}")
+        return self
+
+
+class OriginalModel(_Section):
+    """The original trained here on a seeded subset, to memorise it (what a membership attack can see)."""
+
+    train_images: Positive
+    recipe: Recipe
+
+
+class UnlearnMethod(_Section):
+    method: str | None = None  # training.unlearning (default: the entry's name)
+    recipe: MethodOptions = {}  # what the method changes of the section's settings
 
 
 class Unlearn(_Section):
@@ -311,13 +382,35 @@ class Unlearn(_Section):
     train_root: str
     val_root: str
     seed: int = 0
-    scenarios: dict[str, dict[str, Any]]
-    recipe: dict[str, Any]
-    retrain_recipe: dict[str, Any] | None = None
-    original: dict[str, Any] | None = None  # {train_images, recipe}: train the original here (and retrain with it)
-    methods: dict[str, dict[str, Any] | None]
+    scenarios: dict[str, Scenario]
+    # the methods' shared settings: a training recipe's fields, plus a method's own (SFR-on's iterations)
+    recipe: MethodOptions
+    retrain_recipe: Recipe | None = None
+    original: OriginalModel | None = None  # null: the zoo model is the original
+    methods: dict[str, UnlearnMethod | None]
     seeds: list[int] = [0]  # method seeds: every method runs once per seed, reported as mean ± std
     mia_attack: Literal["logistic", "svc"] = "logistic"  # SalUn's code uses an RBF SVC
+
+
+class DomainShift(_Section):
+    """The shifted domain the LoRA runs adapt to (pipelines.flows.optim.shift_images)."""
+
+    contrast: Annotated[float, Field(gt=0)]
+    blur: Positive
+    tint: list[Annotated[int, Field(ge=0, le=255)]]  # the colour the contrast is scaled towards (RGB, 0-255)
+
+
+class LoraRun(_Section):
+    sigma: Annotated[float, Field(ge=0)]  # Flat-LoRA's weight noise (0: plain LoRA)
+
+
+class Lora(_Section):
+    shift: DomainShift
+    train_images: Positive
+    rank: Positive
+    alpha: PositiveFloat
+    recipe: Recipe
+    runs: dict[str, LoraRun]
 
 
 class Optim(_Section):
@@ -325,11 +418,11 @@ class Optim(_Section):
     train_root: str
     val_root: str
     seed: int = 0
-    recipe: dict[str, Any]
-    optimizers: dict[str, dict[str, Any] | None]
+    recipe: Recipe
+    optimizers: dict[str, Recipe | None]  # each: what it changes of the recipe (its optimizer and kwargs)
     seeds: list[int] = [0]  # every optimiser runs once per seed (mean ± std)
     label_noise: Annotated[float, Field(ge=0, lt=1)] = 0.0  # share of training labels flipped (memorisation test)
-    lora: dict[str, Any]
+    lora: Lora
     shard_sets: dict[str, str]
 
 
@@ -424,12 +517,36 @@ class Params(_Section):
     def path(self) -> str:
         return self._path
 
-    def require(self, name: str):
-        """The section ``name``, or :class:`ConfigError` naming the file when it is missing."""
+    def attack_sets(self) -> dict[str, AttackOptions]:
+        """Every attack set with its options (a set given as ``pgd: {}`` or ``pgd:`` has the defaults), or
+        :class:`ConfigError` when the section is missing."""
+        if self.attacks is None:
+            raise ConfigError(f"{self._path}: missing section 'attacks'")
+        return {name: options or AttackOptions() for name, options in self.attacks.items()}
+
+    def require(self, section: type[S]) -> S:
+        """The section of type ``section`` (``params.require(Zoo)``), or :class:`ConfigError` naming the file and
+        the section's key when it is missing."""
+        name = _SECTION_KEYS[section]
         value = getattr(self, name)
         if value is None:
             raise ConfigError(f"{self._path}: missing section '{name}'")
         return value
+
+
+def _section_keys() -> dict[type, str]:
+    """Each section type -> its key in params.yaml (the fields typed ``Section | None``; a type names one key)."""
+    keys = {}
+    for name, field in Params.model_fields.items():
+        section = get_args(field.annotation)[0] if get_args(field.annotation) else None
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            keys[section] = name
+    return keys
+
+
+_SECTION_KEYS = _section_keys()
+WORLDS = {"demo": DemoWorld, "real": RealWorld, "mnist": MnistWorld}  # worlds -> its section type
+DOWNSTREAM = {"adv_train": AdvTrain, "ood": Ood, "unlearn": Unlearn, "optim": Optim}  # downstream -> its section type
 
 
 def validate_params(params: Any, path: str) -> Params:

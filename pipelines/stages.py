@@ -12,10 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.budget import Budget
 from model_zoo.spec import MissingModel, ModelSpec
-from pipelines.config import AttackOptions, ConfigError, ModelPattern, ModelsFile, Params
+from pipelines.config import (
+    DOWNSTREAM,
+    WORLDS,
+    AttackOptions,
+    ConfigError,
+    Evaluate,
+    Generate,
+    ModelPattern,
+    ModelsFile,
+    Params,
+    Report,
+    Source,
+    Zoo,
+)
 from pipelines.params import metrics_dir
-from shards.verify import verify_files
 
 # the hub-weights record: the snapshot and sha256 of every hub model (dvc.yaml's hub_weights stage writes it)
 HUB_WEIGHTS = Path("data/hub_weights.json")
@@ -91,37 +104,37 @@ def world(params: Params, name: str) -> dict[str, Any]:
     """``<name>-data`` (demo, real, mnist): the folder to write the world to and its own settings."""
     if name not in params.worlds:
         raise ConfigError(f"{params.path}: 'worlds' has no entry {name!r} (the folder to write it to)")
-    return {"root": params.worlds[name], **params.require(f"{name}_world").model_dump(), "profile": params.profile}
+    return {"root": params.worlds[name], **params.require(WORLDS[name]).model_dump(), "profile": params.profile}
 
 
 def hub_weights(params: Params) -> dict[str, Any]:
-    return {"zoo": params.require("zoo"), "out": str(HUB_WEIGHTS), "profile": params.profile}
+    return {"zoo": params.require(Zoo), "out": str(HUB_WEIGHTS), "profile": params.profile}
 
 
 def zoo(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
     hub = json.loads(HUB_WEIGHTS.read_text()) if HUB_WEIGHTS.is_file() else None
-    return {"zoo": params.require("zoo"), "metrics_path": str(metrics / "zoo.json"), "strict": strict,
+    return {"zoo": params.require(Zoo), "metrics_path": str(metrics / "zoo.json"), "strict": strict,
             "hub": hub, "profile": params.profile}
 
 
 def prepare(params: Params, metrics: Path, strict: bool) -> dict[str, Any]:
-    return {"source": params.require("source"), "metrics_path": str(metrics / "prepare.json"),
+    return {"source": params.require(Source), "metrics_path": str(metrics / "prepare.json"),
             "strict": strict, "profile": params.profile}
 
 
 def trained_specs(params: Params) -> dict[str, ModelSpec]:
     """The resolved zoo specs by name, as the zoo stage wrote them (empty before it has run)."""
-    models_file = Path(params.require("zoo").out) / "models.json"
+    models_file = Path(params.require(Zoo).out) / "models.json"
     return {s.name: s for s in read_models_file(models_file)} if models_file.is_file() else {}
 
 
 def surrogate_spec(params: Params, attack: str | None = None) -> ModelSpec:
     """The resolved zoo spec (written by the zoo stage) of the surrogate of attack set ``attack``: its own
     ``surrogate`` option, else ``generate.surrogate`` (also the run's surrogate when ``attack`` is None)."""
-    options = params.require("attacks").get(attack) if attack else None
+    options = params.attack_sets().get(attack) if attack else None
     key, name = ((f"attacks.{attack}.surrogate", options.surrogate) if options and options.surrogate
-                 else ("generate.surrogate", params.require("generate").surrogate))
-    models_file = Path(params.require("zoo").out) / "models.json"
+                 else ("generate.surrogate", params.require(Generate).surrogate))
+    models_file = Path(params.require(Zoo).out) / "models.json"
     if not models_file.is_file():
         raise ConfigError(f"{models_file}: not found (run the zoo stage first)")
     specs = trained_specs(params)
@@ -133,17 +146,17 @@ def surrogate_spec(params: Params, attack: str | None = None) -> ModelSpec:
 
 def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
     """One attack set: its method (``attack:``, default the set's name) and options, under the run's budget."""
-    gen, attacks = params.require("generate"), params.require("attacks")
+    gen, attacks = params.require(Generate), params.attack_sets()
     if attack not in attacks:
         raise ConfigError(f"{params.path}: attack {attack!r} has no entry under 'attacks' (have: {', '.join(attacks)})")
-    options = attacks[attack] or AttackOptions()
+    options = attacks[attack]
     # the switch fixes the threads unless the params give a number themselves (auto follows the core count)
     threads = params.reproducible.threads if params.reproducible and gen.cpu_threads == "auto" else gen.cpu_threads
     return {
         "attack": attack, "method": options.attack or attack,
-        "budget": params.require("budget"), "options": options.attack_options(),
+        "budget": params.require(Budget), "options": options.attack_options(),
         "surrogate": surrogate_spec(params, attack),
-        "clean_dir": params.require("source").out,
+        "clean_dir": params.require(Source).out,
         "out_dir": str(Path(gen.out_root) / attack),
         "sub_batch": gen.sub_batch, "batch_size": gen.batch_size, "devices": gen.devices,
         "cpu_workers": gen.cpu_workers, "cpu_threads": threads, "seed": gen.seed, "dask": gen.dask,
@@ -153,7 +166,7 @@ def generate(params: Params, attack: str, metrics: Path) -> dict[str, Any]:
 
 def zoo_spec(params: Params, name: str) -> ModelSpec:
     """The zoo spec of ``name`` as the zoo stage resolves it (architecture and data config; no weights needed)."""
-    specs = {s.name: s for s in params.require("zoo").specs()}
+    specs = {s.name: s for s in params.require(Zoo).specs()}
     if name not in specs:
         raise ConfigError(f"{params.path}: no zoo model named {name!r} (have: {', '.join(specs)})")
     return specs[name]
@@ -162,12 +175,13 @@ def zoo_spec(params: Params, name: str) -> ModelSpec:
 def downstream(params: Params, stage: str, metrics: Path) -> dict[str, Any]:
     """A downstream stage (adv_train, ood, unlearn, optim): its typed section, its output folder, the model's spec,
     and the flow's metrics, report and curve paths; unlearning also gets the recipe it retrains with."""
-    section = params.require(stage)
+    section = params.require(DOWNSTREAM[stage])
     args = {"cfg": section, "spec": zoo_spec(params, section.model), "paths": DownstreamPaths.of(stage, metrics),
             "profile": params.profile}
     if stage == "unlearn":
-        zoo_recipes = {m.name: m.recipe for m in params.require("zoo").models}
-        recipe = (section.original or {}).get("recipe") or section.retrain_recipe or zoo_recipes.get(section.model)
+        zoo_recipes = {m.name: m.recipe for m in params.require(Zoo).models}
+        recipe = (section.original.recipe if section.original else None) or section.retrain_recipe or zoo_recipes.get(
+            section.model)
         if not recipe:
             raise ConfigError(f"{params.path}: unlearn needs a retraining recipe (retraining is the reference): give "
                               f"unlearn.retrain_recipe or a zoo recipe for {section.model!r}")
@@ -177,8 +191,8 @@ def downstream(params: Params, stage: str, metrics: Path) -> dict[str, Any]:
 
 def shard_sets(params: Params, names: list[str]) -> dict[str, str]:
     """Set name -> folder: ``clean`` is the prepare stage's output, an attack set's name its generate output."""
-    root = Path(params.require("generate").out_root)
-    return {n: params.require("source").out if n == "clean" else str(root / n) for n in names}
+    root = Path(params.require(Generate).out_root)
+    return {n: params.require(Source).out if n == "clean" else str(root / n) for n in names}
 
 
 def _stage_that_writes(set_name: str) -> str:
@@ -188,6 +202,8 @@ def _stage_that_writes(set_name: str) -> str:
 def require_inputs(params: Params, sets: dict[str, str], models: list) -> None:
     """Inputs another stage writes, present before a stage that reads them starts (one line naming the stage to run
     first): every shard set (its SHA256SUMS, written last) and, for models named from the zoo, the zoo's record."""
+    from shards.verify import verify_files  # here: the other stages' arguments are made without torch
+
     for name, folder in sets.items():
         if not (Path(folder) / "SHA256SUMS").is_file():
             raise ConfigError(f"{folder}: shard set {name!r} not found (run `{_stage_that_writes(name)}` first)")
@@ -195,13 +211,13 @@ def require_inputs(params: Params, sets: dict[str, str], models: list) -> None:
         if problems:
             raise ConfigError(f"{problems[0]} (shard set {name!r}: {len(problems)} problem(s); `damagenet verify "
                               f"{folder}` lists them)")
-    models_file = Path(params.require("zoo").out) / "models.json"
+    models_file = Path(params.require(Zoo).out) / "models.json"
     if any(isinstance(m, str) for m in models) and not models_file.is_file():
         raise ConfigError(f"{models_file}: not found (run `dvc repro zoo` first)")
 
 
 def evaluate(params: Params) -> dict[str, Any]:
-    ev, source = params.require("evaluate"), params.require("source")
+    ev, source = params.require(Evaluate), params.require(Source)
     sets = shard_sets(params, ev.sets)
     require_inputs(params, sets, ev.models)
     return {
@@ -217,16 +233,16 @@ def evaluate(params: Params) -> dict[str, Any]:
 
 
 def report(params: Params) -> dict[str, Any]:
-    ev, rep, attacks = params.require("evaluate"), params.require("report"), params.require("attacks")
-    attack_sets = {s: attacks.get(s) or AttackOptions() for s in ev.sets if s != "clean"}
+    ev, rep, attacks = params.require(Evaluate), params.require(Report), params.attack_sets()
+    attack_sets = {s: attacks.get(s, AttackOptions()) for s in ev.sets if s != "clean"}
     return {
-        "eval_dir": ev.out, "shards_root": params.require("generate").out_root,
-        "clean_dir": params.require("source").out, "sets": ev.sets,
-        "surrogate": surrogate_spec(params), "budget": params.require("budget"),
+        "eval_dir": ev.out, "shards_root": params.require(Generate).out_root,
+        "clean_dir": params.require(Source).out, "sets": ev.sets,
+        "surrogate": surrogate_spec(params), "budget": params.require(Budget),
         "methods": {s: o.attack or s for s, o in attack_sets.items()},
         "options": {s: o.attack_options() for s, o in attack_sets.items()},
         "set_surrogates": {s: surrogate_spec(params, s) for s in attack_sets},
         "out_dir": rep.out, "profile": params.profile, "examples": rep.examples,
-        "victims": [m.name for m in params.require("zoo").models],
+        "victims": [m.name for m in params.require(Zoo).models],
         "downstream": list(params.downstream), "downstream_dir": str(DOWNSTREAM_REPORTS),
     }

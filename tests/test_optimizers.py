@@ -203,14 +203,15 @@ def test_merged_model_matches_the_adapted_one_with_noise_off():
 
 
 def test_shift_images_blurs_and_lowers_contrast_towards_the_tint():
+    from pipelines.config import DomainShift
     from pipelines.flows.optim import shift_images
 
     flat = torch.full((1, 3, 6, 6), 200, dtype=torch.uint8)
-    out = shift_images(flat, contrast=0.5, blur=3, tint=[0, 100, 200])
+    out = shift_images(flat, DomainShift(contrast=0.5, blur=3, tint=[0, 100, 200]))
     assert out[0, :, 0, 0].tolist() == [100, 150, 200]  # 0.5 * 200 + 0.5 * tint, blur of a flat image is flat
     edge = torch.zeros(1, 3, 6, 6, dtype=torch.uint8)
     edge[..., 3:] = 255
-    blurred = shift_images(edge, contrast=1.0, blur=3, tint=[0, 0, 0])
+    blurred = shift_images(edge, DomainShift(contrast=1.0, blur=3, tint=[0, 0, 0]))
     assert blurred[0, 0, 0].tolist() == [0, 0, 85, 170, 255, 255]
 
 

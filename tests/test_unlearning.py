@@ -13,7 +13,7 @@ import torch.nn as nn
 from evaluators.unlearning import avg_gap, divergences, mia
 from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model
-from pipelines.config import Unlearn
+from pipelines.config import Scenario, Unlearn
 from pipelines.flows.unlearn import forget_indices
 from training.unlearning import METHODS, UnlearningData, create_method
 from training.unlearning.linear import exact_unlearning_check
@@ -233,16 +233,23 @@ def test_gap_and_divergences_by_hand():
 
 
 def test_forget_scenarios():
+    from pydantic import ValidationError
+
+    def scenario(**given):
+        return Scenario.model_validate(given)
+
     labels = torch.arange(1000) % 10
-    one = forget_indices(labels, {"kind": "random", "fraction": 0.01}, seed=0)
-    ten = forget_indices(labels, {"kind": "random", "fraction": 0.10}, seed=0)
+    one = forget_indices(labels, scenario(kind="random", fraction=0.01), seed=0)
+    ten = forget_indices(labels, scenario(kind="random", fraction=0.10), seed=0)
     assert len(one) == 10 and len(ten) == 100 and len(set(ten.tolist())) == 100
-    assert torch.equal(ten, forget_indices(labels, {"kind": "random", "fraction": 0.10}, seed=0))
-    assert not torch.equal(ten, forget_indices(labels, {"kind": "random", "fraction": 0.10}, seed=1))
-    cls = forget_indices(labels, {"kind": "class", "class": 3}, seed=0)
+    assert torch.equal(ten, forget_indices(labels, scenario(kind="random", fraction=0.10), seed=0))
+    assert not torch.equal(ten, forget_indices(labels, scenario(kind="random", fraction=0.10), seed=1))
+    cls = forget_indices(labels, Scenario.model_validate({"kind": "class", "class": 3}), seed=0)
     assert (labels[cls] == 3).all() and len(cls) == 100
     with pytest.raises(ValueError, match="no training sample of class 11"):
-        forget_indices(labels, {"kind": "class", "class": 11}, seed=0)
+        forget_indices(labels, Scenario.model_validate({"kind": "class", "class": 11}), seed=0)
+    with pytest.raises(ValidationError, match="a class scenario gives class"):  # the schema says what is missing
+        scenario(kind="class", fraction=0.1)
     assert set(METHODS) == {"ft", "ga", "rl", "salun", "natmu", "sfr-on", "muso"}
     with pytest.raises(ValueError, match="unknown unlearning method 'scrub'"):
         create_method("scrub")

@@ -9,7 +9,6 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,10 @@ from tqdm import tqdm
 
 from model_zoo.zoo import ImageClassifier
 from training.optimizers import build_optimizer, schedulable
+from training.recipe import Recipe
 
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x in [0,1], labels) -> loss
 Callback = Callable[[int, nn.Module, torch.optim.Optimizer], None]  # (steps done, model, optimiser)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Per-family training settings (small CNNs, MobileNets and ConvNeXts need different ones at demo scale)."""
-
-    epochs: int = 10
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    batch_size: int = 64
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    shift: int = 3  # random translation in pixels (reflect-padded crop); no flips: diagonal stripes are a class
-    optimizer: str = "adamw"  # a name of training.optimizers (sgd, adamw, sam, fsam)
-    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # momentum, rho, sigma, lam, base
-    schedule: str = "cosine"  # cosine: linear warm-up then cosine decay | cyclic: triangle (fast AT) | constant
-    peak: float = 0.5  # cyclic: where the triangle peaks, as a share of the run (Wong et al.: 1/2 CIFAR-10, 2/5 MNIST)
-    freeze_norm: bool = False  # keep BatchNorm statistics as they are (adapters such as LoRA adapt, nothing else)
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float, peak: float = 0.5) -> float:

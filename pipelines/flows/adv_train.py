@@ -31,7 +31,7 @@ from sources.reading import load_split
 from training.adversarial import create_method
 from training.adversarial.monitors import CODetector, COMonitor, early_conv_layers
 from training.data import shard_images
-from training.supervised import Recipe, accuracy, train_classifier, write_curve
+from training.supervised import accuracy, train_classifier, write_curve
 
 
 def fixed_subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +69,7 @@ def adversarial_training_run(name: str, run: AdvRun, cfg: AdvTrain, spec: ModelS
         response=run.response or mon.response, step_factor=mon.step_factor,
         train_batch=fixed_subset(x, y, mon.n, seed), val_batch=fixed_subset(xv, yv, mon.n, seed + 1),
         layers=mon.layers or early_conv_layers(model, 2), on_event=alert)
-    recipe = Recipe(**{**cfg.recipe, **run.recipe})
+    recipe = cfg.recipe.updated(run.recipe)
     log.info("%s: %s, %d epochs of %d images", name, method, recipe.epochs, len(x))
     info = train_classifier(model, x, y, recipe, seed=seed, desc=name, objective=method.loss, callback=monitor)
     kept = monitor.keep_robust(model)

@@ -23,7 +23,7 @@ from evaluators.downstream_report import ood_section
 from evaluators.ood import POSITIVE, ood_metrics
 from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
-from pipelines.config import Ood
+from pipelines.config import MarginSearch, Ood, OodMethod
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import ood_rows, write_table
 from pipelines.stages import DownstreamPaths
@@ -31,7 +31,8 @@ from sources.reading import load_image_folder, load_split
 from training.data import shard_images
 from training.ood import SCORES, create_method
 from training.ood.features import class_weights, features_and_logits
-from training.supervised import Recipe, accuracy, batch_starts, train_classifier, write_curve
+from training.recipe import Recipe
+from training.supervised import accuracy, batch_starts, train_classifier, write_curve
 
 
 def select_classes(images, labels, classes: list[int] | None, relabel: bool = True):
@@ -47,19 +48,17 @@ def load_ood_data(cfg: Ood, size: int) -> dict[str, Any]:
     x, y, _ = load_split(cfg.train_root, size)
     xv, yv, _ = load_split(cfg.val_root, size)
     aux = cfg.aux_outliers
-    outliers = [select_classes(x, y, aux.get("classes"), relabel=False)[0]] if aux.get("classes") else []
-    outliers += [load_image_folder(f, size) for f in aux.get("folders", [])]
+    outliers = [select_classes(x, y, aux.classes, relabel=False)[0]] if aux.classes else []
+    outliers += [load_image_folder(f, size) for f in aux.folders]
     tests = {}
-    for name, t in cfg.test_ood.items():
-        if "classes" in t:
-            tests[name] = select_classes(xv, yv, t["classes"], relabel=False)[0]
-        elif "folder" in t:
-            tests[name] = load_image_folder(t["folder"], size)
-        elif "shards" in t:
-            images, labels = shard_images([t["shards"]])
-            tests[name] = select_classes(images, labels, cfg.id_classes, relabel=False)[0]
+    for name, t in cfg.test_ood.items():  # the schema makes each give exactly one source
+        if t.classes is not None:
+            tests[name] = select_classes(xv, yv, t.classes, relabel=False)[0]
+        elif t.folder is not None:
+            tests[name] = load_image_folder(t.folder, size)
         else:
-            raise ValueError(f"params ood.test_ood.{name}: give one of classes, folder, shards")
+            images, labels = shard_images([t.shards])
+            tests[name] = select_classes(images, labels, cfg.id_classes, relabel=False)[0]
     return {"train": select_classes(x, y, cfg.id_classes), "id_test": select_classes(xv, yv, cfg.id_classes),
             "outliers": torch.cat(outliers), "tests": tests}
 
@@ -114,7 +113,7 @@ def fine_tune(model, method, data: dict[str, Any], recipe: Recipe, seed: int) ->
                             epoch_end=lambda m: {"id_acc": accuracy(m, *data["id_test"])})
 
 
-def energy_margin_search(base, data, method_cfg: dict[str, Any], recipe: Recipe, seed: int) -> dict[str, Any]:
+def energy_margin_search(base, data, search: MarginSearch, recipe: Recipe, seed: int) -> dict[str, Any]:
     """Energy-OE's margins chosen on validation data, as the paper chose them (its CIFAR values, -25 / -7, sit far
     from another model's energies). Candidates are offsets from the base model's median ID training energy; each
     fine-tunes on 80% of the ID training set and of the auxiliary outliers and is scored by energy FPR95 on the
@@ -127,10 +126,9 @@ def energy_margin_search(base, data, method_cfg: dict[str, Any], recipe: Recipe,
     fit = {**data, "train": (x[order[:cut]], y[order[:cut]]), "outliers": data["outliers"][out_order[:out_cut]]}
     energy_id, _ = all_scores(base, x[order[:cut]])
     median = float(np.median(-energy_id["energy"]))  # the energy score is -E
-    grid = method_cfg["search"]
     table = []
-    for d_in in grid["m_in"]:
-        for d_out in grid["m_out"]:
+    for d_in in search.m_in:
+        for d_out in search.m_out:
             m_in, m_out = round(median + d_in, 3), round(median + d_out, 3)
             model = copy.deepcopy(base)
             fine_tune(model, create_method("energy-oe", m_in=m_in, m_out=m_out), fit, recipe, seed)
@@ -142,14 +140,15 @@ def energy_margin_search(base, data, method_cfg: dict[str, Any], recipe: Recipe,
 
 
 @task(name="ood-fine-tune", task_run_name="ood-{name}-seed{seed}", cache_policy=NO_CACHE)  # models, tensors: no keys
-def ood_run(name: str, method_cfg: dict[str, Any] | None, base, data, cfg: Ood, paths: DownstreamPaths,
+def ood_run(name: str, method_cfg: OodMethod | None, base, data, cfg: Ood, paths: DownstreamPaths,
             seed: int) -> dict[str, Any]:
+    """Fine-tune ``base`` with one method (None: the baseline, not trained) and evaluate it as a detector."""
     model = copy.deepcopy(base)
     seconds, options = 0.0, {}
     if method_cfg is not None:
-        recipe = Recipe(**{**cfg.recipe, **method_cfg.get("recipe", {})})
-        options = dict(method_cfg.get("options", {}))
-        method = create_method(method_cfg["method"], **options)
+        recipe = cfg.recipe.updated(method_cfg.recipe)
+        options = dict(method_cfg.options)
+        method = create_method(method_cfg.method, **options)
         info = fine_tune(model, method, data, recipe, seed)
         write_curve(paths.plots / f"{name}-seed{seed}.csv", info["history"], last="id_acc")
         seconds = info["train_seconds"]
@@ -193,7 +192,7 @@ def ood_flow(cfg: Ood, spec: ModelSpec, paths: DownstreamPaths, profile: str = "
     num_classes = len(cfg.id_classes) if cfg.id_classes else spec.num_classes
     if cfg.pretrain:
         base = build_model(spec.replace(weights=None, num_classes=num_classes))
-        info = train_classifier(base, *data["train"], Recipe(**cfg.pretrain), seed=cfg.seed, desc="ID base",
+        info = train_classifier(base, *data["train"], cfg.pretrain, seed=cfg.seed, desc="ID base",
                                 epoch_end=lambda m: {"id_acc": accuracy(m, *data["id_test"])})
         write_curve(paths.plots / "id-base.csv", info["history"], last="id_acc")
     else:
@@ -201,11 +200,10 @@ def ood_flow(cfg: Ood, spec: ModelSpec, paths: DownstreamPaths, profile: str = "
     runs = {"baseline": None, **cfg.methods}
     searches = {}
     for name, m in cfg.methods.items():  # margins searched once (first seed), then every seed trains with them
-        if m.get("search"):
-            recipe = Recipe(**{**cfg.recipe, **m.get("recipe", {})})
-            searches[name] = energy_margin_search(base, data, m, recipe, cfg.seeds[0])
-            runs[name] = {**m, "options": {**m.get("options", {}), "m_in": searches[name]["m_in"],
-                                           "m_out": searches[name]["m_out"]}}
+        if m.search:
+            searches[name] = energy_margin_search(base, data, m.search, cfg.recipe.updated(m.recipe), cfg.seeds[0])
+            runs[name] = m.model_copy(update={"options": {**m.options, "m_in": searches[name]["m_in"],
+                                                          "m_out": searches[name]["m_out"]}})
             log.info("%s: margins m_in %.2f, m_out %.2f chosen on validation data", name, searches[name]["m_in"],
                      searches[name]["m_out"])
     results = {name: [ood_run(name, m, base, data, cfg, paths, seed) for seed in (cfg.seeds if m else cfg.seeds[:1])]

@@ -24,17 +24,19 @@ from evaluators.classification import evaluate_shardset
 from evaluators.downstream_report import optim_section
 from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
-from pipelines.config import Optim
+from pipelines.config import DomainShift, Optim
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import optim_rows, write_table
 from pipelines.stages import DownstreamPaths
 from sources.reading import load_split
 from training.flat_lora import FlatLoRANoise, add_lora, merge_lora
-from training.supervised import Recipe, accuracy, batch_starts, train_classifier, write_curve
+from training.recipe import Recipe
+from training.supervised import accuracy, batch_starts, train_classifier, write_curve
 
 
-def shift_images(images: torch.Tensor, contrast: float, blur: int, tint: list[float]) -> torch.Tensor:
+def shift_images(images: torch.Tensor, shift: DomainShift) -> torch.Tensor:
     """The shifted domain: box blur, contrast scaled around a colour tint (uint8 in, uint8 out)."""
+    contrast, blur, tint = shift.contrast, shift.blur, shift.tint
     x = images.float()
     if blur > 1:
         x = F.avg_pool2d(F.pad(x, [blur // 2] * 4, mode="replicate"), blur, stride=1)
@@ -56,12 +58,12 @@ def noisy_labels(labels: torch.Tensor, share: float, num_classes: int, seed: int
 
 
 @task(name="optimizer-run", task_run_name="optim-{name}-seed{seed}", cache_policy=NO_CACHE)
-def optimizer_run(name: str, overrides: dict[str, Any], cfg: Optim, spec: ModelSpec, data,
+def optimizer_run(name: str, overrides: Recipe | None, cfg: Optim, spec: ModelSpec, data,
                   paths: DownstreamPaths, seed: int) -> dict[str, Any]:
     (x, y), (xv, yv) = data
     torch.manual_seed(seed)
     model = build_model(spec.replace(weights=None, name=name))
-    info = train_classifier(model, x, y, Recipe(**{**cfg.recipe, **overrides}), seed=seed, desc=f"{name} seed {seed}",
+    info = train_classifier(model, x, y, cfg.recipe.updated(overrides), seed=seed, desc=f"{name} seed {seed}",
                             epoch_end=lambda m: {"val_acc": accuracy(m, xv, yv)})
     write_curve(paths.plots / f"{name}-seed{seed}.csv", info["history"], last="val_acc")
     weights = paths.out / f"{name}-seed{seed}.safetensors"
@@ -78,8 +80,8 @@ def lora_run(name: str, sigma: float, cfg: Optim, spec: ModelSpec, data,
     lora = cfg.lora
     torch.manual_seed(cfg.seed)
     model = build_model(spec)  # the zoo weights: pretrained on the unshifted world
-    layers = add_lora(model.model, lora["rank"], lora["alpha"])
-    recipe = Recipe(**{**lora["recipe"], "freeze_norm": True})  # only the adapters adapt: BN statistics stay
+    layers = add_lora(model.model, lora.rank, lora.alpha)
+    recipe = lora.recipe.updated(freeze_norm=True)  # only the adapters adapt: BN statistics stay
     steps = recipe.epochs * len(batch_starts(len(x), recipe.batch_size))
     noise = FlatLoRANoise(layers, sigma, steps, cfg.seed)
     info = train_classifier(model, x, y, recipe, seed=cfg.seed, desc=name, callback=noise,
@@ -104,17 +106,17 @@ def optim_flow(cfg: Optim, spec: ModelSpec, paths: DownstreamPaths, profile: str
     y_train = noisy_labels(y, cfg.label_noise, spec.num_classes, cfg.seed) if cfg.label_noise else y
     if cfg.label_noise:
         log.info("label noise: %d of %d training labels replaced", int((y_train != y).sum()), len(y))
-    runs = {n: [optimizer_run(n, o or {}, cfg, spec, ((x, y_train), (xv, yv)), paths, seed)
+    runs = {n: [optimizer_run(n, o, cfg, spec, ((x, y_train), (xv, yv)), paths, seed)
                 for seed in cfg.seeds] for n, o in cfg.optimizers.items()}
     optimizers = {n: over_seeds(r) for n, r in runs.items()}
     lora = cfg.lora
-    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[: lora["train_images"]]
-    shifted = ((shift_images(x[pick], **lora["shift"]), y[pick]), (shift_images(xv, **lora["shift"]), yv))
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[: lora.train_images]
+    shifted = ((shift_images(x[pick], lora.shift), y[pick]), (shift_images(xv, lora.shift), yv))
     base = build_model(spec)
     base_shifted = round(accuracy(base, *shifted[1]), 2)
     log.info("zoo model %s on the shifted val split: %.1f%% (unshifted: %.1f%%)", spec.name, base_shifted,
              accuracy(base, xv, yv))
-    adapters = {n: lora_run(n, r["sigma"], cfg, spec, shifted, paths) for n, r in lora["runs"].items()}
+    adapters = {n: lora_run(n, r.sigma, cfg, spec, shifted, paths) for n, r in lora.runs.items()}
     specs = [r["spec"] for per_seed in runs.values() for r in per_seed] + [r["spec"] for r in adapters.values()]
     write_json(paths.out / "models.json", [spec.to_json() for spec in specs])
     metrics = {"optimizers": optimizers, "seeds": cfg.seeds, "label_noise": cfg.label_noise,

@@ -26,28 +26,27 @@ from evaluators.downstream_report import unlearning_section
 from evaluators.unlearning import avg_gap, divergences, unlearning_metrics
 from model_zoo.spec import ModelSpec
 from model_zoo.zoo import build_model, save_weights
-from pipelines.config import Unlearn
+from pipelines.config import Scenario, Unlearn, UnlearnMethod
 from pipelines.flows import artifact_key
 from pipelines.metric_tables import unlearn_rows, write_table
 from pipelines.stages import DownstreamPaths
 from sources.reading import load_split
-from training.supervised import Recipe, accuracy, train_classifier, write_curve
+from training.recipe import Recipe
+from training.supervised import accuracy, train_classifier, write_curve
 from training.unlearning import UnlearningData, create_method
 
 
-def forget_indices(labels: torch.Tensor, scenario: dict[str, Any], seed: int) -> torch.Tensor:
-    """Sorted indices of the forget set: ``{kind: random, fraction}`` or ``{kind: class, class}``."""
-    if scenario["kind"] == "random":
-        n = round(scenario["fraction"] * len(labels))
+def forget_indices(labels: torch.Tensor, scenario: Scenario, seed: int) -> torch.Tensor:
+    """Sorted indices of the forget set: a seeded random share, or every sample of one class."""
+    if scenario.kind == "random":
+        n = round(scenario.fraction * len(labels))
         if not 0 < n < len(labels):
             raise ValueError(f"scenario {scenario}: fraction gives {n} of {len(labels)} samples")
         return torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    if scenario["kind"] == "class":
-        idx = torch.nonzero(labels == scenario["class"]).flatten()
-        if len(idx) == 0:
-            raise ValueError(f"scenario {scenario}: no training sample of class {scenario['class']}")
-        return idx
-    raise ValueError(f"scenario {scenario}: kind must be 'random' or 'class'")
+    idx = torch.nonzero(labels == scenario.class_).flatten()
+    if len(idx) == 0:
+        raise ValueError(f"scenario {scenario}: no training sample of class {scenario.class_}")
+    return idx
 
 
 def split(x, y, xt, yt, scenario, seed):
@@ -55,17 +54,16 @@ def split(x, y, xt, yt, scenario, seed):
     keep = torch.ones(len(y), dtype=torch.bool)
     keep[f] = False
     test = torch.ones(len(yt), dtype=torch.bool)
-    if scenario["kind"] == "class":  # TA on the classes the model should still know
-        test = yt != scenario["class"]
+    if scenario.kind == "class":  # TA on the classes the model should still know
+        test = yt != scenario.class_
     return (x[f], y[f]), (x[keep], y[keep]), (xt[test], yt[test])
 
 
 @task(name="unlearning-run", task_run_name="unlearn-{scenario}-{name}-seed{seed}", cache_policy=NO_CACHE)  # models and tensors are not cache keys
-def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], original, data: UnlearningData, test,
+def unlearning_run(scenario: str, name: str, method_cfg: UnlearnMethod, original, data: UnlearningData, test,
                    reference: dict[str, Any], cfg: Unlearn, out: Path, seed: int) -> dict[str, Any]:
     model = copy.deepcopy(original)
-    method = create_method(method_cfg.get("method", name), {**cfg.recipe, **method_cfg.get("recipe", {})},
-                           seed=seed)
+    method = create_method(method_cfg.method or name, {**cfg.recipe, **method_cfg.recipe}, seed=seed)
     start = time.perf_counter()
     method.unlearn(model, data)
     seconds = time.perf_counter() - start
@@ -78,7 +76,7 @@ def unlearning_run(scenario: str, name: str, method_cfg: dict[str, Any], origina
 
 
 @flow(name="unlearn", flow_run_name="unlearn-{profile}-{spec.name}")
-def unlearn_flow(cfg: Unlearn, spec: ModelSpec, original_recipe: dict[str, Any],
+def unlearn_flow(cfg: Unlearn, spec: ModelSpec, original_recipe: Recipe,
                  paths: DownstreamPaths, profile: str = "demo") -> dict[str, Any]:
     log = get_run_logger()
     size = spec.image_size
@@ -86,11 +84,11 @@ def unlearn_flow(cfg: Unlearn, spec: ModelSpec, original_recipe: dict[str, Any],
     xt, yt, _ = load_split(cfg.val_root, size)
     if cfg.original:  # trained here on a seeded subset, to memorise it (what a membership attack can see)
         pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
-        x, y = x[pick[: cfg.original["train_images"]]], y[pick[: cfg.original["train_images"]]]
-        original_recipe = cfg.original["recipe"]
+        x, y = x[pick[: cfg.original.train_images]], y[pick[: cfg.original.train_images]]
+        original_recipe = cfg.original.recipe
         torch.manual_seed(cfg.seed)
         original = build_model(spec.replace(weights=None))
-        info = train_classifier(original, x, y, Recipe(**original_recipe), seed=cfg.seed, desc="original",
+        info = train_classifier(original, x, y, original_recipe, seed=cfg.seed, desc="original",
                                 epoch_end=lambda m: {"test_acc": accuracy(m, xt, yt), "train_acc": accuracy(m, x, y)})
         write_curve(paths.plots / "original.csv", info["history"], last="test_acc")
         save_weights(original, paths.out / "original.safetensors")
@@ -106,7 +104,7 @@ def unlearn_flow(cfg: Unlearn, spec: ModelSpec, original_recipe: dict[str, Any],
         torch.manual_seed(cfg.seed)
         retrained = build_model(spec.replace(weights=None))
         start = time.perf_counter()
-        info = train_classifier(retrained, *remain, Recipe(**original_recipe), seed=cfg.seed, desc=f"retrain {scenario}",
+        info = train_classifier(retrained, *remain, original_recipe, seed=cfg.seed, desc=f"retrain {scenario}",
                                 epoch_end=lambda m, test=test, forget=forget: {"test_acc": accuracy(m, *test),
                                                                                "forget_acc": accuracy(m, *forget)})
         write_curve(paths.plots / f"retrain-{scenario}.csv", info["history"], last="forget_acc")
@@ -119,7 +117,7 @@ def unlearn_flow(cfg: Unlearn, spec: ModelSpec, original_recipe: dict[str, Any],
         rows["original"] = {**orig_metrics, "avg_gap": avg_gap(orig_metrics, ref_metrics), "seconds": 0.0,
                             **divergences(ref_probs, orig_probs)}
         for name, method_cfg in cfg.methods.items():
-            rows[name] = over_seeds([unlearning_run(scenario, name, method_cfg or {}, original, data, test, reference,
+            rows[name] = over_seeds([unlearning_run(scenario, name, method_cfg or UnlearnMethod(), original, data, test, reference,
                                                     cfg, paths.out, seed) for seed in cfg.seeds])
         results[scenario] = rows
     write_json(paths.metrics, results)

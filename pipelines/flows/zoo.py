@@ -23,7 +23,7 @@ from model_zoo.zoo import ZooError, build_model, hub_weights, hub_weights_file, 
 from pipelines.config import Zoo, ZooModel
 from pipelines.metric_tables import write_table, zoo_rows
 from sources.reading import load_split
-from training.supervised import Recipe, accuracy, train_classifier
+from training.supervised import accuracy, train_classifier
 
 
 def _hub_specs(zoo: Zoo) -> list[ModelSpec]:
@@ -92,7 +92,7 @@ def train_zoo_model(m: ZooModel, spec: ModelSpec, weights: str, zoo: Zoo, strict
     x, y, rejects = load_split(zoo.train_root, zoo.img_size, strict)
     xv, yv, val_rejects = load_split(zoo.val_root, zoo.img_size, strict)
     model = build_model(spec.replace(weights=None))
-    info = train_classifier(model, x, y, Recipe(**m.recipe), seed=zoo.seed, desc=m.name)
+    info = train_classifier(model, x, y, m.recipe, seed=zoo.seed, desc=m.name)
     save_weights(model, weights)
     val_acc = accuracy(model, xv, yv)
     log.info("%s: val accuracy %.2f%% after %.0f s", m.name, val_acc, info["train_seconds"])

@@ -43,7 +43,7 @@ class UnlearningMethod:
     def fine_tune(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, **overrides) -> None:
         """The shared loop on ``(images, targets)``; ``targets`` may be class indices or class distributions."""
         settings = {"warmup_epochs": 0, "label_smoothing": 0.0, **self.recipe, **overrides}
-        unknown = set(settings) - set(Recipe.__dataclass_fields__)
+        unknown = set(settings) - set(Recipe.model_fields)
         if unknown:
             raise ValueError(f"unlearning method {self.name!r}: unknown recipe keys {sorted(unknown)}")
         recipe = Recipe(**settings)

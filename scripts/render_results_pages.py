@@ -2,7 +2,7 @@
 """Render the downstream pages of a committed experiment result again from its committed metrics and params, with
 this checkout's page code (wording, verdict statistics, number format), without rerunning the hour of training:
 
-    .venv/bin/python scripts/render-results-pages results/experiment results/label-noise
+    .venv/bin/python scripts/render_results_pages.py results/experiment results/label-noise
 
 Reads ``<result>/params.yaml``, ``<result>/metrics/downstream/<stage>.json`` and, for adversarial training, the
 per-check curves ``<result>/plots/downstream/adv_train/<run>.csv``; writes ``<result>/reports/downstream/<stage>/``.
@@ -58,4 +58,4 @@ if __name__ == "__main__":
         raise SystemExit(__doc__)
     for folder in sys.argv[1:]:
         for page in render(Path(folder)):
-            print(f"render-results-pages: {page}")
+            print(f"render_results_pages: {page}")
