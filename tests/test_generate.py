@@ -552,6 +552,8 @@ def test_the_cards_are_hub_cards_with_every_field_explained_on_one_scale(clean_s
         assert d["dataset_info"]["splits"] == [{"name": "validation", "num_examples": 20}]
         assert d["dataset_info"]["download_size"] == sum(p.stat().st_size for p in shard_paths(folder))
         assert d["size_categories"] == ["n<1K"] and ("adversarial-examples" in d["tags"]) == (name == "aoa")
+        if name == "aoa":  # the set's name (the card once carried the provenance dict's repr here)
+            assert d["pretty_name"] == "aoa adversarial images (DAmageNet-style)"
         # the source's defaults: ImageNet's terms, which the Hub wants named and linked
         assert (d["license"], d["license_name"], d["license_link"]) == (
             "other", "ImageNet terms of access", "https://image-net.org/download")
