@@ -68,9 +68,16 @@ def _prepare(args, params):
 
 def _generate(args, params):
     from pipelines import stages
+    from pipelines.config import ConfigError
     from pipelines.flows.generate import generate
+    from shards.job import split_options
 
-    generate(**stages.generate(params, args.attack, args.metrics))
+    arguments = stages.generate(params, args.attack, args.metrics)
+    try:  # an option the method does not take is a parameters problem: named before any flow starts
+        split_options(args.attack, arguments["method"], arguments["budget"], arguments["options"])
+    except ValueError as e:
+        raise ConfigError(f"{params.path}: {e}") from None
+    generate(**arguments)
 
 
 def _downstream(stage: str):

@@ -2,8 +2,10 @@
 
 Unknown keys (a typo such as ``min_sidee``), wrong types (``shard_size: "50"``, ``eta: "seven"``; no silent
 coercion) and values out of range (``eta: -1``) are errors that name the file, the key and the problem in one line.
-Method-specific dictionaries deeper down (training recipes, runs, scenarios) are checked by the stage that reads
-them, which knows their keys.
+Nested sections are models too (recipes: :class:`training.recipe.Recipe`; models: :class:`model_zoo.spec.ModelSpec`;
+the budget: :class:`common.budget.Budget`; runs, scenarios, OOD sets, LoRA). Only a method's own options
+(``MethodOptions``: GradAlign's ``lam``, SFR-on's ``iterations``) stay a mapping of plain values: their keys differ per
+method, and the method that takes them checks them. Flows get the typed sections (``params.require(Zoo)``).
 """
 
 from __future__ import annotations

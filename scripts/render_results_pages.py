@@ -45,7 +45,7 @@ def render(result: Path) -> list[str]:
         elif stage == "optim":
             cfg = Optim.model_validate(params["optim"])
             metrics["optimizers"] = {n: metrics["optimizers"][n] for n in cfg.optimizers}
-            metrics["lora"] = {n: metrics["lora"][n] for n in cfg.lora["runs"]}
+            metrics["lora"] = {n: metrics["lora"][n] for n in cfg.lora.runs}
             optim_section(metrics, cfg, reports)
         else:
             raise SystemExit(f"{result}: rendering the {stage} page from committed metrics is not supported")

@@ -410,6 +410,10 @@ def test_an_attack_set_may_name_its_own_surrogate_from_the_zoo(tmp_path, capsys)
         {"aoa-x": {"attack": "aoa", "surrogate": "nope"}}))
     err = _one_line_error(capsys, ["generate", "--attack", "aoa-x", "--params", str(bad)])
     assert "attacks.aoa-x.surrogate: 'nope' is not a zoo model (zoo.models: " in err
+    # an option the method's constructor does not take (AoA's lam on PGD): the file, the set, what it takes
+    stray = _params(tmp_path, "stray.yaml", edit=lambda params: params["attacks"].update({"pgd": {"lam": 2.0}}))
+    err = _one_line_error(capsys, ["generate", "--attack", "pgd", "--params", str(stray)])
+    assert f"{stray}: attacks.pgd: lam is not an option of pgd (its own: none; shared: " in err
 
 
 def test_serve_needs_a_server_that_can_schedule_and_says_how_to_get_one(tmp_path):
