@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -12,6 +11,7 @@ from attacks import AttackConfig, create_attack, list_attacks, quantize, rmsd
 from attacks.base import gaussian_kernel, unit_mean_abs
 from attacks.sglrp import UnsupportedLayerError
 from model_zoo.zoo import ModelSpec, build_model
+from pipelines.stages import read_models_file
 
 BUDGET = AttackConfig(eta=4 / 255, eps=12 / 255, alpha=2 / 255, max_steps=30)
 
@@ -91,7 +91,7 @@ def test_aoa_fast_and_reference_paths_give_the_same_images(random_surrogate):
 def test_aoa_lowers_attention_ratio_on_demo_surrogate(trained_zoo, small_world):
     from sources.reading import Rejects, class_folder_source, load_images
 
-    spec = next(s for s in json.loads((trained_zoo["out"] / "models.json").read_text()) if s["name"] == "vgg_demo")
+    spec = next(s for s in read_models_file(trained_zoo["out"] / "models.json") if s.name == "vgg_demo")
     surrogate = build_model(spec)
     rejects = Rejects()
     samples, _ = class_folder_source(small_world / "val", rejects)

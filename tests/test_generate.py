@@ -118,14 +118,14 @@ def test_rerun_with_other_parameters_or_weights_makes_every_shard_anew(clean_set
                                                                    num_classes=10)).model.state_dict().items()}, other)
     moved = tmp_path / "moved"
     shutil.copytree(reference_run[0], moved)
-    shutil.copy(other, surrogate["weights"] + ".new")
-    original = Path(surrogate["weights"]).read_bytes()
+    shutil.copy(other, surrogate.weights + ".new")
+    original = Path(surrogate.weights).read_bytes()
     try:
-        os.replace(surrogate["weights"] + ".new", surrogate["weights"])  # same path, other bytes
+        os.replace(surrogate.weights + ".new", surrogate.weights)  # same path, other bytes
         _run(clean_set[0], surrogate, moved, devices=["cpu"])
         assert all(v != _tar_bytes(reference_run[0])[k] for k, v in _tar_bytes(moved).items())
     finally:
-        Path(surrogate["weights"]).write_bytes(original)
+        Path(surrogate.weights).write_bytes(original)
     _run(clean_set[0], surrogate, moved, devices=["cpu"])
     assert _tar_bytes(moved) == _tar_bytes(reference_run[0])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from lrp_reference import flatten_head_twin, zennit_model_relevance
 
 from attacks.sglrp import SGLRP, Relevance, UnsupportedLayerError
 from model_zoo.zoo import ImageClassifier, ModelSpec, build_model
+from pipelines.stages import read_models_file
 
 TINY_RESNET = dict(channels=(8, 16, 32, 64), stem_width=8)
 
@@ -66,7 +66,7 @@ def test_heatmaps_non_negative_nonzero_and_class_specific(trained_zoo, name):
     """On trained models (a random net puts most relevance on dead units, where LRP cannot follow it)."""
     from model_zoo.zoo import build_model as build
 
-    spec = next(s for s in json.loads((trained_zoo["out"] / "models.json").read_text()) if s["name"] == name)
+    spec = next(s for s in read_models_file(trained_zoo["out"] / "models.json") if s.name == name)
     lrp = SGLRP(build(spec))
     x = torch.rand(6, 3, 32, 32)
     logits = lrp(x)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from model_zoo.zoo import ModelSpec, ZooError, build_model
+from pipelines.stages import read_models_file
 
 
 def test_unknown_architecture_names_it():
@@ -68,14 +69,14 @@ def test_zoo_flow_trains_saves_and_reports(trained_zoo):
 
     metrics, out = trained_zoo["metrics"], trained_zoo["out"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    specs = json.loads((out / "models.json").read_text())
-    assert [s["name"] for s in specs] == ["vgg_demo", "resnet10t"]
+    specs = read_models_file(out / "models.json")
+    assert [s.name for s in specs] == ["vgg_demo", "resnet10t"]
     rejects = Rejects()
     xv, yv, _ = load_images(class_folder_source(trained_zoo["zoo"].val_root, rejects)[0], 32, rejects)
     for spec in specs:
         model = build_model(spec)  # reloaded from the saved safetensors
-        assert accuracy(model, xv, yv) == pytest.approx(metrics[spec["name"]]["val_acc"], abs=0.01)
-        assert metrics[spec["name"]]["val_acc"] > 50  # well above 10% chance even after a few epochs on 600 images
+        assert accuracy(model, xv, yv) == pytest.approx(metrics[spec.name]["val_acc"], abs=0.01)
+        assert metrics[spec.name]["val_acc"] > 50  # well above 10% chance even after a few epochs on 600 images
 
 
 def test_training_history_has_one_row_per_epoch_with_the_epoch_end_measurements(tmp_path):
