@@ -35,6 +35,7 @@ def shard_seed(seed: int, name: str) -> int:
 
 @functools.lru_cache(maxsize=4)
 def _surrogate(spec_json: str, weights_sha256: str | None, device: str):
+    """The surrogate, built once per worker; ``weights_sha256`` only keys the cache (other bytes, another model)."""
     return build_model(ModelSpec.model_validate_json(spec_json), device=device)
 
 
@@ -70,7 +71,8 @@ def attack_shard_file(job: ShardJob, device: str, threads: int = 1,
         warn_if_short(attack, size, device, sub_batch or job.batch_size * attack.copies_per_image,
                       job.workers_per_device)
     attack.config = replace(attack.config, sub_batch=sub_batch)
-    digest = job.digest(attack.config)  # the precision auto resolved to: the same job on another device can differ
+    # the policy auto resolved to: the same job on another device can be another job
+    digest = job.digest(attack.config.precision, sub_batch)
     repaired = None
     if out.exists():
         found = _existing_output(out, digest, count=sum(1 for _ in tar_samples(job.in_shard)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,11 +42,13 @@ class ShardJob:
     def name(self) -> str:
         return Path(self.out_shard).stem  # e.g. aoa-000003
 
-    def digest(self, resolved: AttackConfig) -> str:
-        """Everything that decides the shard's bytes: the clean shard's checksum, the attack and its config as
-        resolved on the device (precision policy, copies per pass), the budget, the surrogate and its weights'
-        sha256, batching, seed, and the attack code (a changed attack remakes shards a rerun would keep)."""
-        job = {"in_sha256": self.in_sha256, "attack": self.method, "config": asdict(resolved),
+    def digest(self, precision: str, sub_batch: int) -> str:
+        """Everything that decides the shard's bytes: the clean shard's checksum, the attack and its config with
+        the precision policy and the copies per pass as resolved on the device, the budget, the surrogate and its
+        weights' sha256, batching, seed, and the attack code (it holds each method's presets; a changed attack
+        remakes shards a rerun would keep)."""
+        config = replace(self.config, precision=precision, sub_batch=sub_batch)
+        job = {"in_sha256": self.in_sha256, "attack": self.method, "config": asdict(config),
                "attack_kwargs": self.attack_options, "budget": self.budget.model_dump(),
                "surrogate": self.surrogate.to_json(), "surrogate_sha256": self.surrogate_sha256,
                "batch_size": self.batch_size, "seed": self.seed, "attack_code": code_digest()}

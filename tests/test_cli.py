@@ -411,7 +411,11 @@ def test_an_attack_set_may_name_its_own_surrogate_from_the_zoo(tmp_path, capsys)
     err = _one_line_error(capsys, ["generate", "--attack", "aoa-x", "--params", str(bad)])
     assert "attacks.aoa-x.surrogate: 'nope' is not a zoo model (zoo.models: " in err
     # an option the method's constructor does not take (AoA's lam on PGD): the file, the set, what it takes
-    stray = _params(tmp_path, "stray.yaml", edit=lambda params: params["attacks"].update({"pgd": {"lam": 2.0}}))
+    def stray_option(params):
+        params["zoo"].update(out=str(zoo))
+        params["attacks"]["pgd"] = {"lam": 2.0}
+
+    stray = _params(tmp_path, "stray.yaml", edit=stray_option)
     err = _one_line_error(capsys, ["generate", "--attack", "pgd", "--params", str(stray)])
     assert f"{stray}: attacks.pgd: lam is not an option of pgd (its own: none; shared: " in err
 

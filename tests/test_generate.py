@@ -607,6 +607,31 @@ def _job(clean_set, surrogate, out, **kw):
                     surrogate_sha256=weights_sha256(surrogate), batch_size=4, seed=0, **{"sub_batch": "auto", **kw})
 
 
+def test_the_job_digest_is_the_sha256_of_what_decides_the_bytes_and_nothing_of_where_it_runs():
+    import dataclasses
+    import hashlib
+
+    from attacks import code_digest
+    from shards.job import ShardJob, split_options
+
+    budget = Budget(**BUDGET)
+    config, own = split_options("mi", "mi-fgsm", budget, {})  # the preset (mi 1.0) is the method's code, not its config
+    spec = ModelSpec(name="s", arch="vgg_demo", num_classes=10, weights="w.safetensors")
+    job = ShardJob(in_shard="a/clean-000000.tar", out_shard="b/mi-000000.tar", in_sha256="c" * 64, method="mi-fgsm",
+                   config=config, attack_options=own, budget=budget, surrogate=spec, surrogate_sha256="d" * 64,
+                   batch_size=4, seed=3)
+    fields = {"in_sha256": "c" * 64, "attack": "mi-fgsm", "attack_kwargs": {}, "budget": BUDGET,
+              "config": {**dataclasses.asdict(config), "precision": "fp32", "sub_batch": 2},
+              "surrogate": {"name": "s", "arch": "vgg_demo", "num_classes": 10, "weights": "w.safetensors"},
+              "surrogate_sha256": "d" * 64, "batch_size": 4, "seed": 3, "attack_code": code_digest()}
+    expected = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    assert job.digest("fp32", 2) == expected and fields["config"]["mi"] == 0.0
+    where = dataclasses.replace(job, in_shard="x.tar", out_shard="y/mi-000000.tar", sub_batch="auto",
+                                workers_per_device=3, recorded_sha256="e" * 64)
+    assert where.digest("fp32", 2) == expected  # where and how it runs is not what it makes
+    assert job.digest("bf16", 2) != expected and dataclasses.replace(job, seed=4).digest("fp32", 2) != expected
+
+
 def test_a_sets_options_split_into_the_shared_config_and_the_methods_own_and_a_stray_one_is_named():
     from attacks import AttackConfig
     from shards.job import constructor_options, split_options
