@@ -34,8 +34,9 @@ class ModelSpec(BaseModel):
         return {k: v for k, v in handler(self).items() if k in self.model_fields_set and v is not None}
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as ``models.json`` holds it (the given fields of :class:`ModelSpec`)."""
-        return ModelSpec.model_validate(self.model_dump(include=set(ModelSpec.model_fields))).model_dump()
+        """The spec as ``models.json`` holds it: the given fields of :class:`ModelSpec` (a zoo model's recipe is
+        not part of its spec)."""
+        return {k: v for k, v in self.model_dump().items() if k in ModelSpec.model_fields}
 
     def replace(self, **changes: Any) -> ModelSpec:
         """This spec with ``changes`` (validated), e.g. ``spec.replace(weights=None)`` to build it untrained."""

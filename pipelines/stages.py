@@ -53,11 +53,6 @@ class DownstreamPaths:
         return cls(DOWNSTREAM_OUT / stage, metrics / "downstream" / f"{stage}.json", DOWNSTREAM_REPORTS,
                    DOWNSTREAM_PLOTS / stage)
 
-    @classmethod
-    def under(cls, root: Path) -> DownstreamPaths:
-        """Everything in one folder (a run outside the DVC project)."""
-        return cls(root / "out", root / "metrics.json", root / "reports", root / "plots")
-
 
 def resolve_models(entries: list[str | ModelsFile | ModelPattern | ModelSpec],
                    zoo_specs: dict[str, ModelSpec]) -> list[ModelSpec | MissingModel]:
