@@ -89,8 +89,9 @@ def build_report(inp: ReportInput) -> dict[str, Any]:
     shown, the Markdown, and the Markdown with its figures inline (for a Prefect artifact)."""
     loaded = load(inp)
     findings = compute(inp, loaded)
-    markdown_text, figures = render(inp, loaded, findings)
-    write(inp, loaded, markdown_text, figures)
+    pages = downstream_pages(inp)
+    markdown_text, figures = render(inp, loaded, findings, pages)
+    write(inp, loaded, markdown_text, figures, pages)
     inline = re.sub(r"\]\(figures/([^)]+)\)", lambda m: "](data:image/png;base64,"
                     + base64.b64encode(figures[m.group(1)]).decode() + ")", markdown_text)
     return {"errors": findings.errors, "transfer": findings.transfer, "markdown": markdown_text,
@@ -209,7 +210,8 @@ def robustbench_record(record: dict[str, Any], sets: list[str], surrogate: Model
 
 # ---- render --------------------------------------------------------------------------------------------------------
 
-def render(inp: ReportInput, loaded: Loaded, found: Findings) -> tuple[str, dict[str, bytes]]:
+def render(inp: ReportInput, loaded: Loaded, found: Findings,
+           pages: list[dict[str, Any]]) -> tuple[str, dict[str, bytes]]:
     """The page's Markdown (from the template) and its figures."""
     figures = {"errors.png": report_figures.error_bars(found.errors, inp.sets, loaded.records),
                "rmsd.png": report_figures.rmsd_distribution(loaded.rmsd, inp.budget.eta)}
@@ -225,7 +227,7 @@ def render(inp: ReportInput, loaded: Loaded, found: Findings) -> tuple[str, dict
         threat_table=tables.threat(), error_table=tables.errors(), real=tables.real(), success=tables.success(),
         matrix=tables.matrix(), transfer=tables.transfer(), per_image=tables.per_image(), rmsd_table=tables.rmsd(),
         examples_set=found.aoa_sets[0] if found.aoa_sets else None,
-        published=tables.published() if inp.profile == "imagenet" else None, pages=downstream_pages(inp))
+        published=tables.published() if inp.profile == "imagenet" else None, pages=pages)
     return markdown_text, figures
 
 
@@ -235,8 +237,7 @@ class Tables:
     def __init__(self, inp: ReportInput, loaded: Loaded, found: Findings):
         self.inp, self.loaded, self.found = inp, loaded, found
         self.by_name = {r["name"]: r for r in loaded.records}
-        self.models = list(found.errors)
-        self.candidates = [m for m in self.models if inp.victims is None or m in inp.victims]
+        self.models, self.candidates = list(found.errors), loaded.candidates
         self.with_success = any(r.get("success") for r in loaded.records)
 
     def model_cell(self, m: str) -> str:
@@ -374,7 +375,8 @@ def downstream_pages(inp: ReportInput) -> list[dict[str, Any]]:
 
 # ---- write ---------------------------------------------------------------------------------------------------------
 
-def write(inp: ReportInput, loaded: Loaded, markdown_text: str, figures: dict[str, bytes]) -> None:
+def write(inp: ReportInput, loaded: Loaded, markdown_text: str, figures: dict[str, bytes],
+          pages: list[dict[str, Any]]) -> None:
     """The page (Markdown and HTML), its figures, a RobustBench record per model and the downstream pages; records
     and pages of an earlier run that this one has not are removed (they are not this run's results)."""
     out = inp.out_dir
@@ -387,7 +389,6 @@ def write(inp: ReportInput, loaded: Loaded, markdown_text: str, figures: dict[st
     for r in loaded.records:
         (out / "robustbench" / f"{r['name']}.json").write_text(json.dumps(
             robustbench_record(r, inp.sets, inp.surrogate, inp.budget, inp.profile), indent=2, sort_keys=True) + "\n")
-    pages = downstream_pages(inp)
     for p in pages:
         page = render_template("downstream_page.md.j2", page=p["path"].read_text())
         (out / "pages" / f"{p['stage']}.html").write_text(render_html(page, p["title"], p["path"].parent))
